@@ -1,0 +1,49 @@
+"""Torch-free latency cost model: what the profiler's tables give the search and the validator.
+
+Predicted latency of a policy = constant_ms + sum of unary[layer][pair]
+                               + sum over edges (p, c) of pairwise[(p, c)][(pair_p, pair_c)].
+Unary costs are per-unit times (conv + fused BN/activation/add/pool as the runtime runs them);
+pairwise costs are *transition* costs between adjacent quantizable layers (convert ops, Q/DQ,
+layout changes when precisions differ). Missing pairwise entries mean 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lcpaq.errors import MissingLatencyError
+from lcpaq.policy import BitPair, Policy, format_bits
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    unary: Mapping[str, Mapping[BitPair, float]]
+    pairwise: Mapping[tuple[str, str], Mapping[tuple[BitPair, BitPair], float]] = field(
+        default_factory=dict
+    )
+    constant_ms: float = 0.0
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def layer_ms(self, name: str, pair: BitPair) -> float:
+        try:
+            return float(self.unary[name][tuple(pair)])  # type: ignore[index]
+        except KeyError:
+            raise MissingLatencyError(
+                f"no latency for layer '{name}' at {format_bits(pair)}; profile it with "
+                f"`lcpaq profile --bits {format_bits(pair)} ...`"
+            ) from None
+
+    def breakdown(self, policy: Policy) -> dict[str, float]:
+        """Per-layer ms (unary) plus one entry per edge with a non-zero transition cost."""
+        out = {name: self.layer_ms(name, policy[name]) for name in self.unary}
+        for (p, c), table in self.pairwise.items():
+            t = float(table.get((policy[p], policy[c]), 0.0))
+            if t:
+                out[f"{p}->{c}"] = t
+        return out
+
+    def predict(self, policy: Policy) -> float:
+        """Predicted end-to-end latency (ms) of ``policy``."""
+        return self.constant_ms + sum(self.breakdown(policy).values())

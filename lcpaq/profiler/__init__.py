@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop profiling: device profiles, units, backends, latency tables, prediction."""

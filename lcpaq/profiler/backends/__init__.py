@@ -1,0 +1,1 @@
+"""Built-in latency backends. Each submodule registers itself; runtimes are imported lazily."""
