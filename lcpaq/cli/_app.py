@@ -6,7 +6,6 @@ import json
 import sys
 from typing import Any
 
-import click
 import typer
 
 from lcpaq.errors import LcpaqError
@@ -35,13 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     except LcpaqError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:  # usage errors: bad option, missing argument
-        e.show()
-        return 2
-    except click.exceptions.Abort:
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except typer.Abort:
         typer.echo("aborted", err=True)
+        return 130
+    except typer.TyperException as e:  # usage errors: bad option, missing argument
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {e}", err=True)
+        return int(getattr(e, "exit_code", 2) or 2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
         return 130
     return 0
 

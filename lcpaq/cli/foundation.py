@@ -1,0 +1,1 @@
+"""`lcpaq models`, `lcpaq inspect`, `lcpaq cost` (filled in by the foundation work)."""
