@@ -19,6 +19,13 @@ app = typer.Typer(
 )
 
 
+def make_console(**kw: Any) -> Any:
+    """A rich console; wide when stdout is not a terminal so tables in logs are not truncated."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 180, **kw)
+
+
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout (for ``--json``)."""
     typer.echo(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,1 @@
+"""Small models, inventories and latency models that tests (and users' tests) reuse."""
