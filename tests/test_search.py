@@ -1,0 +1,143 @@
+"""Search: ILP == brute force, MCKP gap, ties, infeasibility minima, Pareto, torch-free."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from lcpaq.errors import ConfigError, InfeasibleBudgetError
+from lcpaq.policy import FP32
+from lcpaq.search import Budgets, build_problem, minimum_cost, pareto_frontier, search, solve_ilp, solve_mckp
+from lcpaq.testing.synthetic import random_problem, synthetic_latency
+
+SMALL_CANDS = ((2, 8), (4, 4), (4, 8), (8, 8))
+
+
+def brute_force(problem):
+    best = None
+    for combo in itertools.product(*(problem.candidates[ly] for ly in problem.layers)):
+        bits = dict(zip(problem.layers, combo, strict=True))
+        if problem.feasible(bits):
+            o = problem.evaluate(bits)["omega"]
+            if best is None or o < best[0] - 1e-12:
+                best = (o, bits)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6), ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("pairwise", [False, True], ids=["unary", "pairwise"])
+def test_ilp_equals_brute_force(seed, pairwise):
+    prob = random_problem(5, candidates=SMALL_CANDS, seed=seed, ties=1, pairwise=pairwise, budget_frac=0.4)
+    bf = brute_force(prob)
+    if bf is None:
+        with pytest.raises(InfeasibleBudgetError):
+            solve_ilp(prob)
+        return
+    res = solve_ilp(prob)
+    assert res.status == "Optimal"
+    assert res.objective == pytest.approx(bf[0], rel=1e-7, abs=1e-9)
+    assert prob.feasible(res.policy)
+
+
+MCKP_GAP = 0.35  # documented bound on (mckp - ilp) / ilp over these random instances
+
+
+@pytest.mark.parametrize("seed", range(8), ids=lambda s: f"seed{s}")
+def test_mckp_within_documented_gap(seed):
+    prob = random_problem(30, seed=seed, ties=3, budget_frac=0.5)
+    ilp, gr = solve_ilp(prob), solve_mckp(prob)
+    assert prob.feasible(gr.policy)
+    assert gr.objective >= ilp.objective - 1e-9  # the ILP is optimal
+    assert (gr.objective - ilp.objective) / ilp.objective <= MCKP_GAP
+
+
+@pytest.mark.parametrize("solver", ["ilp", "mckp"])
+def test_ties_hold_in_every_policy(solver):
+    prob = random_problem(12, seed=3, ties=4, budget_frac=0.3)
+    res = search(prob, solver=solver)
+    for g in prob.ties:
+        assert len({res.policy[ly][1] for ly in g}) == 1, g
+
+
+def test_pinned_layers_are_kept():
+    prob = random_problem(6, candidates=SMALL_CANDS, seed=1, budget_frac=0.7)
+    prob = type(prob)(prob.layers, prob.candidates, prob.omega, prob.costs, prob.budgets, (), {"l0": (8, 8)})
+    assert solve_ilp(prob).policy["l0"] == (8, 8)
+
+
+def test_infeasible_budget_reports_minima():
+    prob = random_problem(6, candidates=SMALL_CANDS, seed=2, budgets=("max_size_mb", "max_gbops"))
+    min_size = sum(min(t.values()) for t in prob.costs["size_mb"].values())
+    tight = prob.with_budgets(Budgets(max_size_mb=min_size * 0.9, max_gbops=prob.budgets.max_gbops))
+    with pytest.raises(InfeasibleBudgetError) as ei:
+        solve_ilp(tight)
+    msg = str(ei.value)
+    assert f"minimum achievable {min_size:.4g} MB" in msg
+    assert "max_size_mb" in msg and "below the minimum" in msg
+    assert minimum_cost(tight, "size_mb") == pytest.approx(min_size)
+    with pytest.raises(InfeasibleBudgetError):
+        solve_mckp(tight)
+
+
+def test_transitions_change_the_choice():
+    """With a big fp32<->int transition cost the ILP avoids alternating precisions."""
+    names = ["a", "b", "c", "d"]
+    cands = ((8, 8), FP32)
+    edges = tuple(zip(names, names[1:], strict=False))
+    lat = synthetic_latency(names, cands, edges=edges, transition_ms=5.0)
+    omega = {n: {(8, 8): 1.0 if i % 2 else 0.01, FP32: 0.0} for i, n in enumerate(names)}
+    from lcpaq.search.problem import Problem
+
+    costs = {"latency_ms": {n: dict(lat.unary[n]) for n in names}}
+    budget = lat.predict(__import__("lcpaq.policy", fromlist=["Policy"]).Policy.uniform(names, 8, 8)) + 0.2
+    prob = Problem(tuple(names), {n: cands for n in names}, omega, costs, Budgets(max_latency_ms=budget),
+                   pairwise=lat.pairwise, constants={"latency_ms": lat.constant_ms})
+    res = solve_ilp(prob)
+    assert res.costs["latency_ms"] <= budget + 1e-9
+    assert res.costs["latency_ms"] == pytest.approx(lat.predict(res.policy))
+    classes = [res.policy[n] == FP32 for n in names]
+    assert classes in ([True] * 4, [False] * 4)  # any mix pays >= 5 ms
+
+
+def test_pareto_is_non_dominated_and_knee_on_front(tmp_path):
+    prob = random_problem(10, seed=4, budget_frac=0.6, budgets=("max_latency_ms",))
+    fr = pareto_frontier(prob, "max_latency_ms", points=8)
+    assert len(fr.points) >= 3
+    for p in fr.points:
+        for q in fr.points:
+            assert not (q.objective < p.objective and q.costs["latency_ms"] < p.costs["latency_ms"])
+    lat = [p.costs["latency_ms"] for p in fr.points]
+    om = [p.objective for p in fr.points]
+    assert lat == sorted(lat) and om == sorted(om, reverse=True)
+    assert fr.knee() in fr.points
+    fr.to_csv(tmp_path / "f.csv")
+    fr.plot(tmp_path / "f.png", chosen=fr.knee())
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_build_problem_from_inventory_and_errors():
+    from lcpaq.inventory import Inventory, LayerInfo
+
+    inv = Inventory("m", (1, 3, 8, 8), (
+        LayerInfo("c", "conv", (1, 3, 8, 8), (1, 4, 8, 8), 3, 4, (3, 3), weight_numel=108, params=108, macs=6912),
+        LayerInfo("f", "linear", (1, 256), (1, 2), 256, 2, weight_numel=512, params=512, macs=512),
+    ))
+    omega = {n: {(4, 8): 1.0, (8, 8): 0.1} for n in ("c", "f")}
+    prob = build_problem(inv, omega, candidates=[(4, 8), (8, 8)], budgets=Budgets(max_size_mb=1.0))
+    assert search(prob).policy["c"] == (8, 8)
+    with pytest.raises(ConfigError, match="latency"):
+        build_problem(inv, omega, candidates=[(4, 8)], budgets=Budgets(max_latency_ms=1.0))
+    with pytest.raises(ConfigError, match="Ω"):
+        build_problem(inv, omega, candidates=[(2, 8)])
+    with pytest.raises(ConfigError, match="positive"):
+        Budgets(max_gbops=-1)
+
+
+def test_search_core_is_torch_free():
+    code = "import sys, lcpaq.search, lcpaq.costs, lcpaq.latency; " \
+           "bad = [m for m in ('torch', 'onnxruntime', 'tvm') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
