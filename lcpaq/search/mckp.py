@@ -20,11 +20,12 @@ from lcpaq.policy import BitPair, Policy
 from lcpaq.search.problem import BUDGET_COSTS, Problem, SearchResult
 
 
-def _scalar_cost(problem: Problem, ly: str, p: BitPair) -> float:
+def _scalar_cost(problem: Problem, ly: str, p: BitPair, weights: dict[str, float] | None = None) -> float:
     items = problem.budgets.items()
     if not items:
         return problem.costs["gbops"][ly][p]
-    return sum(problem.costs[BUDGET_COSTS[k]][ly][p] / lim for k, lim in items)
+    w = weights or {}
+    return sum(w.get(k, 1.0) * problem.costs[BUDGET_COSTS[k]][ly][p] / lim for k, lim in items)
 
 
 def _hull(points: list[tuple[float, float, BitPair]]) -> list[tuple[float, float, BitPair]]:
@@ -46,13 +47,59 @@ def _hull(points: list[tuple[float, float, BitPair]]) -> list[tuple[float, float
     return hull
 
 
-def solve_mckp(problem: Problem) -> SearchResult:
-    """Greedy MCKP under every budget; InfeasibleBudgetError if even the cheapest start fails."""
+def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
+    """Greedy MCKP under every budget; InfeasibleBudgetError if even the cheapest start fails.
+
+    With several budgets the scalarisation weights are adapted over ``rounds`` greedy passes
+    (a budget's weight is multiplied by its utilisation, so binding budgets count more), then a
+    1-swap local search polishes the best pass.
+    """
     t0 = time.perf_counter()
+    weights = {k: 1.0 for k, _ in problem.budgets.items()}
+    best: dict[str, BitPair] | None = None
+    for _ in range(max(1, rounds if len(weights) > 1 else 1)):
+        bits = _greedy(problem, weights)
+        if best is None or problem.evaluate(bits)["omega"] < problem.evaluate(best)["omega"]:
+            best = bits
+        ev = problem.evaluate(bits)
+        weights = {k: w * max(ev[BUDGET_COSTS[k]] / lim, 1e-3) ** 2 for (k, lim), w in
+                   zip(problem.budgets.items(), weights.values(), strict=True)}
+    assert best is not None
+    bits = _local_search(problem, best)
+    dt = time.perf_counter() - t0
+    ev = problem.evaluate(bits)
+    return SearchResult(
+        policy=Policy(bits, meta={"solver": "mckp", "objective": ev["omega"]}), status="Heuristic",
+        objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
+        budgets=dict(problem.budgets.items()), solve_time_s=dt, solver="mckp",
+    )
+
+
+def _local_search(problem: Problem, bits: dict[str, BitPair], passes: int = 2) -> dict[str, BitPair]:
+    """Single-layer moves that lower Ω and stay feasible (ties repaired), best first."""
+    for _ in range(passes):
+        improved = False
+        for ly in problem.layers:
+            if ly in problem.pinned:
+                continue
+            cur = problem.evaluate(bits)["omega"]
+            for p in sorted(problem.candidates[ly], key=lambda q: problem.omega[ly][q]):
+                if problem.omega[ly][p] >= problem.omega[ly][bits[ly]]:
+                    break
+                trial = _repair_ties(problem, {**bits, ly: p})
+                if problem.feasible(trial) and problem.evaluate(trial)["omega"] < cur - 1e-15:
+                    bits, improved = trial, True
+                    break
+        if not improved:
+            break
+    return bits
+
+
+def _greedy(problem: Problem, weights: dict[str, float]) -> dict[str, BitPair]:
     hulls: dict[str, list[tuple[float, float, BitPair]]] = {}
     for ly in problem.layers:
         cands = [problem.pinned[ly]] if ly in problem.pinned else list(problem.candidates[ly])
-        hulls[ly] = _hull([(_scalar_cost(problem, ly, p), problem.omega[ly][p], p) for p in cands])
+        hulls[ly] = _hull([(_scalar_cost(problem, ly, p, weights), problem.omega[ly][p], p) for p in cands])
     pos = {ly: 0 for ly in problem.layers}
     bits = {ly: hulls[ly][0][2] for ly in problem.layers}
     bits = _repair_ties(problem, bits)
@@ -78,25 +125,32 @@ def solve_mckp(problem: Problem) -> SearchResult:
             bits = trial
             pos[ly] += 1
             push(ly)
-    dt = time.perf_counter() - t0
-    ev = problem.evaluate(bits)
-    return SearchResult(
-        policy=Policy(bits, meta={"solver": "mckp", "objective": ev["omega"]}), status="Heuristic",
-        objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
-        budgets=dict(problem.budgets.items()), solve_time_s=dt, solver="mckp",
-    )
+    return bits
 
 
 def _repair_ties(problem: Problem, bits: dict[str, BitPair]) -> dict[str, BitPair]:
+    """Give every tied group one a_bits: try each value, members take their lowest-Ω candidate at
+    it that costs no more than their current choice (else the cheapest); keep the feasible trial
+    with the lowest Ω (or the cheapest if none is feasible)."""
     out = dict(bits)
     for group in problem.ties:
-        a = min(out[ly][1] for ly in group)
-        for ly in group:
-            if out[ly][1] == a:
-                continue
-            cur = _scalar_cost(problem, ly, out[ly])
-            opts = [p for p in problem.candidates[ly] if p[1] == a]
-            cheap = [p for p in opts if _scalar_cost(problem, ly, p) <= cur + 1e-12] or opts
-            if cheap:
-                out[ly] = min(cheap, key=lambda p: problem.omega[ly][p])
+        if len({out[ly][1] for ly in group}) == 1:
+            continue
+        a_vals = sorted({p[1] for ly in group for p in problem.candidates[ly]}
+                        & {out[ly][1] for ly in group})
+        trials = []
+        for a in a_vals:
+            t = dict(out)
+            for ly in group:
+                opts = [p for p in problem.candidates[ly] if p[1] == a]
+                if ly in problem.pinned or not opts:
+                    continue
+                cur = _scalar_cost(problem, ly, out[ly])
+                ok = [p for p in opts if _scalar_cost(problem, ly, p) <= cur + 1e-12]
+                t[ly] = (min(ok, key=lambda p: problem.omega[ly][p]) if ok
+                         else min(opts, key=lambda p: _scalar_cost(problem, ly, p)))
+            trials.append(t)
+        feas = [t for t in trials if problem.feasible(t)]
+        out = (min(feas, key=lambda t: problem.evaluate(t)["omega"]) if feas
+               else min(trials, key=lambda t: sum(_scalar_cost(problem, ly, t[ly]) for ly in group)))
     return out
