@@ -1,0 +1,49 @@
+// lcpaq integer GEMM: packed-weight format and micro-kernel interfaces (shared by CPU and CUDA).
+//
+// Packed weight blob (uint8, one per group), produced by lcpaq.kernels.pack_weight:
+//   [ colsum: int32 x Npad ][ panels: P x ksteps x step_bytes ]
+// Npad = ceil(N/16)*16, P = Npad/16 panels of NR=16 output channels.
+//   bits 8: kstep = 2 k-values, step_bytes 32: byte c*2+j = int8 q[col c, k j] (two's complement)
+//   bits 4: kstep = 4 k-values, step_bytes 32: byte c*4+j (c<8): low nibble u[c, j], high u[c+8, j]
+//   bits 2: kstep = 4 k-values, ksteps even, 32 bytes per 2 steps: byte c*4+j holds crumbs
+//           u[c, j], u[c+8, j], u[c, 4+j], u[c+8, 4+j] (bits 1:0, 3:2, 5:4, 7:6)
+//   with u = q + 2^(bits-1) (offset binary) for 4 and 2 bits; padding holds q = 0.
+// colsum[n] = sum_k q[n, k] over the real K (used for zero-point corrections).
+#pragma once
+#include <cstdint>
+
+namespace lcpaq {
+
+constexpr int kMR = 6;   // rows per micro-tile
+constexpr int kNR = 16;  // output channels per panel
+
+inline int64_t kstep_k(int bits) { return bits == 8 ? 2 : 4; }
+inline int64_t num_ksteps(int bits, int64_t K) {
+  int64_t s = (K + kstep_k(bits) - 1) / kstep_k(bits);
+  if (bits == 2) s = (s + 1) / 2 * 2;
+  return s;
+}
+inline int64_t step_bytes(int bits) { return bits == 2 ? 16 : 32; }
+inline int64_t pad_n(int64_t N) { return (N + kNR - 1) / kNR * kNR; }
+inline int64_t blob_bytes(int bits, int64_t N, int64_t K) {
+  return 4 * pad_n(N) + (pad_n(N) / kNR) * num_ksteps(bits, K) * step_bytes(bits);
+}
+
+// C[kMR][kNR] (row stride ldc) += A-tile x W-panel over `steps` k-steps.
+// W8: A is int16 (x as stored), exact sum x*q.
+// W4/W2: A is int8 a = x - offx; result is sum a*u (corrections applied by the caller).
+using MicroW8 = void (*)(const int16_t* A, int64_t lda, const uint8_t* W, int64_t steps,
+                         int32_t* C, int64_t ldc);
+using MicroWn = void (*)(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps,
+                         int32_t* C, int64_t ldc);
+
+void micro_w8_scalar(const int16_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w4_scalar(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w2_scalar(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w8_avx2(const int16_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w4_avx2(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w2_avx2(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+
+bool cpu_has_avx2_fma();
+
+}  // namespace lcpaq

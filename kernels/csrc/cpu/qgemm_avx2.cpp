@@ -1,0 +1,151 @@
+// AVX2 micro-kernels (6 rows x 16 output channels, 12 ymm accumulators).
+//
+// This file is compiled for AVX2+FMA via the target pragma below (like -mavx2 -mfma, but only for
+// these functions), so the rest of the extension still loads on CPUs without AVX2; the dispatcher
+// calls these only after cpu_has_avx2_fma().
+//
+// Exactness (no VNNI on the target CPU, so no vpdpbusd):
+//  * W8: vpmaddwd on int16-widened operands: |x*q| pair sums < 2^16 * 2, exact into int32.
+//  * W4: vpmaddubsw(u, a) with u in [0,15] unsigned weights and a in [-128,127]:
+//        |u0*a0 + u1*a1| <= 2*15*128 = 3840 < 32767, no saturation; 8 steps accumulate in int16
+//        (8*3840 = 30720 < 32767) before vpmaddwd(.,1) widens to int32. Exact.
+//  * W2: u in [0,3]: pair <= 768, 32 steps in int16 (24576). Exact.
+//  Full-range u8 x s8 on vpmaddubsw (what ORT does) can reach 2*255*128 = 65280 and saturates:
+//  that is why activations are shifted to s8 and the small weights take the unsigned slot.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "qgemm.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define LCPAQ_HAVE_AVX2_TU 1
+#endif
+
+namespace lcpaq {
+
+#ifdef LCPAQ_HAVE_AVX2_TU
+
+static inline __m256i bcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+void micro_w8_avx2(const int16_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+                   int64_t ldc) {
+  __m256i c[kMR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    c[r][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc));
+    c[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc + 8));
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    const __m256i w0 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + s * 32)));
+    const __m256i w1 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + s * 32 + 16)));
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      const __m256i a = bcast32(A + r * lda + 2 * s);
+      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(a, w0));
+      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(a, w1));
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc), c[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc + 8), c[r][1]);
+  }
+}
+
+static inline void flush16(__m256i (&acc)[kMR][2], int32_t* C, int64_t ldc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      __m256i* p = reinterpret_cast<__m256i*>(C + r * ldc + 8 * j);
+      _mm256_storeu_si256(
+          p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_madd_epi16(acc[r][j], ones)));
+      acc[r][j] = _mm256_setzero_si256();
+    }
+  }
+}
+
+void micro_w4_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+                   int64_t ldc) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i acc[kMR][2];
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t s0 = 0; s0 < steps; s0 += 8) {
+    const int64_t s1 = s0 + 8 < steps ? s0 + 8 : steps;
+    for (int64_t s = s0; s < s1; ++s) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + s * 32));
+      const __m256i w0 = _mm256_and_si256(v, mask);
+      const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+#pragma GCC unroll 6
+      for (int r = 0; r < kMR; ++r) {
+        const __m256i a = bcast32(A + r * lda + 4 * s);
+        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
+        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
+      }
+    }
+    flush16(acc, C, ldc);
+  }
+}
+
+void micro_w2_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+                   int64_t ldc) {
+  const __m256i mask = _mm256_set1_epi8(0x03);
+  __m256i acc[kMR][2];
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t s0 = 0; s0 < steps; s0 += 32) {
+    const int64_t s1 = s0 + 32 < steps ? s0 + 32 : steps;
+    for (int64_t s = s0; s < s1; s += 2) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (s / 2) * 32));
+      const __m256i w0 = _mm256_and_si256(v, mask);
+      const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
+#pragma GCC unroll 6
+      for (int r = 0; r < kMR; ++r) {
+        const __m256i a = bcast32(A + r * lda + 4 * s);
+        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
+        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
+      }
+      const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      const __m256i w3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
+#pragma GCC unroll 6
+      for (int r = 0; r < kMR; ++r) {
+        const __m256i a = bcast32(A + r * lda + 4 * s + 4);
+        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w2, a));
+        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w3, a));
+      }
+    }
+    flush16(acc, C, ldc);
+  }
+}
+
+#else  // not x86/GCC: route to the scalar kernels
+
+void micro_w8_avx2(const int16_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
+                   int64_t ldc) {
+  micro_w8_scalar(A, lda, W, s, C, ldc);
+}
+void micro_w4_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
+                   int64_t ldc) {
+  micro_w4_scalar(A, lda, W, s, C, ldc);
+}
+void micro_w2_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
+                   int64_t ldc) {
+  micro_w2_scalar(A, lda, W, s, C, ldc);
+}
+
+#endif
+
+}  // namespace lcpaq
+
+#ifdef LCPAQ_HAVE_AVX2_TU
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,351 @@
+// CPU implementations of the lcpaq ops: activation packing (+ im2col), blocked GEMM driver over
+// the micro-kernels, fused epilogue, all parallel with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "qgemm.h"
+
+namespace lcpaq {
+namespace {
+
+bool use_avx2() {
+  static const bool has = cpu_has_avx2_fma();  // CPU feature: constant for the process
+  const char* isa = std::getenv("LCPAQ_KERNELS_ISA");
+  if (isa != nullptr && std::strcmp(isa, "scalar") == 0) return false;
+  return has;
+}
+
+struct Epilogue {
+  int mode = 1;  // 0: raw int32 sum x*q, 1: float32, 2: uint8 requantized
+  void* out = nullptr;
+  int64_t ldo = 0;  // element (m, n) -> out[m * ldo + n]
+  const float* scale = nullptr;  // combined x_scale * w_scale[n]
+  const float* bias = nullptr;
+  int64_t zx = 0;
+  float inv_out = 0.f;
+  float out_zp = 0.f;
+  bool relu = false;
+};
+
+// Source rows of the activation matrix: plain [M, K] rows or NHWC im2col rows.
+struct RowSource {
+  const uint8_t* x = nullptr;
+  int64_t K = 0;
+  bool conv = false;
+  int64_t H = 0, W = 0, C = 0, OH = 0, OW = 0, KH = 1, KW = 1, sh = 1, sw = 1, ph = 0, pw = 0,
+          dh = 1, dw = 1, c0 = 0, cg = 0;
+  uint8_t pad = 0;
+
+  template <class Copy, class Fill>
+  void row(int64_t m, Copy copy, Fill fill) const {
+    if (!conv) {
+      copy(0, x + m * K, K);
+      return;
+    }
+    const int64_t n = m / (OH * OW), r = m % (OH * OW), oh = r / OW, ow = r % OW;
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const int64_t ih = oh * sh - ph + kh * dh;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t iw = ow * sw - pw + kw * dw;
+        const int64_t off = (kh * KW + kw) * cg;
+        if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+          fill(off, cg);
+        } else {
+          copy(off, x + ((n * H + ih) * W + iw) * C + c0, cg);
+        }
+      }
+    }
+  }
+};
+
+void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const RowSource& src,
+          const Epilogue& ep) {
+  const int64_t K = src.K;
+  const int64_t ksteps = num_ksteps(bits, K), Kpad = ksteps * kstep_k(bits);
+  const int64_t Mpad = (M + kMR - 1) / kMR * kMR, Npad = pad_n(N), P = Npad / kNR;
+  const bool w8 = bits == 8;
+  const int64_t esize = w8 ? 2 : 1;
+  std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * Kpad * esize]);
+  std::vector<int32_t> rowsum(Mpad, 0);
+  std::memset(abuf.get() + M * Kpad * esize, 0, (Mpad - M) * Kpad * esize);
+
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      if (w8) {
+        int16_t* d = reinterpret_cast<int16_t*>(abuf.get()) + m * Kpad;
+        const int16_t padv = xs8 ? int16_t(int8_t(src.pad)) : int16_t(src.pad);
+        src.row(
+            m,
+            [&](int64_t off, const uint8_t* s, int64_t n) {
+              if (xs8) {
+                for (int64_t i = 0; i < n; ++i) d[off + i] = int8_t(s[i]);
+              } else {
+                for (int64_t i = 0; i < n; ++i) d[off + i] = s[i];
+              }
+            },
+            [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
+        std::fill(d + K, d + Kpad, int16_t(0));
+      } else {
+        // a = x - 128 for uint8 (flip the top bit), a = x for int8
+        int8_t* d = reinterpret_cast<int8_t*>(abuf.get()) + m * Kpad;
+        const uint8_t flip = xs8 ? 0 : 0x80;
+        const int8_t padv = int8_t(src.pad ^ flip);
+        src.row(
+            m,
+            [&](int64_t off, const uint8_t* s, int64_t n) {
+              for (int64_t i = 0; i < n; ++i) d[off + i] = int8_t(s[i] ^ flip);
+            },
+            [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
+        std::fill(d + K, d + Kpad, int8_t(0));
+        int32_t rs = 0;
+        for (int64_t i = 0; i < K; ++i) rs += d[i];
+        rowsum[m] = rs;
+      }
+    }
+  });
+
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(blob);
+  const uint8_t* panels = blob + 4 * Npad;
+  const int64_t sb = step_bytes(bits);
+  const int64_t KC = 128;               // k-steps per block (256 or 512 k values)
+  const int64_t MC = 16 * kMR, NCP = 4;  // 96 rows x 64 output channels per task
+  const int64_t ldc = NCP * kNR;
+  const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
+  const bool avx2 = use_avx2();
+  const MicroW8 k8 = avx2 ? micro_w8_avx2 : micro_w8_scalar;
+  const MicroWn kn = bits == 4 ? (avx2 ? micro_w4_avx2 : micro_w4_scalar)
+                               : (avx2 ? micro_w2_avx2 : micro_w2_scalar);
+  const int64_t h = bits == 8 ? 0 : (int64_t(1) << (bits - 1));
+  const int64_t offx = xs8 ? 0 : 128;
+
+  at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> cbuf(MC * ldc);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = (t / nb) * MC, p0 = (t % nb) * NCP;
+      const int64_t mrows = std::min(MC, Mpad - m0), np = std::min(NCP, P - p0);
+      std::fill(cbuf.begin(), cbuf.end(), 0);
+      for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
+        const int64_t ks = std::min(KC, ksteps - k0);
+        for (int64_t p = 0; p < np; ++p) {
+          const uint8_t* wp = panels + ((p0 + p) * ksteps + k0) * sb;
+          for (int64_t r = 0; r < mrows; r += kMR) {
+            int32_t* c = cbuf.data() + r * ldc + p * kNR;
+            if (w8) {
+              const int16_t* a = reinterpret_cast<const int16_t*>(abuf.get()) +
+                                 (m0 + r) * Kpad + k0 * 2;
+              k8(a, Kpad, wp, ks, c, ldc);
+            } else {
+              const int8_t* a = reinterpret_cast<const int8_t*>(abuf.get()) +
+                                (m0 + r) * Kpad + k0 * 4;
+              kn(a, Kpad, wp, ks, c, ldc);
+            }
+          }
+        }
+      }
+      // fused epilogue
+      const int64_t mend = std::min(m0 + mrows, M), n0 = p0 * kNR,
+                    nend = std::min(n0 + np * kNR, N);
+      for (int64_t m = m0; m < mend; ++m) {
+        const int32_t* crow = cbuf.data() + (m - m0) * ldc - n0;
+        const int64_t rcorr = h * rowsum[m];
+        for (int64_t n = n0; n < nend; ++n) {
+          int64_t raw = crow[n];
+          if (!w8) raw += offx * colsum[n] - rcorr;
+          if (ep.mode == 0) {
+            static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = static_cast<int32_t>(raw);
+            continue;
+          }
+          const int64_t corr = raw - ep.zx * colsum[n];
+          float y = static_cast<float>(corr) * ep.scale[n];
+          if (ep.bias != nullptr) y = y + ep.bias[n];
+          if (ep.relu) y = y < 0.f ? 0.f : y;
+          if (ep.mode == 1) {
+            static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+          } else {
+            float q = std::nearbyint(y * ep.inv_out) + ep.out_zp;
+            q = q < 0.f ? 0.f : (q > 255.f ? 255.f : q);
+            static_cast<uint8_t*>(ep.out)[m * ep.ldo + n] = static_cast<uint8_t>(q);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t K) {
+  TORCH_CHECK(x.scalar_type() == at::kByte || x.scalar_type() == at::kChar,
+              "lcpaq: activations must be uint8 or int8, got ", x.scalar_type(),
+              "; quantize them first (lcpaq.kernels.quantize_act)");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 1 && w.is_contiguous(),
+              "lcpaq: w_packed must be a contiguous 1-D uint8 blob from lcpaq.kernels.pack_weight");
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "lcpaq: w_bits must be 8, 4 or 2, got ", bits);
+  TORCH_CHECK(K >= 1 && K <= 65536, "lcpaq: reduction size K=", K,
+              " out of range [1, 65536] (int32 accumulation must not overflow)");
+}
+
+Epilogue make_epilogue(const at::Tensor& comb, const c10::optional<at::Tensor>& bias,
+                       int64_t x_zp, double out_scale, int64_t out_zp, bool relu) {
+  Epilogue ep;
+  ep.mode = out_scale > 0 ? 2 : 1;
+  ep.scale = comb.data_ptr<float>();
+  ep.bias = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
+  ep.zx = x_zp;
+  ep.inv_out = out_scale > 0 ? static_cast<float>(1.0 / out_scale) : 0.f;
+  ep.out_zp = static_cast<float>(out_zp);
+  ep.relu = relu;
+  return ep;
+}
+
+at::Tensor combined_scale(const at::Tensor& w_scale, double x_scale, int64_t n) {
+  TORCH_CHECK(w_scale.numel() == n, "lcpaq: w_scale has ", w_scale.numel(), " values, expected ",
+              n, " (one per output channel)");
+  return (w_scale.to(at::kFloat).contiguous() * static_cast<float>(x_scale)).contiguous();
+}
+
+c10::optional<at::Tensor> float_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return c10::nullopt;
+  TORCH_CHECK(bias->numel() == n, "lcpaq: bias has ", bias->numel(), " values, expected ", n);
+  return bias->to(at::kFloat).contiguous();
+}
+
+at::Tensor qgemm_i32_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t bits,
+                         int64_t n) {
+  TORCH_CHECK(x.dim() == 2, "lcpaq::qgemm_i32: x must be 2-D [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_common(x, w_packed, bits, K);
+  TORCH_CHECK(w_packed.numel() == blob_bytes(bits, n, K), "lcpaq: w_packed has ",
+              w_packed.numel(), " bytes, expected ", blob_bytes(bits, n, K), " for N=", n,
+              " K=", K, " bits=", bits);
+  auto xc = x.contiguous();
+  auto out = at::empty({M, n}, x.options().dtype(at::kInt));
+  if (M == 0 || n == 0) return out;
+  RowSource src;
+  src.x = static_cast<const uint8_t*>(xc.data_ptr());
+  src.K = K;
+  Epilogue ep;
+  ep.mode = 0;
+  ep.out = out.data_ptr();
+  ep.ldo = n;
+  gemm(int(bits), x.scalar_type() == at::kChar, M, n, w_packed.data_ptr<uint8_t>(), src, ep);
+  return out;
+}
+
+at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t bits, int64_t n,
+                       const at::Tensor& w_scale, double x_scale, int64_t x_zp,
+                       const c10::optional<at::Tensor>& bias, double out_scale, int64_t out_zp,
+                       bool relu) {
+  TORCH_CHECK(x.dim() >= 1, "lcpaq::qlinear: x must have a last dimension K");
+  const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1);
+  check_common(x, w_packed, bits, K);
+  TORCH_CHECK(w_packed.numel() == blob_bytes(bits, n, K), "lcpaq: w_packed has ",
+              w_packed.numel(), " bytes, expected ", blob_bytes(bits, n, K));
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  auto out = at::empty(shape, x.options().dtype(out_scale > 0 ? at::kByte : at::kFloat));
+  if (M == 0 || n == 0) return out;
+  auto xc = x.contiguous();
+  auto comb = combined_scale(w_scale, x_scale, n);
+  auto fb = float_bias(bias, n);
+  Epilogue ep = make_epilogue(comb, fb, x_zp, out_scale, out_zp, relu);
+  ep.out = out.data_ptr();
+  ep.ldo = n;
+  RowSource src;
+  src.x = static_cast<const uint8_t*>(xc.data_ptr());
+  src.K = K;
+  gemm(int(bits), x.scalar_type() == at::kChar, M, n, w_packed.data_ptr<uint8_t>(), src, ep);
+  return out;
+}
+
+at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t bits,
+                       at::IntArrayRef wshape, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, const at::Tensor& w_scale,
+                       double x_scale, int64_t x_zp, const c10::optional<at::Tensor>& bias,
+                       double out_scale, int64_t out_zp, bool relu) {
+  TORCH_CHECK(x.dim() == 4, "lcpaq::qconv2d: x must be NCHW");
+  TORCH_CHECK(wshape.size() == 4 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "lcpaq::qconv2d: weight_shape needs 4 values, stride/padding/dilation 2 each");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = wshape[0], cg = wshape[1], KH = wshape[2], KW = wshape[3];
+  TORCH_CHECK(groups >= 1 && C == cg * groups && Cout % groups == 0,
+              "lcpaq::qconv2d: channels do not match: x has ", C, " channels, weight expects ",
+              cg, " x groups ", groups, ", Cout ", Cout);
+  const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
+  const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "lcpaq::qconv2d: empty output");
+  const int64_t K = cg * KH * KW, coutg = Cout / groups;
+  check_common(x, w_packed, bits, K);
+  const int64_t gb = blob_bytes(bits, coutg, K);
+  TORCH_CHECK(w_packed.numel() == gb * groups, "lcpaq: w_packed has ", w_packed.numel(),
+              " bytes, expected ", gb * groups, " (", groups, " groups)");
+  auto out = at::empty({N, Cout, OH, OW}, x.options()
+                                              .dtype(out_scale > 0 ? at::kByte : at::kFloat)
+                                              .memory_format(at::MemoryFormat::ChannelsLast));
+  if (N == 0) return out;
+  auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  auto comb = combined_scale(w_scale, x_scale, Cout);
+  auto fb = float_bias(bias, Cout);
+  const bool xs8 = x.scalar_type() == at::kChar;
+  RowSource src;
+  src.x = static_cast<const uint8_t*>(xc.data_ptr());
+  src.K = K;
+  src.conv = true;
+  src.H = H, src.W = W, src.C = C, src.OH = OH, src.OW = OW, src.KH = KH, src.KW = KW;
+  src.sh = stride[0], src.sw = stride[1], src.ph = padding[0], src.pw = padding[1];
+  src.dh = dilation[0], src.dw = dilation[1], src.cg = cg;
+  src.pad = static_cast<uint8_t>(x_zp & 0xFF);
+  for (int64_t g = 0; g < groups; ++g) {
+    src.c0 = g * cg;
+    Epilogue ep = make_epilogue(comb, fb, x_zp, out_scale, out_zp, relu);
+    const int64_t col0 = g * coutg;
+    ep.scale += col0;
+    if (ep.bias != nullptr) ep.bias += col0;
+    ep.ldo = Cout;
+    const int64_t esz = out_scale > 0 ? 1 : 4;
+    ep.out = static_cast<uint8_t*>(out.data_ptr()) + col0 * esz;
+    gemm(int(bits), xs8, N * OH * OW, coutg, w_packed.data_ptr<uint8_t>() + g * gb, src, ep);
+  }
+  return out;
+}
+
+at::Tensor quantize_act_cpu(const at::Tensor& x, double scale, int64_t zp, int64_t qmin,
+                            int64_t qmax) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "lcpaq::quantize_act: x must be float32");
+  TORCH_CHECK(scale > 0, "lcpaq::quantize_act: scale must be > 0");
+  TORCH_CHECK(qmin <= qmax && (qmin >= 0 ? qmax <= 255 : (qmin >= -128 && qmax <= 127)),
+              "lcpaq::quantize_act: [qmin, qmax] must fit uint8 (qmin >= 0) or int8");
+  auto xc = x.contiguous(x.suggest_memory_format());
+  auto out = at::empty_like(xc, xc.options().dtype(qmin < 0 ? at::kChar : at::kByte));
+  // Same arithmetic as the fake-quant path: round_half_even(x / scale) + zp, clamped.
+  const float sc = static_cast<float>(scale), z = static_cast<float>(zp);
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const float* s = xc.data_ptr<float>();
+  uint8_t* d = static_cast<uint8_t*>(out.data_ptr());
+  at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float q = std::nearbyint(s[i] / sc) + z;
+      q = q < lo ? lo : (q > hi ? hi : q);
+      d[i] = static_cast<uint8_t>(static_cast<int32_t>(q));  // int8 stored two's complement
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lcpaq, CPU, m) {
+  m.impl("qgemm_i32", &qgemm_i32_cpu);
+  m.impl("qlinear", &qlinear_cpu);
+  m.impl("qconv2d", &qconv2d_cpu);
+  m.impl("quantize_act", &quantize_act_cpu);
+}
+
+}  // namespace lcpaq
