@@ -12,20 +12,26 @@
 #pragma once
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define LCPAQ_HD __host__ __device__
+#else
+#define LCPAQ_HD
+#endif
+
 namespace lcpaq {
 
 constexpr int kMR = 6;   // rows per micro-tile
 constexpr int kNR = 16;  // output channels per panel
 
-inline int64_t kstep_k(int bits) { return bits == 8 ? 2 : 4; }
-inline int64_t num_ksteps(int bits, int64_t K) {
+LCPAQ_HD inline int64_t kstep_k(int bits) { return bits == 8 ? 2 : 4; }
+LCPAQ_HD inline int64_t num_ksteps(int bits, int64_t K) {
   int64_t s = (K + kstep_k(bits) - 1) / kstep_k(bits);
   if (bits == 2) s = (s + 1) / 2 * 2;
   return s;
 }
-inline int64_t step_bytes(int bits) { return bits == 2 ? 16 : 32; }
-inline int64_t pad_n(int64_t N) { return (N + kNR - 1) / kNR * kNR; }
-inline int64_t blob_bytes(int bits, int64_t N, int64_t K) {
+LCPAQ_HD inline int64_t step_bytes(int bits) { return bits == 2 ? 16 : 32; }
+LCPAQ_HD inline int64_t pad_n(int64_t N) { return (N + kNR - 1) / kNR * kNR; }
+LCPAQ_HD inline int64_t blob_bytes(int bits, int64_t N, int64_t K) {
   return 4 * pad_n(N) + (pad_n(N) / kNR) * num_ksteps(bits, K) * step_bytes(bits);
 }
 
