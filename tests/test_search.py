@@ -10,7 +10,15 @@ import pytest
 
 from lcpaq.errors import ConfigError, InfeasibleBudgetError
 from lcpaq.policy import FP32
-from lcpaq.search import Budgets, build_problem, minimum_cost, pareto_frontier, search, solve_ilp, solve_mckp
+from lcpaq.search import (
+    Budgets,
+    build_problem,
+    minimum_cost,
+    pareto_frontier,
+    search,
+    solve_ilp,
+    solve_mckp,
+)
 from lcpaq.testing.synthetic import random_problem, synthetic_latency
 
 SMALL_CANDS = ((2, 8), (4, 4), (4, 8), (8, 8))

@@ -13,6 +13,7 @@ from lcpaq.cli._app import app, emit_json, entry, main
 # One entry per command module. Add yours here.
 COMMAND_MODULES = (
     "lcpaq.cli.foundation",  # models, inspect, cost
+    "lcpaq.cli.analysis",  # sensitivity, search
 )
 
 _registered = False

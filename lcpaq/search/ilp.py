@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 
 from lcpaq.errors import ConfigError, InfeasibleBudgetError, SolverError
-from lcpaq.policy import BitPair, Policy, format_bits
+from lcpaq.policy import BitPair, Policy
 from lcpaq.search.problem import BUDGET_COSTS, COST_UNITS, Budgets, Problem, SearchResult
 
 SOLVERS = ("cbc", "highs")
@@ -138,10 +138,10 @@ def infeasibility_error(problem: Problem, *, solver: str = "cbc") -> InfeasibleB
         if flag:
             too_tight.append(k)
         lines.append(f"  {k}: budget {lim:.4g} {unit}, minimum achievable {m:.4g} {unit}{flag}")
-    lowest = sorted({p for ly in problem.layers for p in problem.candidates[ly]}, key=lambda p: p[0] * p[1])[0]
+    allp = {p for ly in problem.layers for p in problem.candidates[ly]}
     if too_tight:
         advice = (f"raise {', '.join(too_tight)} to at least the minimum, or add lower-bit candidates "
-                  f"(lowest now: {format_bits(lowest)})")
+                  f"(lowest now: w{min(p[0] for p in allp)}, a{min(p[1] for p in allp)})")
     else:
         advice = "each budget is reachable alone but not together: relax one of them"
     return InfeasibleBudgetError("no policy meets every budget:\n" + "\n".join(lines) + "\n" + advice)

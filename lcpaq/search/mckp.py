@@ -15,7 +15,6 @@ from __future__ import annotations
 import heapq
 import time
 
-from lcpaq.errors import InfeasibleBudgetError
 from lcpaq.policy import BitPair, Policy
 from lcpaq.search.problem import BUDGET_COSTS, Problem, SearchResult
 
