@@ -35,21 +35,33 @@ LCPAQ_HD inline int64_t blob_bytes(int bits, int64_t N, int64_t K) {
   return 4 * pad_n(N) + (pad_n(N) / kNR) * num_ksteps(bits, K) * step_bytes(bits);
 }
 
-// C[kMR][kNR] (row stride ldc) += A-tile x W-panel over `steps` k-steps.
-// W8: A is int16 (x as stored), exact sum x*q.
-// W4/W2: A is int8 a = x - offx; result is sum a*u (corrections applied by the caller).
-using MicroW8 = void (*)(const int16_t* A, int64_t lda, const uint8_t* W, int64_t steps,
-                         int32_t* C, int64_t ldc);
-using MicroWn = void (*)(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps,
-                         int32_t* C, int64_t ldc);
+// Packed activations: row-major, row stride lda bytes (padded off multiples of 1 KiB to avoid
+// cache-set aliasing); k-step s of row r is the 4 bytes at A + r * lda + 4 * s: 2 int16
+// (W8: x as stored) or 4 int8 (W4/W2: a = x - offx).
 
-void micro_w8_scalar(const int16_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w4_scalar(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w2_scalar(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w8_avx2(const int16_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w4_avx2(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w2_avx2(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+// C[kMR][kNR] (row stride ldc) += A-tile x W-panel over `steps` k-steps.
+// W8: exact sum x*q.  W4/W2: sum a*u (corrections applied by the caller's epilogue).
+using Micro = void (*)(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+                      int64_t ldc);
+
+void micro_w8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w4_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w2_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w8_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w4_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_w2_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 
 bool cpu_has_avx2_fma();
+
+struct RowEpi;
+// vectorized helpers (epilogue.h), one copy per ISA
+void epilogue_row_scalar(const int32_t* c, int64_t n, const RowEpi& e, void* out);
+void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out);
+void widen_row_scalar(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
+void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
+void flip_row_scalar(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
+void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
+int32_t sum_row_scalar(const int8_t* d, int64_t n);
+int32_t sum_row_avx2(const int8_t* d, int64_t n);
 
 }  // namespace lcpaq

@@ -14,6 +14,7 @@
 //  that is why activations are shifted to s8 and the small weights take the unsigned slot.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "qgemm.h"
@@ -24,17 +25,28 @@
 #define LCPAQ_HAVE_AVX2_TU 1
 #endif
 
+#include "epilogue.h"
+
 namespace lcpaq {
 
 #ifdef LCPAQ_HAVE_AVX2_TU
 
 static inline __m256i bcast32(const void* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
+  // vbroadcastss from memory is a pure load (no shuffle uop)
+  return _mm256_castps_si256(_mm256_broadcast_ss(static_cast<const float*>(p)));
 }
 
-void micro_w8_avx2(const int16_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  epilogue_row_impl(c, n, e, out);
+}
+void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen_row_impl(d, s, n, xs8); }
+void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
+  flip_row_impl(d, s, n, flip);
+}
+int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
+
+
+void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
                    int64_t ldc) {
   __m256i c[kMR][2];
 #pragma GCC unroll 6
@@ -49,7 +61,7 @@ void micro_w8_avx2(const int16_t* A, int64_t lda, const uint8_t* W, int64_t step
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + s * 32 + 16)));
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      const __m256i a = bcast32(A + r * lda + 2 * s);
+      const __m256i a = bcast32(A + r * lda + 4 * s);
       c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(a, w0));
       c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(a, w1));
     }
@@ -75,7 +87,7 @@ static inline void flush16(__m256i (&acc)[kMR][2], int32_t* C, int64_t ldc) {
   }
 }
 
-void micro_w4_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
                    int64_t ldc) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256i acc[kMR][2];
@@ -97,7 +109,7 @@ void micro_w4_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps
   }
 }
 
-void micro_w2_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
                    int64_t ldc) {
   const __m256i mask = _mm256_set1_epi8(0x03);
   __m256i acc[kMR][2];
@@ -129,15 +141,24 @@ void micro_w2_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t steps
 
 #else  // not x86/GCC: route to the scalar kernels
 
-void micro_w8_avx2(const int16_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
+void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  epilogue_row_impl(c, n, e, out);
+}
+void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen_row_impl(d, s, n, xs8); }
+void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
+  flip_row_impl(d, s, n, flip);
+}
+int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
+
+void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
   micro_w8_scalar(A, lda, W, s, C, ldc);
 }
-void micro_w4_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
+void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
   micro_w4_scalar(A, lda, W, s, C, ldc);
 }
-void micro_w2_avx2(const int8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
+void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
   micro_w2_scalar(A, lda, W, s, C, ldc);
 }

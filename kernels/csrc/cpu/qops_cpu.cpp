@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "epilogue.h"
 #include "qgemm.h"
 
 namespace lcpaq {
@@ -73,41 +74,36 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const int64_t Mpad = (M + kMR - 1) / kMR * kMR, Npad = pad_n(N), P = Npad / kNR;
   const bool w8 = bits == 8;
   const int64_t esize = w8 ? 2 : 1;
-  std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * Kpad * esize]);
+  // activations row-major (layout in qgemm.h); pad the stride off multiples of 1 KiB
+  int64_t lda = Kpad * esize;
+  if (lda % 1024 == 0) lda += 64;
+  std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * lda]);
   std::vector<int32_t> rowsum(Mpad, 0);
-  std::memset(abuf.get() + M * Kpad * esize, 0, (Mpad - M) * Kpad * esize);
-
+  std::memset(abuf.get() + M * lda, 0, (Mpad - M) * lda);
+  const bool avx2 = use_avx2();
+  const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
+  const auto flipr = avx2 ? flip_row_avx2 : flip_row_scalar;
+  const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;
+  const auto epir = avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
   at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
       if (w8) {
-        int16_t* d = reinterpret_cast<int16_t*>(abuf.get()) + m * Kpad;
+        int16_t* d = reinterpret_cast<int16_t*>(abuf.get() + m * lda);
         const int16_t padv = xs8 ? int16_t(int8_t(src.pad)) : int16_t(src.pad);
         src.row(
-            m,
-            [&](int64_t off, const uint8_t* s, int64_t n) {
-              if (xs8) {
-                for (int64_t i = 0; i < n; ++i) d[off + i] = int8_t(s[i]);
-              } else {
-                for (int64_t i = 0; i < n; ++i) d[off + i] = s[i];
-              }
-            },
+            m, [&](int64_t off, const uint8_t* s, int64_t n) { widen(d + off, s, n, xs8); },
             [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
         std::fill(d + K, d + Kpad, int16_t(0));
       } else {
         // a = x - 128 for uint8 (flip the top bit), a = x for int8
-        int8_t* d = reinterpret_cast<int8_t*>(abuf.get()) + m * Kpad;
+        int8_t* d = reinterpret_cast<int8_t*>(abuf.get() + m * lda);
         const uint8_t flip = xs8 ? 0 : 0x80;
         const int8_t padv = int8_t(src.pad ^ flip);
         src.row(
-            m,
-            [&](int64_t off, const uint8_t* s, int64_t n) {
-              for (int64_t i = 0; i < n; ++i) d[off + i] = int8_t(s[i] ^ flip);
-            },
+            m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, flip); },
             [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
         std::fill(d + K, d + Kpad, int8_t(0));
-        int32_t rs = 0;
-        for (int64_t i = 0; i < K; ++i) rs += d[i];
-        rowsum[m] = rs;
+        rowsum[m] = sumr(d, K);
       }
     }
   });
@@ -119,12 +115,11 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const int64_t MC = 16 * kMR, NCP = 4;  // 96 rows x 64 output channels per task
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
-  const bool avx2 = use_avx2();
-  const MicroW8 k8 = avx2 ? micro_w8_avx2 : micro_w8_scalar;
-  const MicroWn kn = bits == 4 ? (avx2 ? micro_w4_avx2 : micro_w4_scalar)
-                               : (avx2 ? micro_w2_avx2 : micro_w2_scalar);
+  const Micro micro = bits == 8   ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
+                      : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_w4_scalar)
+                                  : (avx2 ? micro_w2_avx2 : micro_w2_scalar);
   const int64_t h = bits == 8 ? 0 : (int64_t(1) << (bits - 1));
-  const int64_t offx = xs8 ? 0 : 128;
+  const int64_t offx = (xs8 || w8) ? 0 : 128;  // W4/W2 shift uint8 activations by -128
 
   at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> cbuf(MC * ldc);
@@ -138,43 +133,27 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
           const uint8_t* wp = panels + ((p0 + p) * ksteps + k0) * sb;
           for (int64_t r = 0; r < mrows; r += kMR) {
             int32_t* c = cbuf.data() + r * ldc + p * kNR;
-            if (w8) {
-              const int16_t* a = reinterpret_cast<const int16_t*>(abuf.get()) +
-                                 (m0 + r) * Kpad + k0 * 2;
-              k8(a, Kpad, wp, ks, c, ldc);
-            } else {
-              const int8_t* a = reinterpret_cast<const int8_t*>(abuf.get()) +
-                                (m0 + r) * Kpad + k0 * 4;
-              kn(a, Kpad, wp, ks, c, ldc);
-            }
+            micro(abuf.get() + (m0 + r) * lda + k0 * 4, lda, wp, ks, c, ldc);
           }
         }
       }
-      // fused epilogue
+      // fused epilogue, one vectorized row segment at a time
       const int64_t mend = std::min(m0 + mrows, M), n0 = p0 * kNR,
                     nend = std::min(n0 + np * kNR, N);
+      RowEpi re{};
+      re.mode = ep.mode;
+      re.colsum = colsum + n0;
+      re.colmul = int32_t(offx - (ep.mode == 0 ? 0 : ep.zx));
+      re.scale = ep.scale + n0;
+      re.bias = ep.bias != nullptr ? ep.bias + n0 : nullptr;
+      re.relu = ep.relu;
+      re.inv_out = ep.inv_out;
+      re.out_zp = ep.out_zp;
+      const int64_t esz = ep.mode == 2 ? 1 : 4;
       for (int64_t m = m0; m < mend; ++m) {
-        const int32_t* crow = cbuf.data() + (m - m0) * ldc - n0;
-        const int64_t rcorr = h * rowsum[m];
-        for (int64_t n = n0; n < nend; ++n) {
-          int64_t raw = crow[n];
-          if (!w8) raw += offx * colsum[n] - rcorr;
-          if (ep.mode == 0) {
-            static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = static_cast<int32_t>(raw);
-            continue;
-          }
-          const int64_t corr = raw - ep.zx * colsum[n];
-          float y = static_cast<float>(corr) * ep.scale[n];
-          if (ep.bias != nullptr) y = y + ep.bias[n];
-          if (ep.relu) y = y < 0.f ? 0.f : y;
-          if (ep.mode == 1) {
-            static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
-          } else {
-            float q = std::nearbyint(y * ep.inv_out) + ep.out_zp;
-            q = q < 0.f ? 0.f : (q > 255.f ? 255.f : q);
-            static_cast<uint8_t*>(ep.out)[m * ep.ldo + n] = static_cast<uint8_t>(q);
-          }
-        }
+        re.rowcorr = int32_t(h * rowsum[m]);
+        epir(cbuf.data() + (m - m0) * ldc, nend - n0, re,
+             static_cast<uint8_t*>(ep.out) + (m * ep.ldo + n0) * esz);
       }
     }
   });

@@ -1,0 +1,68 @@
+// Row epilogue and activation-row transforms, written as plain loops so the compiler vectorizes
+// them; included (internal linkage) by the scalar TU and by the AVX2 TU (8-wide there).
+//
+// int32 wrapping arithmetic is exact here: the final corrected sum
+//   corr = sum_k (x - zx) * q  satisfies |corr| <= 255 * 128 * K < 2^31 for K <= 65536,
+// and two's-complement intermediates are exact modulo 2^32 (built with -fwrapv).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace lcpaq {
+
+struct RowEpi {
+  int mode;  // 0 raw int32 sum x*q, 1 float32, 2 uint8
+  const int32_t* colsum;
+  int32_t colmul;  // offx (raw) or offx - zx (corr)
+  int32_t rowcorr;  // h * rowsum[m]
+  const float* scale;
+  const float* bias;
+  bool relu;
+  float inv_out;
+  float out_zp;
+};
+
+static inline void epilogue_row_impl(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  if (e.mode == 0) {
+    int32_t* o = static_cast<int32_t*>(out);
+    for (int64_t i = 0; i < n; ++i) o[i] = c[i] + e.colmul * e.colsum[i] - e.rowcorr;
+    return;
+  }
+  float* of = static_cast<float*>(out);
+  uint8_t* ou = static_cast<uint8_t*>(out);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t corr = c[i] + e.colmul * e.colsum[i] - e.rowcorr;
+    float y = static_cast<float>(corr) * e.scale[i];
+    if (e.bias != nullptr) y = y + e.bias[i];
+    if (e.relu) y = y < 0.f ? 0.f : y;
+    if (e.mode == 1) {
+      of[i] = y;
+    } else {
+      float q = std::nearbyint(y * e.inv_out) + e.out_zp;
+      q = q < 0.f ? 0.f : (q > 255.f ? 255.f : q);
+      ou[i] = static_cast<uint8_t>(static_cast<int32_t>(q));
+    }
+  }
+}
+
+// uint8/int8 activations -> int16 (W8 path)
+static inline void widen_row_impl(int16_t* d, const uint8_t* s, int64_t n, bool xs8) {
+  if (xs8) {
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<int8_t>(s[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  }
+}
+
+// uint8 -> int8 a = x - 128 (flip = 0x80), int8 -> int8 (flip = 0)
+static inline void flip_row_impl(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<int8_t>(s[i] ^ flip);
+}
+
+static inline int32_t sum_row_impl(const int8_t* d, int64_t n) {
+  int32_t r = 0;
+  for (int64_t i = 0; i < n; ++i) r += d[i];
+  return r;
+}
+
+}  // namespace lcpaq
