@@ -1,0 +1,233 @@
+"""Benchmark lcpaq's integer kernels against torch fp32, ONNX Runtime and torch.ao on this CPU.
+
+GEMM shapes: ResNet-18 convs as GEMMs (batch 1, M = OH*OW, N = Cout, K = Cin*KH*KW) and two
+linear shapes. Contestants (activation quantization excluded everywhere, outputs as each op gives):
+  torch-fp32 (MKL sgemm), ort-mmi-u8u8 / ort-mmi-u8s8 (MatMulInteger, int32 out; u8s8 is inexact
+  for full-range u8 on AVX2), ort-nbits4 (MatMulNBits 4-bit, accuracy_level 4, fp32 in/out),
+  torchao-qlinear (fbgemm quantized::linear, u8 out), lcpaq-w8/w4/w2 (qlinear: exact int32 GEMM +
+  fp32 dequant epilogue).
+End to end: torchvision resnet18 (random weights, BN folded into convs for both sides) in a mixed
+policy on lcpaq kernels vs the same fp32 model in torch.
+Rounds are interleaved (A B C ... A B C ...); per contestant the fastest round's median and the
+spread (slowest/fastest round median - 1) are reported. Writes CSV + JSON in benchmarks/results/.
+
+    .venv/bin/python benchmarks/bench_kernels.py [--rounds 5] [--threads 1,2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lcpaq.kernels import pack_weight, qlinear, status
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [  # name, M, N, K
+    ("r18.conv1-7x7", 12544, 64, 147),
+    ("r18.layer1-3x3", 3136, 64, 576),
+    ("r18.layer2-3x3", 784, 128, 1152),
+    ("r18.layer3-3x3", 196, 256, 2304),
+    ("r18.layer4-3x3", 49, 512, 4608),
+    ("linear-fc-b64", 64, 1000, 512),
+    ("linear-768x3072-b128", 128, 3072, 768),
+]
+
+
+def _ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _mmi_model(b: np.ndarray, signed_w: bool):
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k = "M", b.shape[0]
+    wdt = np.int8 if signed_w else np.uint8
+    inits = [numpy_helper.from_array(b.astype(wdt), "B"),
+             numpy_helper.from_array(np.array(128, np.uint8), "azp"),
+             numpy_helper.from_array(np.array(0 if signed_w else 128, wdt), "bzp")]
+    node = helper.make_node("MatMulInteger", ["A", "B", "azp", "bzp"], ["Y"])
+    g = helper.make_graph([node], "mmi", [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, b.shape[1]])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _nbits_model(n: int, k: int, rng: np.random.Generator):
+    from onnx import TensorProto, helper, numpy_helper
+
+    bs = 32
+    nb = (k + bs - 1) // bs
+    bq = rng.integers(0, 256, (n, nb, bs // 2), dtype=np.uint8)
+    sc = (rng.random(n * nb, dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n,
+                            bits=4, block_size=bs, accuracy_level=4)
+    g = helper.make_graph([node], "nb", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
+                          [numpy_helper.from_array(bq, "B"), numpy_helper.from_array(sc, "S")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                               helper.make_opsetid("com.microsoft", 1)])
+
+
+def gemm_contestants(m: int, n: int, k: int, threads: int) -> dict[str, Callable[[], object]]:
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    xf, wf = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    xu8 = torch.randint(0, 256, (m, k), generator=g, dtype=torch.uint8)
+    out: dict[str, Callable[[], object]] = {"torch-fp32": lambda: torch.mm(xf, wf)}
+    try:
+        xa = xu8.numpy()
+        s1 = _ort_session(_mmi_model(rng.integers(0, 256, (k, n)), False), threads)
+        s2 = _ort_session(_mmi_model(rng.integers(-127, 128, (k, n)), True), threads)
+        s3 = _ort_session(_nbits_model(n, k, rng), threads)
+        xfa = xf.numpy()
+        out["ort-mmi-u8u8"] = lambda: s1.run(None, {"A": xa})
+        out["ort-mmi-u8s8"] = lambda: s2.run(None, {"A": xa})
+        out["ort-nbits4"] = lambda: s3.run(None, {"A": xfa})
+    except Exception as e:  # noqa: BLE001 - a missing runtime is reported, not fatal
+        print(f"  ORT unavailable: {e}")
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        wq = torch.quantize_per_channel(wf.T.contiguous(), torch.rand(n, generator=g) * 0.01 + 1e-3,
+                                        torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(wq, None)
+        xq = torch.quantize_per_tensor(xf, 0.05, 128, torch.quint8)
+        out["torchao-qlinear"] = lambda: torch.ops.quantized.linear(xq, packed, 0.1, 128)
+    except Exception as e:  # noqa: BLE001
+        print(f"  torch.ao quantized linear unavailable: {e}")
+    ws = torch.rand(n, generator=g) * 0.01
+    for bits in (8, 4, 2):
+        q = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (n, k), generator=g)
+        blob = pack_weight(q, bits)
+        out[f"lcpaq-w{bits}a8"] = (lambda b=blob, bb=bits: qlinear(xu8, b, bb, n, ws, 0.05, 128))
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int, threads: int
+                ) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(threads)
+    for f in fns.values():  # warm up everything first
+        for _ in range(2):
+            f()
+    meds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            meds[name].append(statistics.median(ts) * 1e3)
+    return {n: {"ms": min(v), "spread": max(v) / min(v) - 1} for n, v in meds.items()}
+
+
+def _resnet18_pair(policy_kind: str):
+    import copy
+
+    import torchvision
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from lcpaq.kernels import convert
+    from lcpaq.policy import Policy
+    from lcpaq.quant import apply_policy, quantizable_names
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None).eval()
+
+    def fold(mod):  # fold every BN into the conv before it (deployment form, both sides)
+        for name, child in list(mod.named_children()):
+            fold(child)
+        names = list(mod._modules)
+        for a, b in zip(names, names[1:]):
+            ca, cb = mod._modules[a], mod._modules[b]
+            if isinstance(ca, torch.nn.Conv2d) and isinstance(cb, torch.nn.BatchNorm2d):
+                mod._modules[a] = fuse_conv_bn_eval(ca, cb)
+                mod._modules[b] = torch.nn.Identity()
+        ds = mod._modules.get("downsample")
+        if isinstance(ds, torch.nn.Sequential) and len(ds) == 2 and isinstance(ds[1], torch.nn.BatchNorm2d):
+            mod._modules["downsample"] = torch.nn.Sequential(fuse_conv_bn_eval(ds[0], ds[1]))
+
+    fold(m)
+    fp32 = copy.deepcopy(m)
+    names = quantizable_names(m)
+    pairs = {}
+    for nm in names:  # mixed: 8-bit stem and fc, 2-bit for the heavy layer4 3x3s, 4-bit elsewhere
+        if nm in ("conv1", "fc"):
+            pairs[nm] = (8, 8)
+        elif nm.startswith("layer4") and "downsample" not in nm:
+            pairs[nm] = (2, 8) if policy_kind == "mixed" else (4, 8)
+        else:
+            pairs[nm] = (4, 8)
+    pol = Policy(pairs)
+    calib = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    apply_policy(m, pol, calib_loader=calib, calib_batches=2)
+    return fp32, convert(m, pol), pol
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--quick", action="store_true", help="two GEMM shapes, no end-to-end")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    print("lcpaq kernels:", status())
+    rows = []
+    shapes = SHAPES[1:3] if args.quick else SHAPES
+    for t in threads:
+        for name, m, n, k in shapes:
+            res = interleaved(gemm_contestants(m, n, k, t), args.rounds, args.reps, t)
+            base = res["torch-fp32"]["ms"]
+            for c, r in res.items():
+                rows.append({"threads": t, "shape": name, "M": m, "N": n, "K": k, "contestant": c,
+                             "median_ms": round(r["ms"], 4), "spread": round(r["spread"], 3),
+                             "gops": round(2 * m * n * k / r["ms"] / 1e6, 1),
+                             "speedup_vs_fp32": round(base / r["ms"], 2)})
+            print(f"[t={t}] {name:22s} " + "  ".join(
+                f"{c}={2 * m * n * k / r['ms'] / 1e6:.0f}" for c, r in res.items()))
+    e2e = []
+    if not args.quick:
+        with torch.inference_mode():
+            fp32, intm, pol = _resnet18_pair("mixed")
+            x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+            err = float((fp32(x) - intm(x)).abs().max())
+            for t in threads:
+                res = interleaved({"torch-fp32": lambda: fp32(x), "lcpaq-mixed": lambda: intm(x)},
+                                  args.rounds, 3, t)
+                sp = res["torch-fp32"]["ms"] / res["lcpaq-mixed"]["ms"]
+                e2e.append({"threads": t, "fp32_ms": round(res["torch-fp32"]["ms"], 3),
+                            "fp32_spread": round(res["torch-fp32"]["spread"], 3),
+                            "lcpaq_ms": round(res["lcpaq-mixed"]["ms"], 3),
+                            "lcpaq_spread": round(res["lcpaq-mixed"]["spread"], 3),
+                            "speedup": round(sp, 2), "max_abs_diff_vs_fp32": err})
+                print(f"[t={t}] resnet18 e2e: fp32 {res['torch-fp32']['ms']:.2f} ms, "
+                      f"lcpaq mixed {res['lcpaq-mixed']['ms']:.2f} ms -> {sp:.2f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    tag = "bench_kernels" + ("_quick" if args.quick else "")
+    df.to_csv(RESULTS / f"{tag}.csv", index=False)
+    table = df.pivot_table(index=["threads", "shape"], columns="contestant", values="gops")
+    print("\nGOP/s (higher is better):\n" + table.round(0).to_string())
+    meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
+            "kernels": str(status()), "gemm": rows, "resnet18_e2e": e2e,
+            "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded)",
+            "note": "shared 2-core VM, other helpers loading it; fastest-round medians"}
+    (RESULTS / f"{tag}.json").write_text(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()
