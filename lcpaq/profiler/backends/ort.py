@@ -1,0 +1,88 @@
+"""ONNX Runtime latency backend (CPU EP). onnxruntime is imported only when a backend is made.
+
+Timing: after ``warmup`` runs, ``repeat`` samples of ``number`` back-to-back runs each; the
+primary metric is the calling thread's CPU time (at 1 intra-op thread ORT computes on the calling
+thread, and thread CPU time is far less noisy than wall time on a shared VM); wall time is kept
+beside it. At >1 thread use metric "wall".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from lcpaq.errors import BackendUnavailableError
+from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, register_backend
+
+
+def session(onnx_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def time_callable(fn, settings: MeasureSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(thread-CPU ms, wall ms) per call for ``repeat`` samples of ``number`` calls."""
+    for _ in range(settings.warmup):
+        fn()
+    cpu, wall = [], []
+    number = settings.number
+    for _ in range(settings.repeat):
+        c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+        for _ in range(number):
+            fn()
+        c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
+        cpu.append((c1 - c0) / 1e6 / number)
+        wall.append((w1 - w0) / 1e6 / number)
+        if settings.min_repeat_ms and (w1 - w0) / 1e6 < settings.min_repeat_ms:
+            number = max(number, int(number * settings.min_repeat_ms / max((w1 - w0) / 1e6, 1e-3)) + 1)
+    return np.asarray(cpu), np.asarray(wall)
+
+
+def summarize(cpu: np.ndarray, wall: np.ndarray, settings: MeasureSettings, kernel: str) -> Measurement:
+    primary = cpu if settings.metric == "thread_cpu" else wall
+    return Measurement(
+        median_ms=float(np.median(primary)), p10_ms=float(np.percentile(primary, 10)),
+        p90_ms=float(np.percentile(primary, 90)), n=int(primary.size),
+        wall_median_ms=float(np.median(wall)), kernel=kernel,
+        extra={"cpu_median_ms": float(np.median(cpu))},
+    )
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, profile: Any = None) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+            raise BackendUnavailableError(f"onnxruntime is not installed: {e}") from None
+        self.threads = getattr(profile, "threads", 1) if profile is not None else 1
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime
+
+        return {"onnxruntime": onnxruntime.__version__}
+
+    def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
+        try:
+            sess = session(unit.onnx, settings.threads or self.threads)
+            feeds = dict(unit.inputs)
+            run = sess.run
+            cpu, wall = time_callable(lambda: run(None, feeds), settings)
+            kernel = str(unit.layer.get("kernel", "")) if unit.layer else ""
+            return summarize(cpu, wall, settings, kernel)
+        except Exception as e:  # noqa: BLE001 - failures are data
+            nan = float("nan")
+            return Measurement(nan, nan, nan, 0, error=f"{type(e).__name__}: {e}"[:500])
+
+
+register_backend("ort", OrtBackend)
