@@ -121,13 +121,16 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int, th
         for _ in range(2):
             f()
     meds: dict[str, list[float]] = {name: [] for name in fns}
+    # 1 thread: CPU time of the calling thread (stable on this shared VM, see FINDINGS.md; torch
+    # and ORT compute on the calling thread at 1 thread); 2 threads: wall clock.
+    clock = time.thread_time if threads == 1 else time.perf_counter
     for _ in range(rounds):
         for name, f in fns.items():
             ts = []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 f()
-                ts.append(time.perf_counter() - t0)
+                ts.append(clock() - t0)
             meds[name].append(statistics.median(ts) * 1e3)
     return {n: {"ms": min(v), "spread": max(v) / min(v) - 1} for n, v in meds.items()}
 
@@ -225,7 +228,7 @@ def main() -> None:
     meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
             "kernels": str(status()), "gemm": rows, "resnet18_e2e": e2e,
             "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded)",
-            "note": "shared 2-core VM, other helpers loading it; fastest-round medians"}
+            "note": "shared 2-core VM, other helpers loading it; fastest-round medians; 1 thread = thread CPU time, 2 threads = wall"}
     (RESULTS / f"{tag}.json").write_text(json.dumps(meta, indent=1))
 
 

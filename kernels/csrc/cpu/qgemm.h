@@ -39,14 +39,25 @@ LCPAQ_HD inline int64_t blob_bytes(int bits, int64_t N, int64_t K) {
 // cache-set aliasing); k-step s of row r is the 4 bytes at A + r * lda + 4 * s: 2 int16
 // (W8: x as stored) or 4 int8 (W4/W2: a = x - offx).
 
-// C[kMR][kNR] (row stride ldc) += A-tile x W-panel over `steps` k-steps.
+// Weight panels are decoded once per (k-block, panel) into a small L1-resident buffer of
+// 64 bytes per k-step, reused by every row tile:
+//   W8:    int16 [step][16 cols][2 k]     (two ymm: cols 0-7, cols 8-15)
+//   W4/W2: uint8 u [step][2][8 cols][4 k] (two ymm: cols 0-7, cols 8-15)
+constexpr int kDecStep = 64;
+using Decode = void (*)(const uint8_t* W, int64_t steps, uint8_t* out);
+// C[kMR][kNR] (row stride ldc) += A-tile x decoded panel over `steps` k-steps.
 // W8: exact sum x*q.  W4/W2: sum a*u (corrections applied by the caller's epilogue).
-using Micro = void (*)(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
-                      int64_t ldc);
+using Micro = void (*)(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps,
+                       int32_t* C, int64_t ldc);
 
+void decode_w8_scalar(const uint8_t*, int64_t, uint8_t*);
+void decode_w4_scalar(const uint8_t*, int64_t, uint8_t*);
+void decode_w2_scalar(const uint8_t*, int64_t, uint8_t*);
+void decode_w8_avx2(const uint8_t*, int64_t, uint8_t*);
+void decode_w4_avx2(const uint8_t*, int64_t, uint8_t*);
+void decode_w2_avx2(const uint8_t*, int64_t, uint8_t*);
 void micro_w8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w4_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_w2_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_u8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w8_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w4_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w2_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);

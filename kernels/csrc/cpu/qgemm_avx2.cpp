@@ -46,7 +46,38 @@ void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
 int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
 
 
-void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+void decode_w8_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const __m128i* w = reinterpret_cast<const __m128i*>(W + s * 32);
+    __m256i* o = reinterpret_cast<__m256i*>(out + s * kDecStep);
+    _mm256_storeu_si256(o, _mm256_cvtepi8_epi16(_mm_loadu_si128(w)));
+    _mm256_storeu_si256(o + 1, _mm256_cvtepi8_epi16(_mm_loadu_si128(w + 1)));
+  }
+}
+
+void decode_w4_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < steps; ++s) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + s * 32));
+    __m256i* o = reinterpret_cast<__m256i*>(out + s * kDecStep);
+    _mm256_storeu_si256(o, _mm256_and_si256(v, m));
+    _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), m));
+  }
+}
+
+void decode_w2_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
+  const __m256i m = _mm256_set1_epi8(0x03);
+  for (int64_t s = 0; s < steps; s += 2) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (s / 2) * 32));
+    __m256i* o = reinterpret_cast<__m256i*>(out + s * kDecStep);
+    _mm256_storeu_si256(o, _mm256_and_si256(v, m));
+    _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(v, 2), m));
+    _mm256_storeu_si256(o + 2, _mm256_and_si256(_mm256_srli_epi16(v, 4), m));
+    _mm256_storeu_si256(o + 3, _mm256_and_si256(_mm256_srli_epi16(v, 6), m));
+  }
+}
+
+void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
   __m256i c[kMR][2];
 #pragma GCC unroll 6
@@ -55,10 +86,9 @@ void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t step
     c[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc + 8));
   }
   for (int64_t s = 0; s < steps; ++s) {
-    const __m256i w0 =
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + s * 32)));
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep));
     const __m256i w1 =
-        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + s * 32 + 16)));
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep + 32));
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
       const __m256i a = bcast32(A + r * lda + 4 * s);
@@ -87,17 +117,18 @@ static inline void flush16(__m256i (&acc)[kMR][2], int32_t* C, int64_t ldc) {
   }
 }
 
-void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
-                   int64_t ldc) {
-  const __m256i mask = _mm256_set1_epi8(0x0F);
+// T k-steps of int16 accumulation between flushes: the range proof of the header comment.
+template <int T>
+static inline void micro_u8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd,
+                                 int64_t steps, int32_t* C, int64_t ldc) {
   __m256i acc[kMR][2];
   for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t s0 = 0; s0 < steps; s0 += 8) {
-    const int64_t s1 = s0 + 8 < steps ? s0 + 8 : steps;
+  for (int64_t s0 = 0; s0 < steps; s0 += T) {
+    const int64_t s1 = s0 + T < steps ? s0 + T : steps;
     for (int64_t s = s0; s < s1; ++s) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + s * 32));
-      const __m256i w0 = _mm256_and_si256(v, mask);
-      const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep));
+      const __m256i w1 =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep + 32));
 #pragma GCC unroll 6
       for (int r = 0; r < kMR; ++r) {
         const __m256i a = bcast32(A + r * lda + 4 * s);
@@ -109,38 +140,17 @@ void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t step
   }
 }
 
-void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
+void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
-  const __m256i mask = _mm256_set1_epi8(0x03);
-  __m256i acc[kMR][2];
-  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t s0 = 0; s0 < steps; s0 += 32) {
-    const int64_t s1 = s0 + 32 < steps ? s0 + 32 : steps;
-    for (int64_t s = s0; s < s1; s += 2) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (s / 2) * 32));
-      const __m256i w0 = _mm256_and_si256(v, mask);
-      const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
-#pragma GCC unroll 6
-      for (int r = 0; r < kMR; ++r) {
-        const __m256i a = bcast32(A + r * lda + 4 * s);
-        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
-        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
-      }
-      const __m256i w2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-      const __m256i w3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
-#pragma GCC unroll 6
-      for (int r = 0; r < kMR; ++r) {
-        const __m256i a = bcast32(A + r * lda + 4 * s + 4);
-        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w2, a));
-        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w3, a));
-      }
-    }
-    flush16(acc, C, ldc);
-  }
+  micro_u8_avx2<8>(A, lda, Wd, steps, C, ldc);  // |u*a| pair <= 2*15*128: 8 steps < 32767
+}
+
+void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
+                   int64_t ldc) {
+  micro_u8_avx2<32>(A, lda, Wd, steps, C, ldc);  // pair <= 2*3*128: 32 steps < 32767
 }
 
 #else  // not x86/GCC: route to the scalar kernels
-
 void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
   epilogue_row_impl(c, n, e, out);
 }
@@ -149,20 +159,21 @@ void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
 int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
-
+void decode_w8_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w8_scalar(W, s, o); }
+void decode_w4_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w4_scalar(W, s, o); }
+void decode_w2_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w2_scalar(W, s, o); }
 void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
   micro_w8_scalar(A, lda, W, s, C, ldc);
 }
 void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
-  micro_w4_scalar(A, lda, W, s, C, ldc);
+  micro_u8_scalar(A, lda, W, s, C, ldc);
 }
 void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
-  micro_w2_scalar(A, lda, W, s, C, ldc);
+  micro_u8_scalar(A, lda, W, s, C, ldc);
 }
-
 #endif
 
 }  // namespace lcpaq

@@ -5,10 +5,36 @@
 
 namespace lcpaq {
 
-void micro_w8_scalar(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
-                   int64_t ldc) {
+void decode_w8_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
+  int16_t* o = reinterpret_cast<int16_t*>(out);
+  for (int64_t i = 0; i < steps * 32; ++i) o[i] = int8_t(W[i]);
+}
+
+void decode_w4_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
   for (int64_t s = 0; s < steps; ++s) {
-    const int8_t* w = reinterpret_cast<const int8_t*>(W + s * 32);
+    for (int i = 0; i < 32; ++i) {
+      out[s * 64 + i] = W[s * 32 + i] & 15;
+      out[s * 64 + 32 + i] = W[s * 32 + i] >> 4;
+    }
+  }
+}
+
+void decode_w2_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
+  for (int64_t s = 0; s < steps; s += 2) {
+    for (int i = 0; i < 32; ++i) {
+      const uint8_t b = W[(s / 2) * 32 + i];
+      out[s * 64 + i] = b & 3;
+      out[s * 64 + 32 + i] = (b >> 2) & 3;
+      out[(s + 1) * 64 + i] = (b >> 4) & 3;
+      out[(s + 1) * 64 + 32 + i] = (b >> 6) & 3;
+    }
+  }
+}
+
+void micro_w8_scalar(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
+                     int64_t ldc) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const int16_t* w = reinterpret_cast<const int16_t*>(Wd + s * kDecStep);
     for (int r = 0; r < kMR; ++r) {
       const int16_t* a = reinterpret_cast<const int16_t*>(A + r * lda + 4 * s);
       for (int c = 0; c < kNR; ++c) {
@@ -18,41 +44,17 @@ void micro_w8_scalar(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t st
   }
 }
 
-void micro_w4_scalar(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
-                   int64_t ldc) {
+void micro_u8_scalar(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
+                     int64_t ldc) {
   for (int64_t s = 0; s < steps; ++s) {
-    const uint8_t* w = W + s * 32;
+    const uint8_t* w = Wd + s * kDecStep;
     for (int r = 0; r < kMR; ++r) {
       const int8_t* a = reinterpret_cast<const int8_t*>(A + r * lda + 4 * s);
-      for (int c = 0; c < 8; ++c) {
-        int32_t lo = 0, hi = 0;
-        for (int j = 0; j < 4; ++j) {
-          lo += int32_t(a[j]) * (w[c * 4 + j] & 15);
-          hi += int32_t(a[j]) * (w[c * 4 + j] >> 4);
-        }
-        C[r * ldc + c] += lo;
-        C[r * ldc + c + 8] += hi;
-      }
-    }
-  }
-}
-
-void micro_w2_scalar(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t steps, int32_t* C,
-                   int64_t ldc) {
-  for (int64_t s = 0; s < steps; s += 2) {
-    const uint8_t* w = W + (s / 2) * 32;
-    for (int r = 0; r < kMR; ++r) {
-      const int8_t* a = reinterpret_cast<const int8_t*>(A + r * lda + 4 * s);
-      const int8_t* a1 = a + 4;
-      for (int c = 0; c < 8; ++c) {
-        int32_t lo = 0, hi = 0;
-        for (int j = 0; j < 4; ++j) {
-          const int b = w[c * 4 + j];
-          lo += int32_t(a[j]) * (b & 3) + int32_t(a1[j]) * ((b >> 4) & 3);
-          hi += int32_t(a[j]) * ((b >> 2) & 3) + int32_t(a1[j]) * ((b >> 6) & 3);
-        }
-        C[r * ldc + c] += lo;
-        C[r * ldc + c + 8] += hi;
+      for (int c = 0; c < kNR; ++c) {
+        const uint8_t* u = w + (c / 8) * 32 + (c % 8) * 4;
+        int32_t acc = 0;
+        for (int j = 0; j < 4; ++j) acc += int32_t(a[j]) * u[j];
+        C[r * ldc + c] += acc;
       }
     }
   }

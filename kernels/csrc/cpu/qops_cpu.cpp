@@ -116,13 +116,18 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
   const Micro micro = bits == 8   ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
-                      : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_w4_scalar)
-                                  : (avx2 ? micro_w2_avx2 : micro_w2_scalar);
+                      : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_u8_scalar)
+                                  : (avx2 ? micro_w2_avx2 : micro_u8_scalar);
+  const Decode decode = bits == 8   ? (avx2 ? decode_w8_avx2 : decode_w8_scalar)
+                        : bits == 4 ? (avx2 ? decode_w4_avx2 : decode_w4_scalar)
+                                    : (avx2 ? decode_w2_avx2 : decode_w2_scalar);
   const int64_t h = bits == 8 ? 0 : (int64_t(1) << (bits - 1));
   const int64_t offx = (xs8 || w8) ? 0 : 128;  // W4/W2 shift uint8 activations by -128
 
   at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> cbuf(MC * ldc);
+    std::unique_ptr<uint8_t[]> wdec(new uint8_t[KC * kDecStep + 64]);
+    uint8_t* wd = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wdec.get()) + 63) & ~uintptr_t(63));
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = (t / nb) * MC, p0 = (t % nb) * NCP;
       const int64_t mrows = std::min(MC, Mpad - m0), np = std::min(NCP, P - p0);
@@ -130,10 +135,10 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
       for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
         const int64_t ks = std::min(KC, ksteps - k0);
         for (int64_t p = 0; p < np; ++p) {
-          const uint8_t* wp = panels + ((p0 + p) * ksteps + k0) * sb;
+          decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, wd);
           for (int64_t r = 0; r < mrows; r += kMR) {
             int32_t* c = cbuf.data() + r * ldc + p * kNR;
-            micro(abuf.get() + (m0 + r) * lda + k0 * 4, lda, wp, ks, c, ldc);
+            micro(abuf.get() + (m0 + r) * lda + k0 * 4, lda, wd, ks, c, ldc);
           }
         }
       }
