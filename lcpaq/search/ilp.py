@@ -43,51 +43,113 @@ def default_solver() -> str:
         return "cbc"
 
 
+def _relevant(problem: Problem, objective: str, budgets: Budgets) -> list[str]:
+    """Cost names that matter for this solve: the objective and every budgeted cost."""
+    return [objective] + [BUDGET_COSTS[k] for k, _ in budgets.items() if BUDGET_COSTS[k] != objective]
+
+
+def _table(problem: Problem, name: str) -> Mapping[str, Mapping[BitPair, float]]:
+    return problem.omega if name == "omega" else problem.costs[name]
+
+
+def prune_candidates(problem: Problem, objective: str = "omega",
+                     budgets: Budgets | None = None) -> dict[str, tuple[BitPair, ...]]:
+    """Per layer, the candidates not dominated for this solve (exact: the optimum is unchanged).
+
+    ``q`` is dropped when another candidate ``p`` of the layer is no worse in the objective and in
+    every budgeted cost, shares its a_bits if the layer is tied, and (when latency counts) costs
+    no more on every transition into or out of the layer. Pinned layers keep only their pin.
+    """
+    budgets = problem.budgets if budgets is None else budgets
+    crit = _relevant(problem, objective, budgets)
+    tables = [_table(problem, c) for c in crit]
+    tied = {ly for g in problem.ties for ly in g}
+    use_pw = "latency_ms" in crit and bool(problem.pairwise)
+    incident: dict[str, list[tuple[tuple[str, str], bool]]] = {}
+    if use_pw:
+        for e in problem.pairwise:
+            incident.setdefault(e[0], []).append((e, True))
+            incident.setdefault(e[1], []).append((e, False))
+    out: dict[str, tuple[BitPair, ...]] = {}
+    for ly in problem.layers:
+        if ly in problem.pinned:
+            out[ly] = (problem.pinned[ly],)
+            continue
+        cands = list(problem.candidates[ly])
+        vec = {p: [t[ly][p] for t in tables] for p in cands}
+        for e, is_prod in incident.get(ly, ()):
+            tab = problem.pairwise[e]
+            other = problem.candidates[e[1] if is_prod else e[0]]
+            for p in cands:
+                vec[p] += [tab.get((p, o) if is_prod else (o, p), 0.0) for o in other]
+
+        def dominates(p: BitPair, q: BitPair) -> bool:
+            if ly in tied and p[1] != q[1]:
+                return False
+            vp, vq = vec[p], vec[q]
+            if any(a > b for a, b in zip(vp, vq, strict=True)):
+                return False
+            return vp != vq or cands.index(p) < cands.index(q)  # equal: keep the first listed
+
+        out[ly] = tuple(q for q in cands if not any(dominates(p, q) for p in cands if p != q))
+    return out
+
+
+def _classes(keys, vectors) -> list[list]:
+    """Group keys whose vectors are identical (order of first appearance)."""
+    groups: dict[tuple, list] = {}
+    for k, v in zip(keys, vectors, strict=True):
+        groups.setdefault(tuple(v), []).append(k)
+    return list(groups.values())
+
+
 def _model(problem: Problem, objective: str, budgets: Budgets):
     """Build the PuLP model minimising ``objective`` ("omega" or a cost name)."""
     import pulp
 
+    cands = prune_candidates(problem, objective, budgets)
     prob = pulp.LpProblem("lcpaq", pulp.LpMinimize)
     x: dict[tuple[str, BitPair], pulp.LpVariable] = {}
     for i, ly in enumerate(problem.layers):
-        for k, p in enumerate(problem.candidates[ly]):
+        for k, p in enumerate(cands[ly]):
             x[ly, p] = prob.add_variable(f"x_{i}_{k}", cat="Binary")
-        prob += pulp.lpSum(x[ly, p] for p in problem.candidates[ly]) == 1, f"one_{i}"
-    for ly, p in problem.pinned.items():
-        prob += x[ly, p] == 1
+        prob += pulp.lpSum(x[ly, p] for p in cands[ly]) == 1, f"one_{i}"
     for gi, group in enumerate(problem.ties):
-        a_vals = sorted({p[1] for ly in group for p in problem.candidates[ly]})
-        first = group[0]
-        for ly in group[1:]:
+        # one indicator per shared activation-bit value; each member's choices at that a_bits sum to it
+        a_vals = sorted({p[1] for ly in group for p in cands[ly]})
+        z = {a: prob.add_variable(f"t_{gi}_{a}", cat="Binary") for a in a_vals}
+        prob += pulp.lpSum(z.values()) == 1, f"tie_{gi}"
+        for ly in group:
+            li = problem.layers.index(ly)
             for a in a_vals:
-                prob += (
-                    pulp.lpSum(x[first, p] for p in problem.candidates[first] if p[1] == a)
-                    == pulp.lpSum(x[ly, p] for p in problem.candidates[ly] if p[1] == a)
-                ), f"tie_{gi}_{ly}_{a}"
-    # transition variables, only where a non-zero pairwise cost exists and latency matters
+                prob += pulp.lpSum(x[ly, p] for p in cands[ly] if p[1] == a) == z[a], f"tie_{gi}_{li}_{a}"
     trans = None
-    need_lat = objective == "latency_ms" or any(BUDGET_COSTS[k] == "latency_ms" for k, _ in budgets.items())
-    if need_lat and problem.pairwise:
+    if "latency_ms" in _relevant(problem, objective, budgets) and problem.pairwise:
         terms = []
         for ei, ((pl, cl), table) in enumerate(problem.pairwise.items()):
-            if not any(table.values()):
+            cp, cc = cands[pl], cands[cl]
+            full = [[float(table.get((i, j), 0.0)) for j in cc] for i in cp]
+            if not any(any(r) for r in full):
                 continue
-            cp, cc = problem.candidates[pl], problem.candidates[cl]
-            y = {(i, j): prob.add_variable(f"y_{ei}_{a}_{b}", lowBound=0)
-                 for a, i in enumerate(cp) for b, j in enumerate(cc)}
-            for i in cp:
-                prob += pulp.lpSum(y[i, j] for j in cc) == x[pl, i]
-            for j in cc:
-                prob += pulp.lpSum(y[i, j] for i in cp) == x[cl, j]
-            terms += [table[i, j] * y[i, j] for (i, j) in y if table.get((i, j), 0.0)]
+            # Exact linearisation of sum_ij T[i,j] x_p,i x_c,j over *classes*: candidates whose
+            # rows (columns) of T are identical are merged; y[R,C] lives on the transport polytope
+            # with supplies sum_{i in R} x_p,i and demands sum_{j in C} x_c,j, which has the single
+            # point y = outer(supply, demand) when both are 0/1 one-hot vectors.
+            rows = _classes(range(len(cp)), full)
+            cols = _classes(range(len(cc)), [[full[r[0]][j] for r in rows] for j in range(len(cc))])
+            y = {(a, b): prob.add_variable(f"y_{ei}_{a}_{b}", lowBound=0)
+                 for a in range(len(rows)) for b in range(len(cols))}
+            for a, r in enumerate(rows):
+                prob += pulp.lpSum(y[a, b] for b in range(len(cols))) == pulp.lpSum(x[pl, cp[i]] for i in r)
+            for b, c in enumerate(cols):
+                prob += pulp.lpSum(y[a, b] for a in range(len(rows))) == pulp.lpSum(x[cl, cc[j]] for j in c)
+            terms += [full[r[0]][c[0]] * y[a, b] for a, r in enumerate(rows) for b, c in enumerate(cols)
+                      if full[r[0]][c[0]]]
         trans = pulp.lpSum(terms)
 
     def expr(cost: str):
-        if cost == "omega":
-            tab: Mapping = problem.omega
-        else:
-            tab = problem.costs[cost]
-        e = pulp.lpSum(tab[ly][p] * x[ly, p] for ly in problem.layers for p in problem.candidates[ly])
+        tab = _table(problem, cost)
+        e = pulp.lpSum(tab[ly][p] * x[ly, p] for ly in problem.layers for p in cands[ly])
         if cost == "latency_ms" and trans is not None:
             e = e + trans
         return e + problem.constants.get(cost, 0.0)
@@ -95,13 +157,13 @@ def _model(problem: Problem, objective: str, budgets: Budgets):
     prob += expr(objective)
     for k, lim in budgets.items():
         prob += expr(BUDGET_COSTS[k]) <= lim, k
-    return prob, x
+    return prob, x, cands
 
 
 def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time_limit_s: float | None):
     import pulp
 
-    prob, x = _model(problem, objective, budgets)
+    prob, x, cands = _model(problem, objective, budgets)
     t0 = time.perf_counter()
     prob.solve(_solver(solver, time_limit_s))
     dt = time.perf_counter() - t0
@@ -112,7 +174,7 @@ def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time
     if optimal:
         bits = {}
         for ly in problem.layers:
-            chosen = [p for p in problem.candidates[ly] if (x[ly, p].value() or 0) > 0.5]
+            chosen = [p for p in cands[ly] if (x[ly, p].value() or 0) > 0.5]
             if len(chosen) != 1:
                 raise SolverError(f"solver returned no unique choice for '{ly}' (status {status})")
             bits[ly] = chosen[0]

@@ -1,70 +1,259 @@
-"""MCKP greedy (CO-MPQ): the multiple-choice knapsack solved by best Ω-decrease per unit cost.
+"""MCKP greedy (CO-MPQ): the multiple-choice knapsack solved by Ω-decrease per unit cost.
 
-Several budgets are scalarised into one cost, c(l, k) = sum_b cost_b(l, k) / budget_b (each budget
-normalised so that "1.0" = the whole budget; an unbudgeted cost does not count). Per layer only the
-lower convex hull of (c, Ω) is walked. Start at every layer's cheapest hull point, then repeatedly
-take the hull step with the largest ΔΩ/Δc whose *true* costs (every budget checked separately,
-transitions included) still fit. Ties are repaired after the walk: each tied group takes the lowest
-activation bits among its members, each member its best candidate at that a_bits that costs no
-more. Pins are fixed throughout. Being greedy it can miss the optimum: the tests bound its gap
-against the ILP on random instances (see notes/search.md).
+Scalarisation of several budgets (documented in notes/search.md): each budgeted cost is
+normalised by its budget, ``ĉ_b(l, k) = cost_b(l, k) / B_b``, and combined with multipliers
+``λ_b >= 0`` into the Lagrangian ``Ω(l, k) + s * Σ_b μ_b ĉ_b(l, k)``.
+
+1. *Lagrangian pass*: for a multiplier vector, every untied layer takes its argmin; a tie group
+   takes, for each shared a_bits value, every member's argmin at that value and keeps the best
+   value (so ties hold by construction and this step is the exact Lagrangian subproblem).
+   For each direction ``μ`` the scale ``s`` is bisected to the smallest value whose policy meets
+   every budget (true costs, transitions included). The direction starts at μ = 1 and is adapted
+   over a few rounds (μ_b *= utilisation_b², so slack budgets lose weight, binding ones keep it).
+   Per layer only the lower convex hull of (ĉ, Ω) is ever chosen: this is CO-MPQ's greedy on the
+   hull, walked by the multiplier instead of one step at a time.
+2. *Fill*: from the best feasible pass, repeatedly apply the single move (one layer, or one tie
+   group changing its shared a_bits) with the largest Ω-decrease per unit of scalarised cost that
+   still meets every budget; moves that lower Ω *and* cost come first.
+
+Pairwise transition costs are not in the Lagrangian (they couple layers) but are counted in every
+feasibility check, so a returned policy always meets its budgets. Being a heuristic it can miss
+the optimum: ``benchmarks/bench_search.py`` and the tests measure its gap against the ILP.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
+from collections.abc import Mapping
 
+import numpy as np
+
+from lcpaq.errors import SolverError
 from lcpaq.policy import BitPair, Policy
 from lcpaq.search.problem import BUDGET_COSTS, Problem, SearchResult
 
-
-def _scalar_cost(problem: Problem, ly: str, p: BitPair, weights: dict[str, float] | None = None) -> float:
-    items = problem.budgets.items()
-    if not items:
-        return problem.costs["gbops"][ly][p]
-    w = weights or {}
-    return sum(w.get(k, 1.0) * problem.costs[BUDGET_COSTS[k]][ly][p] / lim for k, lim in items)
+_INF = float("inf")
 
 
-def _hull(points: list[tuple[float, float, BitPair]]) -> list[tuple[float, float, BitPair]]:
-    """Lower-left convex hull of (cost, Ω) sorted by cost, Ω strictly decreasing."""
-    pts = sorted(points, key=lambda t: (t[0], t[1]))
-    front: list[tuple[float, float, BitPair]] = []
-    for c, o, p in pts:  # keep Pareto points (cost up, Ω down)
-        if not front or o < front[-1][1] - 1e-15:
-            front.append((c, o, p))
-    hull: list[tuple[float, float, BitPair]] = []
-    for pt in front:  # convexity: slopes must become less steep
-        while len(hull) >= 2:
-            (c1, o1, _), (c2, o2, _) = hull[-2], hull[-1]
-            if (o1 - o2) * (pt[0] - c2) <= (o2 - pt[1]) * (c2 - c1):
-                hull.pop()
+class _Arrays:
+    """Dense per-(layer, candidate) arrays for fast evaluation (padded with +inf)."""
+
+    def __init__(self, problem: Problem):
+        self.p = problem
+        self.layers = problem.layers
+        self.idx = {ly: i for i, ly in enumerate(self.layers)}
+        self.cands = [
+            (problem.pinned[ly],) if ly in problem.pinned else tuple(problem.candidates[ly])
+            for ly in self.layers
+        ]
+        n, k = len(self.layers), max(len(c) for c in self.cands)
+        self.budgets = problem.budgets.items()
+        self.names = [BUDGET_COSTS[b] for b, _ in self.budgets]
+        self.limits = np.array([lim for _, lim in self.budgets], dtype=float)
+        self.omega = np.full((n, k), _INF)
+        self.cost = np.full((len(self.names), n, k), _INF)
+        self.a_bits = np.full((n, k), -1)
+        for i, (ly, cs) in enumerate(zip(self.layers, self.cands, strict=True)):
+            for j, c in enumerate(cs):
+                self.omega[i, j] = problem.omega[ly][c]
+                self.a_bits[i, j] = c[1]
+                for b, name in enumerate(self.names):
+                    self.cost[b, i, j] = problem.costs[name][ly][c]
+        self.const = np.array([problem.constants.get(nm, 0.0) for nm in self.names])
+        self.scaled = self.cost / self.limits[:, None, None] if self.names else np.zeros((0, n, k))
+        tied = [tuple(self.idx[ly] for ly in g) for g in problem.ties]
+        self.groups = tied
+        self.tied = {i for g in tied for i in g}
+        self.lat = self.names.index("latency_ms") if "latency_ms" in self.names else -1
+        self.edges: dict[int, list[tuple[int, int, Mapping, bool]]] = {}
+        if self.lat >= 0:
+            for (pl, cl), tab in problem.pairwise.items():
+                if any(tab.values()):
+                    a, b = self.idx[pl], self.idx[cl]
+                    self.edges.setdefault(a, []).append((a, b, tab, True))
+                    self.edges.setdefault(b, []).append((a, b, tab, False))
+        self.edge_list = [(a, b, t) for a, lst in self.edges.items() for (x, b, t, prod) in lst if prod]
+        self.eff = self.scaled  # scaled costs the Lagrangian sees (transitions linearised in)
+
+    def linearise(self, sel: np.ndarray) -> None:
+        """Add to each layer's latency the transition cost it would pay with its neighbours fixed
+        at ``sel`` (a coordinate-wise linearisation of the pairwise terms)."""
+        if self.lat < 0 or not self.edges:
+            return
+        extra = np.zeros_like(self.omega)
+        for i, lst in self.edges.items():
+            for a, b, tab, prod in lst:
+                for j, c in enumerate(self.cands[i]):
+                    key = (c, self.cands[b][sel[b]]) if prod else (self.cands[a][sel[a]], c)
+                    extra[i, j] += tab.get(key, 0.0)
+        self.eff = self.scaled.copy()
+        self.eff[self.lat] += extra / self.limits[self.lat]
+
+    def totals(self, sel: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(sel))
+        tot = self.cost[:, rows, sel].sum(axis=1) + self.const
+        if self.lat >= 0:
+            tot[self.lat] += sum(t.get((self.cands[a][sel[a]], self.cands[b][sel[b]]), 0.0)
+                                 for a, b, t in self.edge_list)
+        return tot
+
+    def fits(self, tot: np.ndarray) -> bool:
+        return bool(np.all(tot <= self.limits * (1 + 1e-9) + 1e-12))
+
+    def pair_delta(self, sel: np.ndarray, i: int, j: int) -> float:
+        """Change of transition latency when layer i moves to candidate j."""
+        d = 0.0
+        for a, b, tab, prod in self.edges.get(i, ()):
+            if prod:
+                other = self.cands[b][sel[b]]
+                d += tab.get((self.cands[i][j], other), 0.0) - tab.get((self.cands[i][sel[i]], other), 0.0)
             else:
+                other = self.cands[a][sel[a]]
+                d += tab.get((other, self.cands[i][j]), 0.0) - tab.get((other, self.cands[i][sel[i]]), 0.0)
+        return d
+
+    def lagrangian(self, lam: np.ndarray) -> np.ndarray:
+        score = self.omega + np.tensordot(lam, self.eff, axes=1) if len(lam) else self.omega.copy()
+        sel = np.argmin(score, axis=1)
+        for g in self.groups:
+            best, best_sel = _INF, None
+            for a in sorted({int(v) for v in self.a_bits[g[0]] if v >= 0}):
+                masked = np.where(self.a_bits[list(g)] == a, score[list(g)], _INF)
+                js = np.argmin(masked, axis=1)
+                val = masked[np.arange(len(g)), js].sum()
+                if val < best:
+                    best, best_sel = val, js
+            if best_sel is None or not np.isfinite(best):
+                raise SolverError(f"tie group {[self.layers[i] for i in g]} has no common a_bits candidate")
+            sel[list(g)] = best_sel
+        return sel
+
+
+def _search_scale(ar: _Arrays, mu: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """Smallest scale s (bisection, log-space) whose Lagrangian policy meets every budget."""
+    hi = 1.0
+    for _ in range(60):
+        sel = ar.lagrangian(hi * mu)
+        if ar.fits(ar.totals(sel)):
+            break
+        hi *= 4.0
+    else:
+        return None, _INF
+    best = sel
+    if not ar.fits(ar.totals(ar.lagrangian(0 * mu))):
+        lo = hi / 4.0 if hi > 1.0 else 0.0
+        for _ in range(25):
+            mid = (lo + hi) / 2
+            s = ar.lagrangian(mid * mu)
+            if ar.fits(ar.totals(s)):
+                hi, best = mid, s
+            else:
+                lo = mid
+    else:
+        best = ar.lagrangian(0 * mu)
+        hi = 0.0
+    return best, hi
+
+
+def _fill(ar: _Arrays, sel: np.ndarray, lam: np.ndarray, max_moves: int = 100_000) -> np.ndarray:
+    """Greedy upgrades (best ΔΩ per unit of scalarised cost) that keep every budget."""
+    sel = sel.copy()
+    tot = ar.totals(sel)
+    n = len(sel)
+    rows = np.arange(n)
+    w = lam / max(lam.sum(), 1e-300) if len(lam) else lam
+    scal = np.tensordot(w, ar.scaled, axes=1) if len(lam) else np.zeros_like(ar.omega)
+    same_a = ar.a_bits == ar.a_bits[rows, sel][:, None]
+    for _ in range(max_moves):
+        d_om = ar.omega - ar.omega[rows, sel][:, None]  # < 0 = improvement
+        d_cost = ar.cost - ar.cost[:, rows, sel][:, :, None]
+        allowed = (d_om < -1e-15) & np.isfinite(ar.omega)
+        if ar.tied:
+            tmask = np.zeros(n, dtype=bool)
+            tmask[list(ar.tied)] = True
+            allowed &= ~tmask[:, None] | same_a
+        fits = np.all(tot[:, None, None] + d_cost <= ar.limits[:, None, None] * (1 + 1e-9) + 1e-12, axis=0)
+        ok = allowed & fits
+        if not ok.any():
+            break
+        d_sc = scal - scal[rows, sel][:, None]
+        ratio = np.where(d_sc <= 1e-15, -d_om * 1e12, -d_om / np.maximum(d_sc, 1e-300))
+        ratio = np.where(ok, ratio, -_INF)
+        moved = False
+        for flat in np.argsort(-ratio, axis=None)[:64]:  # transitions may veto the best unary move
+            i, j = divmod(int(flat), ratio.shape[1])
+            if not np.isfinite(ratio[i, j]):
                 break
-        hull.append(pt)
-    return hull
+            new = tot + d_cost[:, i, j]
+            if ar.lat >= 0 and i in ar.edges:
+                new[ar.lat] += ar.pair_delta(sel, i, j)
+            if ar.fits(new):
+                sel[i], tot, moved = j, new, True
+                same_a[i] = ar.a_bits[i] == ar.a_bits[i, j]
+                break
+        if not moved:
+            break
+    return _group_moves(ar, sel, lam)
+
+
+def _group_moves(ar: _Arrays, sel: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Tie groups may switch their shared a_bits as a whole if that lowers Ω within budget."""
+    if not ar.groups:
+        return sel
+    improved = True
+    while improved:
+        improved = False
+        om = ar.omega[np.arange(len(sel)), sel].sum()
+        for g in ar.groups:
+            gl = list(g)
+            for a in {int(v) for v in ar.a_bits[g[0]] if v >= 0}:
+                for scale in (0.0, 1.0):  # best-Ω members first, then the Lagrangian trade-off
+                    score = ar.omega[gl] + (np.tensordot(scale * lam, ar.scaled[:, gl], axes=1) if len(lam) else 0)
+                    masked = np.where(ar.a_bits[gl] == a, score, _INF)
+                    trial = sel.copy()
+                    trial[gl] = np.argmin(masked, axis=1)
+                    t_om = ar.omega[np.arange(len(sel)), trial].sum()
+                    if t_om < om - 1e-15 and ar.fits(ar.totals(trial)):
+                        sel, om, improved = trial, t_om, True
+    return sel
 
 
 def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
-    """Greedy MCKP under every budget; InfeasibleBudgetError if even the cheapest start fails.
+    """Greedy MCKP under every budget (see the module docstring for the scalarisation).
 
-    With several budgets the scalarisation weights are adapted over ``rounds`` greedy passes
-    (a budget's weight is multiplied by its utilisation, so binding budgets count more), then a
-    1-swap local search polishes the best pass.
+    >>> # res = solve_mckp(problem); res.policy, res.costs
     """
     t0 = time.perf_counter()
-    weights = {k: 1.0 for k, _ in problem.budgets.items()}
-    best: dict[str, BitPair] | None = None
-    for _ in range(max(1, rounds if len(weights) > 1 else 1)):
-        bits = _greedy(problem, weights)
-        if best is None or problem.evaluate(bits)["omega"] < problem.evaluate(best)["omega"]:
-            best = bits
-        ev = problem.evaluate(bits)
-        weights = {k: w * max(ev[BUDGET_COSTS[k]] / lim, 1e-3) ** 2 for (k, lim), w in
-                   zip(problem.budgets.items(), weights.values(), strict=True)}
-    assert best is not None
-    bits = _local_search(problem, best)
+    ar = _Arrays(problem)
+    mu = np.ones(len(ar.names))
+    best: np.ndarray | None = None
+    best_lam = mu
+    for _ in range(max(1, rounds if len(mu) > 1 or ar.edges else 1)):
+        sel, s = _search_scale(ar, mu)
+        for _ in range(3 if ar.edges else 0):  # re-linearise transitions around the last pass
+            if sel is None:
+                break
+            ar.linearise(sel)
+            s2, sc2 = _search_scale(ar, mu)
+            if s2 is None or ar.omega[np.arange(len(s2)), s2].sum() >= ar.omega[np.arange(len(sel)), sel].sum():
+                break
+            sel, s = s2, sc2
+        if sel is None:
+            break
+        sel = _fill(ar, sel, s * mu)
+        if best is None or ar.omega[np.arange(len(sel)), sel].sum() < ar.omega[np.arange(len(best)), best].sum():
+            best, best_lam = sel, s * mu
+        util = ar.totals(sel) / ar.limits
+        mu = mu * np.maximum(util, 1e-3) ** 2
+        mu = mu / mu.max()
+    if best is None:
+        from lcpaq.search.ilp import solve_ilp
+
+        solve_ilp(problem)  # raises InfeasibleBudgetError with per-budget minima if truly infeasible
+        raise SolverError("the MCKP greedy found no policy meeting every budget together, but one "
+                          "exists: use --solver ilp")
+    del best_lam
+    bits: dict[str, BitPair] = {ly: ar.cands[i][best[i]] for i, ly in enumerate(ar.layers)}
     dt = time.perf_counter() - t0
     ev = problem.evaluate(bits)
     return SearchResult(
@@ -72,84 +261,3 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
         objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
         budgets=dict(problem.budgets.items()), solve_time_s=dt, solver="mckp",
     )
-
-
-def _local_search(problem: Problem, bits: dict[str, BitPair], passes: int = 2) -> dict[str, BitPair]:
-    """Single-layer moves that lower Ω and stay feasible (ties repaired), best first."""
-    for _ in range(passes):
-        improved = False
-        for ly in problem.layers:
-            if ly in problem.pinned:
-                continue
-            cur = problem.evaluate(bits)["omega"]
-            for p in sorted(problem.candidates[ly], key=lambda q: problem.omega[ly][q]):
-                if problem.omega[ly][p] >= problem.omega[ly][bits[ly]]:
-                    break
-                trial = _repair_ties(problem, {**bits, ly: p})
-                if problem.feasible(trial) and problem.evaluate(trial)["omega"] < cur - 1e-15:
-                    bits, improved = trial, True
-                    break
-        if not improved:
-            break
-    return bits
-
-
-def _greedy(problem: Problem, weights: dict[str, float]) -> dict[str, BitPair]:
-    hulls: dict[str, list[tuple[float, float, BitPair]]] = {}
-    for ly in problem.layers:
-        cands = [problem.pinned[ly]] if ly in problem.pinned else list(problem.candidates[ly])
-        hulls[ly] = _hull([(_scalar_cost(problem, ly, p, weights), problem.omega[ly][p], p) for p in cands])
-    pos = {ly: 0 for ly in problem.layers}
-    bits = {ly: hulls[ly][0][2] for ly in problem.layers}
-    bits = _repair_ties(problem, bits)
-    if not problem.feasible(bits):
-        from lcpaq.search.ilp import infeasibility_error
-
-        raise infeasibility_error(problem)
-    heap: list[tuple[float, str]] = []
-
-    def push(ly: str) -> None:
-        h, i = hulls[ly], pos[ly]
-        if i + 1 < len(h):
-            dc, do = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
-            heapq.heappush(heap, (-(do / max(dc, 1e-18)), ly))
-
-    for ly in problem.layers:
-        push(ly)
-    while heap:
-        _, ly = heapq.heappop(heap)
-        nxt = hulls[ly][pos[ly] + 1][2]
-        trial = _repair_ties(problem, {**bits, ly: nxt})
-        if problem.feasible(trial):
-            bits = trial
-            pos[ly] += 1
-            push(ly)
-    return bits
-
-
-def _repair_ties(problem: Problem, bits: dict[str, BitPair]) -> dict[str, BitPair]:
-    """Give every tied group one a_bits: try each value, members take their lowest-Ω candidate at
-    it that costs no more than their current choice (else the cheapest); keep the feasible trial
-    with the lowest Ω (or the cheapest if none is feasible)."""
-    out = dict(bits)
-    for group in problem.ties:
-        if len({out[ly][1] for ly in group}) == 1:
-            continue
-        a_vals = sorted({p[1] for ly in group for p in problem.candidates[ly]}
-                        & {out[ly][1] for ly in group})
-        trials = []
-        for a in a_vals:
-            t = dict(out)
-            for ly in group:
-                opts = [p for p in problem.candidates[ly] if p[1] == a]
-                if ly in problem.pinned or not opts:
-                    continue
-                cur = _scalar_cost(problem, ly, out[ly])
-                ok = [p for p in opts if _scalar_cost(problem, ly, p) <= cur + 1e-12]
-                t[ly] = (min(ok, key=lambda p: problem.omega[ly][p]) if ok
-                         else min(opts, key=lambda p: _scalar_cost(problem, ly, p)))
-            trials.append(t)
-        feas = [t for t in trials if problem.feasible(t)]
-        out = (min(feas, key=lambda t: problem.evaluate(t)["omega"]) if feas
-               else min(trials, key=lambda t: sum(_scalar_cost(problem, ly, t[ly]) for ly in group)))
-    return out
