@@ -109,8 +109,13 @@ def anchor_map(model_proto: Any, layer_names: list[str], weight_shapes: Mapping[
             f"ONNX graph has {len(anchors)} Conv/Gemm nodes with constant weights but the model "
             f"has {len(layer_names)} quantizable layers; export a model without weight sharing"
         )
+    by_scope = {_scope_module(n.name): n for n in anchors}
+    if all(name in by_scope for name in layer_names):
+        pairs = [(name, by_scope[name]) for name in layer_names]
+    else:  # no scope names (other exporters): fall back to execution order
+        pairs = list(zip(layer_names, anchors, strict=True))
     out = {}
-    for name, node in zip(layer_names, anchors, strict=True):
+    for name, node in pairs:
         w = numpy_helper.to_array(inits[node.input[1]])
         want = tuple(weight_shapes[name])
         if node.op_type == "MatMul":
@@ -118,12 +123,26 @@ def anchor_map(model_proto: Any, layer_names: list[str], weight_shapes: Mapping[
         if tuple(w.shape) != want:
             raise ConfigError(
                 f"layer '{name}' (weight {want}) does not match ONNX node '{node.name}' "
-                f"(weight {tuple(w.shape)}); the execution order differs from registration order"
+                f"(weight {tuple(w.shape)}); export with the TorchScript exporter (scoped names)"
             )
         if not node.name:
             node.name = f"{node.op_type}_{name}"
         out[name] = node.name
     return out
+
+
+def _scope_module(node_name: str) -> str:
+    """'/layer2/downsample/downsample.0/Conv' -> 'layer2.downsample.0' (TorchScript scopes)."""
+    parts = [p for p in node_name.split("/") if p][:-1]
+    cur = ""
+    for p in parts:
+        if "." in p:
+            prefix, last = p.rsplit(".", 1)
+            if cur == prefix or cur.endswith("." + prefix):
+                cur = f"{cur}.{last}"
+                continue
+        cur = f"{cur}.{p}" if cur else p
+    return cur
 
 
 def ownership(model_proto: Any, anchors: Iterable[str]) -> dict[str, str]:

@@ -1,0 +1,51 @@
+"""Child process that times units for :class:`lcpaq.profiler.run.IsolatedRunner`.
+
+Protocol on the inherited pipes: 8-byte little-endian length + pickle, both ways. The protocol
+stream is a private copy of fd 1; everything the runtime prints goes to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+from typing import Any, BinaryIO
+
+
+def send(f: BinaryIO, obj: Any) -> None:
+    data = pickle.dumps(obj)
+    f.write(struct.pack("<Q", len(data)) + data)
+    f.flush()
+
+
+def recv(f: BinaryIO) -> Any:
+    head = f.read(8)
+    if len(head) < 8:
+        raise EOFError("peer closed")
+    (n,) = struct.unpack("<Q", head)
+    return pickle.loads(f.read(n))
+
+
+def main() -> None:  # pragma: no cover - runs in the child
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints from runtimes must not corrupt the protocol
+    inp = sys.stdin.buffer
+    backend_name, profile = recv(inp)
+    from lcpaq.profiler.backend import get_backend
+
+    be = get_backend(backend_name, profile)
+    send(out, ("ready", be.versions()))
+    while True:
+        try:
+            msg = recv(inp)
+        except EOFError:
+            return
+        if msg is None:
+            return
+        unit, settings = msg
+        send(out, ("ok", be.measure(unit, settings)))
+
+
+if __name__ == "__main__":
+    main()
