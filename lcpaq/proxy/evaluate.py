@@ -1,0 +1,131 @@
+"""Cheap policy scores on the proxy subset: PTQ (calibration only), then one forward pass.
+
+Three scores, all "higher is better", chosen with ``metric``:
+
+* ``"margin"`` (SEAM-style large-margin criterion) on the penultimate features f_i (the input of
+  the last Linear) of the quantized model. With class centroids mu_c, the global mean mu and the
+  RMS spread s = sqrt(mean_i ||f_i - mu||^2)::
+
+      margin = mean_i [ min_{c != y_i} ||f_i - mu_c||  -  ||f_i - mu_{y_i}|| ] / s
+
+  The first term is inter-class separation (distance to the nearest wrong centroid), the second
+  intra-class compactness; dividing by s makes it invariant to the feature scale, which
+  quantization changes.
+* ``"kl"``: minus the mean KL(p_fp32 || p_quant) of the softmax outputs (fidelity to fp32).
+* ``"acc"``: top-1 accuracy (%) on the proxy samples.
+
+>>> # ev = ProxyEvaluator(get_model("mnist_resnet"), *proxy_subset(ds, fraction=0.04).tensors())
+>>> # ev.evaluate(policy).margin
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lcpaq.errors import ConfigError
+from lcpaq.policy import Policy
+
+PROXY_METRICS = ("margin", "kl", "acc")
+
+
+def margin_score(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Scale-free class margin of ``features`` [N, D] (see module doc); needs >= 2 classes.
+
+    >>> f = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+    >>> margin_score(f, torch.tensor([0, 0, 1, 1])) > 1.0
+    True
+    """
+    f = features.detach().double().flatten(1)
+    classes = torch.unique(labels)
+    if len(classes) < 2:
+        raise ConfigError("margin score needs samples of at least two classes in the proxy data")
+    cent = torch.stack([f[labels == c].mean(0) for c in classes])  # [C, D]
+    d = torch.cdist(f, cent)  # [N, C]
+    own = (labels.unsqueeze(1) == classes.unsqueeze(0))
+    d_in = d[own]
+    d_out = d.masked_fill(own, float("inf")).amin(1)
+    spread = (f - f.mean(0)).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)
+    return float(((d_out - d_in) / spread).mean())
+
+
+@dataclass(frozen=True)
+class ProxyScore:
+    margin: float
+    kl: float  # minus the mean KL to fp32 (higher = closer)
+    acc: float
+    n: int  # proxy samples used
+    seconds: float
+
+    def get(self, metric: str) -> float:
+        if metric not in PROXY_METRICS:
+            raise ConfigError(f"unknown proxy metric '{metric}'; use one of {PROXY_METRICS}")
+        return float(getattr(self, metric))
+
+
+def _last_linear(model: nn.Module) -> nn.Module:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise ConfigError("proxy margin score needs a final nn.Linear classifier (its input = features)")
+    return last
+
+
+class ProxyEvaluator:
+    """Scores policies on fixed proxy samples; the fp32 outputs are computed once.
+
+    Samples are reordered class-round-robin so any prefix (``n=``, used by successive halving)
+    stays class-balanced. Calibration uses the first ``calib_samples`` of them.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, calib_samples: int = 128,
+                 batch_size: int = 256) -> None:
+        order = _round_robin(y)
+        self.model, self.x, self.y = model.eval(), x[order], y[order]
+        self.calib_samples, self.batch_size = min(calib_samples, len(y)), batch_size
+        self.fp32_logits, self.fp32_features = self._forward(self.model, len(self.y))
+
+    @torch.no_grad()
+    def _forward(self, model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        feats: list[torch.Tensor] = []
+        h = _last_linear(model).register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+        try:
+            logits = torch.cat([model(self.x[i:i + self.batch_size]) for i in range(0, n, self.batch_size)])
+        finally:
+            h.remove()
+        return logits, torch.cat(feats)
+
+    def quantized(self, policy: Policy, *, calib_method: str = "minmax") -> nn.Module:
+        """A PTQ copy of the fp32 model under ``policy``, calibrated on the proxy samples."""
+        from lcpaq.quant import apply_policy
+
+        m = copy.deepcopy(self.model)
+        calib = [(self.x[i:i + self.batch_size],) for i in range(0, self.calib_samples, self.batch_size)]
+        return apply_policy(m, policy, calib_loader=calib, calib_batches=len(calib), method=calib_method).eval()
+
+    def evaluate(self, policy: Policy, *, calib_method: str = "minmax", n: int | None = None) -> ProxyScore:
+        """PTQ under ``policy`` and all three scores on the first ``n`` proxy samples (default all)."""
+        t0 = time.perf_counter()
+        n = len(self.y) if n is None else max(2, min(n, len(self.y)))
+        logits, feats = self._forward(self.quantized(policy, calib_method=calib_method), n)
+        y = self.y[:n]
+        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(self.fp32_logits[:n], 1),
+                      reduction="batchmean", log_target=True)
+        return ProxyScore(margin=margin_score(feats, y), kl=-float(kl),
+                          acc=100.0 * float((logits.argmax(1) == y).float().mean()), n=n,
+                          seconds=time.perf_counter() - t0)
+
+
+def _round_robin(y: torch.Tensor) -> torch.Tensor:
+    pools = [torch.nonzero(y == c).flatten().tolist() for c in torch.unique(y)]
+    out: list[int] = []
+    for k in range(max(len(p) for p in pools)):
+        out.extend(p[k] for p in pools if k < len(p))
+    return torch.as_tensor(out)
