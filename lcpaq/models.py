@@ -76,6 +76,11 @@ class MnistResNet(nn.Module):
 
 
 def list_models() -> tuple[str, ...]:
+    """Registered model names, the embedded default first.
+
+    >>> list_models()[0]
+    'mnist_resnet'
+    """
     return (EMBEDDED, *_TORCHVISION)
 
 
@@ -156,13 +161,21 @@ def accuracy(model: nn.Module, loader, *, max_batches: int | None = None) -> flo
     return 100.0 * correct / max(total, 1)
 
 
-def train_embedded(*, epochs: int = 8, seed: int = 0, out: Path | None = _ASSET) -> tuple[nn.Module, float]:
-    """Train the embedded model on mnist5k deterministically; return (model, val accuracy %)."""
+def train_embedded(*, epochs: int = 8, seed: int = 0, out: Path | None = _ASSET,
+                   subset: int | None = None) -> tuple[nn.Module, float]:
+    """Train the embedded model on mnist5k deterministically; return (model, val accuracy %).
+
+    Same seed, same torch build and thread count -> bit-identical weights. ``out=None`` keeps
+    the checkpoint unwritten; ``subset`` trains on the first N training images (tests).
+    The write is atomic (temp file + rename).
+
+    >>> model, acc = train_embedded(epochs=1, out=None, subset=256)  # doctest: +SKIP
+    """
     from lcpaq.data import get_loader
 
     torch.manual_seed(seed)
     model = MnistResNet()
-    train = get_loader("mnist5k", "train", batch_size=64, shuffle=True, seed=seed)
+    train = get_loader("mnist5k", "train", batch_size=64, shuffle=True, seed=seed, subset=subset)
     val = get_loader("mnist5k", "val", batch_size=500)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * len(train)

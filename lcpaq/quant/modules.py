@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lcpaq.errors import ConfigError
 from lcpaq.quant.quantizers import FLOAT_BITS, ActQuantizer, fake_quant_weight, quantize_weight
 
 
@@ -35,7 +36,7 @@ class _QuantMixin:
     def int_weight(self, *, reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer weight codes (int8 storage) and per-output-channel fp32 scales."""
         if self.w_bits == FLOAT_BITS:
-            raise ValueError("layer keeps fp32 weights (w_bits=32)")
+            raise ConfigError("layer keeps fp32 weights (w_bits=32): no integer weights to read back")
         return quantize_weight(self.weight, self.w_bits, reduce_range=reduce_range)
 
     def act_qparams(self) -> tuple[float, int, int, bool] | None:

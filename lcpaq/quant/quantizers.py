@@ -57,7 +57,10 @@ def fake_quant_weight(w: torch.Tensor, bits: int, *, reduce_range: bool = False)
     qmax = weight_qmax(bits, reduce_range=reduce_range)
     shape = (-1,) + (1,) * (w.dim() - 1)
     s = scale.view(shape)
-    return torch.clamp(round_ste(w / s), -qmax, qmax) * s
+    x = w / s
+    # Pure STE: the scale comes from max|w|, so nothing is really clipped; clamping outside the
+    # detached part would zero the gradient of each channel's largest weight (x = qmax + eps).
+    return (x + (torch.clamp(torch.round(x), -qmax, qmax) - x).detach()) * s
 
 
 def act_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -84,7 +87,9 @@ def qparams_from_range(lo: float, hi: float, bits: int, symmetric: bool) -> tupl
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: int, bits: int, symmetric: bool) -> torch.Tensor:
     """Per-tensor fake quantization with STE rounding (gradient flows to x and to scale, LSQ-style)."""
     qmin, qmax = act_range(bits, symmetric)
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    # Clamp before rounding: the same values as clamp(round(.)) for integer bounds, but the STE
+    # mask is then "x inside the grid", not "rounded x inside" (float noise at the edge).
+    q = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
     return (q - zero_point) * scale
 
 
@@ -123,9 +128,12 @@ class ActQuantizer(nn.Module):
         self._lo = min(self._lo, flat.min().item())
         self._hi = max(self._hi, flat.max().item())
         if self.method != "minmax":
-            k = min(flat.numel(), self.max_samples // 4)
-            idx = torch.randint(flat.numel(), (k,), generator=self._gen)
-            self._samples.append(flat[idx])
+            k = self.max_samples // 4
+            if flat.numel() <= k:  # small tensors: keep everything (no sampling noise)
+                self._samples.append(flat.clone())
+            else:
+                idx = torch.randint(flat.numel(), (k,), generator=self._gen)
+                self._samples.append(flat[idx])
 
     @torch.no_grad()
     def compute_qparams(self) -> None:
@@ -141,7 +149,8 @@ class ActQuantizer(nn.Module):
                 hi = torch.quantile(s, p).item()
             else:  # mse: pick the clipping ratio that minimises the quantization MSE
                 best, best_err = (lo, hi), float("inf")
-                for r in torch.linspace(0.3, 1.0, 36).tolist():
+                # geometric grid: outliers can make the best range a small fraction of min/max
+                for r in torch.logspace(-2, 0, 48).tolist():
                     sc, zp = qparams_from_range(lo * r, hi * r, self.bits, self.symmetric)
                     err = (fake_quant_act(s, torch.tensor(sc), zp, self.bits, self.symmetric) - s).pow(2).mean().item()
                     if err < best_err:
