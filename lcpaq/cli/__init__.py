@@ -14,6 +14,8 @@ from lcpaq.cli._app import app, emit_json, entry, main
 COMMAND_MODULES = (
     "lcpaq.cli.foundation",  # models, inspect, cost
     "lcpaq.cli.analysis",  # sensitivity, search
+    "lcpaq.cli.profiler",  # profile, tables, predict
+    "lcpaq.cli.search",  # search (registered last: supersedes analysis.search)
 )
 
 _registered = False

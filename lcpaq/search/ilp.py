@@ -83,16 +83,17 @@ def prune_candidates(problem: Problem, objective: str = "omega",
             for p in cands:
                 vec[p] += [tab.get((p, o) if is_prod else (o, p), 0.0) for o in other]
 
-        def dominates(p: BitPair, q: BitPair) -> bool:
-            if ly in tied and p[1] != q[1]:
-                return False
-            vp, vq = vec[p], vec[q]
-            if any(a > b for a, b in zip(vp, vq, strict=True)):
-                return False
-            return vp != vq or cands.index(p) < cands.index(q)  # equal: keep the first listed
-
-        out[ly] = tuple(q for q in cands if not any(dominates(p, q) for p in cands if p != q))
+        out[ly] = tuple(q for qi, q in enumerate(cands) if not any(
+            _dominates(vec[p], vec[q], pi < qi) for pi, p in enumerate(cands)
+            if p != q and not (ly in tied and p[1] != q[1])))
     return out
+
+
+def _dominates(vp: list[float], vq: list[float], first: bool) -> bool:
+    """vp <= vq everywhere, and strictly somewhere (equal vectors: only the first listed wins)."""
+    if any(a > b for a, b in zip(vp, vq, strict=True)):
+        return False
+    return vp != vq or first
 
 
 def _classes(keys, vectors) -> list[list]:

@@ -1,8 +1,13 @@
 """The search problem as pure data (no torch): layers, candidates, Ω, cost tables, budgets, ties.
 
 Costs are tables ``cost[name][layer][pair]``; the latency cost may carry pairwise *transition*
-terms (``LatencyModel.pairwise``) and a constant. A tie group means the tied layers must use the
-same activation bits (their outputs meet at an add/concat, or they read one tensor).
+terms (``LatencyModel.pairwise``) and a constant.
+
+What a *tie* constrains, exactly: every layer of a tie group gets the same **activation bits**
+(a_bits). Their outputs meet at a residual add / concat (or they read one tensor), so one
+quantizer with one bit-width serves that tensor. Weight bits stay free per layer.
+Pinned layers are fixed to one bit pair (e.g. first/last at W8A8): their candidate set becomes
+just that pair.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from lcpaq.costs import layer_bops, layer_size_bytes
 from lcpaq.errors import ConfigError
 from lcpaq.inventory import Inventory
 from lcpaq.latency import LatencyModel
-from lcpaq.policy import BitPair, Policy, format_bits
+from lcpaq.policy import BitPair, Policy, format_bits, parse_bits
 
 BUDGET_COSTS = {"max_size_mb": "size_mb", "max_gbops": "gbops", "max_latency_ms": "latency_ms"}
 COST_UNITS = {"size_mb": "MB", "gbops": "GBOPs", "latency_ms": "ms"}
@@ -111,7 +116,9 @@ def build_problem(
     >>> #                      budgets=Budgets(max_size_mb=1.0))
     """
     names = inventory.names
-    cands = {ly: tuple(candidates) for ly in names}
+    pinned = dict(pinned or {})
+    cands = {ly: (pinned[ly],) if ly in pinned else tuple(candidates) for ly in names}
+    candidates = tuple(dict.fromkeys([*candidates, *pinned.values()]))
     costs: dict[str, dict[str, dict[BitPair, float]]] = {
         "size_mb": {ly.name: {p: layer_size_bytes(ly, p) / 1e6 for p in candidates} for ly in inventory},
         "gbops": {ly.name: {p: layer_bops(ly, p) / 1e9 for p in candidates} for ly in inventory},
@@ -122,12 +129,15 @@ def build_problem(
         costs["latency_ms"] = {ly: {p: latency.layer_ms(ly, p) for p in candidates} for ly in names}
         pairwise = {e: dict(t) for e, t in latency.pairwise.items()}
         constants["latency_ms"] = latency.constant_ms
+    unknown = [ly for ly in pinned if ly not in names]
+    if unknown:
+        raise ConfigError(f"pinned layer '{unknown[0]}' is not in model '{inventory.model}'")
     missing = [ly for ly in names if ly not in omega]
     if missing:
         raise ConfigError(f"sensitivity report has no layer '{missing[0]}'; was it made for this model?")
     return Problem(
         layers=names, candidates=cands, omega={ly: dict(omega[ly]) for ly in names}, costs=costs,
-        budgets=budgets, ties=inventory.tie_groups if ties else (), pinned=dict(pinned or {}),
+        budgets=budgets, ties=inventory.tie_groups if ties else (), pinned=pinned,
         pairwise=pairwise, constants=constants,
     )
 
@@ -147,3 +157,36 @@ class SearchResult:
         """(cost name, value, budget or None) rows for printing."""
         lim = {BUDGET_COSTS[k]: v for k, v in self.budgets.items()}
         return [(k, v, lim.get(k)) for k, v in self.costs.items()]
+
+
+def resolve_pins(names: Sequence[str], spec: str | Sequence[str] | None, pair: BitPair = (8, 8)) -> dict[str, BitPair]:
+    """``"first,last"`` (or layer names) -> {layer: pair}.
+
+    >>> resolve_pins(["conv1", "l1", "fc"], "first,last")
+    {'conv1': (8, 8), 'fc': (8, 8)}
+    """
+    if not spec:
+        return {}
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: dict[str, BitPair] = {}
+    for it in filter(None, items):
+        name = names[0] if it == "first" else names[-1] if it == "last" else it
+        if name not in names:
+            raise ConfigError(f"--pin '{it}' is not a layer; use first, last or names from `lcpaq inspect`")
+        out[name] = pair
+    return out
+
+
+def omega_from_mapping(data: Mapping[str, Any]) -> dict[str, dict[BitPair, float]]:
+    """A plain Ω table ``{layer: {"w4a8" | (4, 8): Ω}}`` (optionally under key ``"omega"``) ->
+    ``{layer: {(w, a): Ω}}``. Sensitivity reports (``lcpaq.sensitivity/1``) go through
+    ``SensitivityReport.omega_table()`` instead (that module imports torch)."""
+    table = data.get("omega", data)
+    out: dict[str, dict[BitPair, float]] = {}
+    try:
+        for ly, row in table.items():
+            out[ly] = {(parse_bits(k) if isinstance(k, str) else (int(k[0]), int(k[1]))): float(v)
+                       for k, v in row.items()}
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ConfigError(f"Ω table is not {{layer: {{'w4a8': value}}}}: {e}") from None
+    return out
