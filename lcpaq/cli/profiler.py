@@ -1,0 +1,134 @@
+"""`lcpaq profile`, `lcpaq tables show|diff`, `lcpaq predict`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+
+from lcpaq.cli._app import app, emit_json, make_console
+
+console = make_console()
+tables_app = typer.Typer(help="Inspect and compare latency tables.", no_args_is_help=True)
+app.add_typer(tables_app, name="tables")
+
+
+@app.command()
+def profile(
+    hw: Path = typer.Option(..., help="device profile, e.g. hw_profiles/host-cpu-ort.toml"),
+    model: str = typer.Option(..., help="registered model name"),
+    bits: str | None = typer.Option(None, help="candidates (default: the profile's), e.g. w4a8,w8a8,fp32"),
+    out: Path | None = typer.Option(None, help="table path (default latency_tables/<profile>/<model>.jsonl)"),
+    repair: bool = typer.Option(False, help="drop a torn trailing line left by an interrupted run"),
+) -> None:
+    """Measure every layer of MODEL at every candidate on the device into a latency table (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from lcpaq.graph import trace_named
+    from lcpaq.policy import parse_bits_list
+    from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.profiler.run import profile as run_profile
+
+    prof = load_profile(hw)
+    _, inv = trace_named(model)
+    cands = parse_bits_list(bits) if bits else prof.candidates
+    path = out or Path("latency_tables") / prof.name / f"{model}.jsonl"
+    with Progress(TextColumn("profiling {task.fields[layer]}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as prog:
+        task = prog.add_task("p", total=None, layer="")
+        run_profile(inv, prof, path, candidates=cands, repair=repair,
+                    progress=lambda d, t, name: prog.update(task, completed=d, total=t, layer=name))
+    console.print(f"wrote {path}")
+
+
+@tables_app.command("show")
+def tables_show(path: Path, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Summary of a latency table."""
+    from lcpaq.profiler.table import read_table
+
+    t = read_table(path)
+    rows = list(t)
+    errors = [r for r in rows if r.get("error")]
+    if json_out:
+        emit_json({"header": t.header, "records": len(rows), "errors": len(errors)})
+        return
+    from rich.table import Table
+
+    h = t.header
+    console.print(f"[bold]{path}[/]: profile {h.get('profile')} ({h.get('backend')}, {h.get('threads')} thread(s)), "
+                  f"{h.get('host_cpu')}, {h.get('date')}, runtime {h.get('versions') or rows[0].get('runtime') if rows else ''}")
+    tab = Table("workload", "bits", "input", "median ms", "p10-p90 ms", "n", "kernel")
+    for r in rows:
+        bits = "fp32" if (r["w_bits"], r["a_bits"]) == (32, 32) else f"w{r['w_bits']}a{r['a_bits']}"
+        tab.add_row(r["workload"], bits, r.get("in_class", ""),
+                    "ERROR" if r.get("error") else f"{r['median_ms']:.4f}",
+                    "" if r.get("error") else f"{r['p10_ms']:.4f}-{r['p90_ms']:.4f}", str(r.get("n")),
+                    r.get("error") or r.get("kernel", ""))
+    console.print(tab)
+    console.print(f"{len(rows)} records, {len(errors)} errors")
+
+
+@tables_app.command("diff")
+def tables_diff(old: Path, new: Path, band: float = typer.Option(
+        0.0, help="noise band (fraction); default: from each row's p10-p90 spread"),
+        json_out: bool = typer.Option(False, "--json")) -> None:
+    """Per-workload new/old ratio; flags changes beyond the noise band (e.g. after a runtime upgrade)."""
+    from lcpaq.profiler.table import read_table
+
+    a, b = read_table(old), read_table(new)
+    out = []
+    for key in sorted(set(a.rows) & set(b.rows)):
+        ra, rb = a.rows[key], b.rows[key]
+        if ra.get("error") or rb.get("error") or not ra["median_ms"]:
+            continue
+        ratio = rb["median_ms"] / ra["median_ms"]
+        noise = band or max((ra["p90_ms"] - ra["p10_ms"]) / ra["median_ms"], (rb["p90_ms"] - rb["p10_ms"]) / rb["median_ms"], 0.02)
+        flag = "regression" if ratio > 1 + noise else "improvement" if ratio < 1 - noise else ""
+        out.append({"key": key, "old_ms": ra["median_ms"], "new_ms": rb["median_ms"], "ratio": ratio,
+                    "noise": noise, "flag": flag})
+    if json_out:
+        emit_json(out)
+        return
+    from rich.table import Table
+
+    tab = Table("key", "old ms", "new ms", "new/old", "band", "flag")
+    for r in out:
+        tab.add_row(r["key"], f"{r['old_ms']:.4f}", f"{r['new_ms']:.4f}", f"{r['ratio']:.3f}",
+                    f"±{100 * r['noise']:.1f}%", r["flag"])
+    console.print(tab)
+    geo = math.exp(sum(math.log(r["ratio"]) for r in out) / len(out)) if out else float("nan")
+    console.print(f"{len(out)} common workloads; geometric-mean ratio {geo:.3f}; "
+                  f"{sum(r['flag'] == 'regression' for r in out)} regressions, "
+                  f"{len(set(a.rows) ^ set(b.rows))} keys only in one table")
+
+
+@app.command()
+def predict(
+    table: Path = typer.Option(..., help="latency table"),
+    model: str = typer.Option(..., help="registered model name"),
+    policy: Path = typer.Option(..., help="policy JSON"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Predicted latency of a policy from a measured table, with a per-layer breakdown."""
+    from lcpaq.graph import trace_named
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.predict import latency_model
+
+    _, inv = trace_named(model)
+    pol = Policy.load(policy, layer_names=inv.names)
+    lm = latency_model(table, inv, sorted(set(pol.bits.values())))
+    br = lm.breakdown(pol)
+    total = lm.predict(pol)
+    if json_out:
+        emit_json({"predicted_ms": total, "breakdown_ms": br, "constant_ms": lm.constant_ms})
+        return
+    from rich.table import Table
+
+    from lcpaq.policy import format_bits
+
+    tab = Table("layer / edge", "bits", "ms", "share")
+    for k, v in br.items():
+        tab.add_row(k, format_bits(pol[k]) if k in pol else "transition", f"{v:.4f}", f"{100 * v / total:.1f}%")
+    console.print(tab)
+    console.print(f"predicted {total:.3f} ms ({model}, {pol.summary()})")
