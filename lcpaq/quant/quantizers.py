@@ -87,10 +87,11 @@ def qparams_from_range(lo: float, hi: float, bits: int, symmetric: bool) -> tupl
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, zero_point: int, bits: int, symmetric: bool) -> torch.Tensor:
     """Per-tensor fake quantization with STE rounding (gradient flows to x and to scale, LSQ-style)."""
     qmin, qmax = act_range(bits, symmetric)
-    # Clamp before rounding: the same values as clamp(round(.)) for integer bounds, but the STE
-    # mask is then "x inside the grid", not "rounded x inside" (float noise at the edge).
-    q = round_ste(torch.clamp(x / scale + zero_point, qmin, qmax))
-    return (q - zero_point) * scale
+    # Same values as ONNX QuantizeLinear, saturate(round(x / s) + zp) with round-half-even; the
+    # clamp goes before the rounding (identical for integer bounds) so the STE mask is "x inside
+    # the grid", not "rounded x inside" (float noise at the edge would zero the gradient).
+    q = round_ste(torch.clamp(x / scale, qmin - zero_point, qmax - zero_point))
+    return q * scale
 
 
 class ActQuantizer(nn.Module):
