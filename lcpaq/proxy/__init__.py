@@ -8,5 +8,18 @@ a hyperparameter search over the search's own knobs scored by them.
 
 from lcpaq.proxy.data import ProxySubset, proxy_subset
 from lcpaq.proxy.evaluate import PROXY_METRICS, ProxyEvaluator, ProxyScore, margin_score
+from lcpaq.proxy.tune import (
+            DEFAULT_SPACE,
+            Knobs,
+            PolicyMaker,
+            Trial,
+            TuneResult,
+            candidate_configs,
+            full_score,
+            proxy_scores,
+            tune,
+)
 
 __all__ = ["PROXY_METRICS", "ProxyEvaluator", "ProxyScore", "ProxySubset", "margin_score", "proxy_subset"]
+__all__ += ["DEFAULT_SPACE", "Knobs", "PolicyMaker", "Trial", "TuneResult", "candidate_configs", "full_score",
+            "proxy_scores", "tune"]

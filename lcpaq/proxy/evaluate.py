@@ -97,7 +97,8 @@ class ProxyEvaluator:
         feats: list[torch.Tensor] = []
         h = _last_linear(model).register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
         try:
-            logits = torch.cat([model(self.x[i:i + self.batch_size]) for i in range(0, n, self.batch_size)])
+            x = self.x[:n]
+            logits = torch.cat([model(x[i:i + self.batch_size]) for i in range(0, n, self.batch_size)])
         finally:
             h.remove()
         return logits, torch.cat(feats)
