@@ -19,6 +19,7 @@ from lcpaq.search.problem import BUDGET_COSTS, COST_UNITS, Budgets, Problem, Sea
 SOLVERS = ("cbc", "highs")
 # "Optimal" means proven within this relative MIP gap (both solvers' convention; HiGHS's default).
 MIP_GAP = 1e-4
+AUTO_HIGHS_LAYERS = 100
 
 
 def _solver(name: str, time_limit_s: float | None):
@@ -34,7 +35,16 @@ def _solver(name: str, time_limit_s: float | None):
     raise ConfigError(f"unknown ILP solver '{name}'; use one of {SOLVERS}")
 
 
-def default_solver() -> str:
+def default_solver(n_layers: int | None = None) -> str:
+    """CBC for small problems, HiGHS (if installed) from ``AUTO_HIGHS_LAYERS`` layers on.
+
+    Measured in benchmarks/bench_search.py: CBC solved the 21- and 54-layer problems 2-4x
+    faster than HiGHS (HiGHS spends its time in sub-MIP heuristics); HiGHS was 2-10x faster
+    at 200-1,000 layers and with transition terms. Process startup of CBC is ~10 ms, not the
+    bottleneck.
+    """
+    if n_layers is not None and n_layers < AUTO_HIGHS_LAYERS:
+        return "cbc"
     try:
         import pulp
 
@@ -182,41 +192,74 @@ def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time
     return status, optimal, bits, dt
 
 
-def minimum_cost(problem: Problem, cost: str, *, solver: str = "cbc") -> float:
-    """Smallest achievable value of one cost under ties/pins only (no budgets)."""
+def minimum_policy(problem: Problem, cost: str, *, solver: str = "cbc") -> tuple[float, dict[str, BitPair]]:
+    """The smallest achievable value of one cost (ties and pins respected, no budgets), exactly
+    (an ILP minimising that cost, transitions included), and a policy that achieves it."""
     status, ok, bits, _ = _solve(problem, cost, Budgets(), solver, None)
     if not ok or bits is None:
         raise SolverError(f"could not minimise {cost}: solver status {status}")
-    return problem.evaluate(bits)[cost]
+    return problem.evaluate(bits)[cost], bits
+
+
+def minimum_cost(problem: Problem, cost: str, *, solver: str = "cbc") -> float:
+    """Smallest achievable value of one cost under ties/pins only (no budgets).
+
+    >>> # minimum_cost(problem, "latency_ms")  # e.g. 2.61
+    """
+    return minimum_policy(problem, cost, solver=solver)[0]
+
+
+_ADD = {"size_mb": "lower weight bits (e.g. w2a8)", "gbops": "lower weight/activation bits (e.g. w2a4)",
+        "latency_ms": "pairs with a faster kernel on this device (e.g. int8 instead of fp32/int4-dequant)"}
 
 
 def infeasibility_error(problem: Problem, *, solver: str = "cbc") -> InfeasibleBudgetError:
-    """Explain why no policy meets every budget: per budget, the minimum achievable value."""
-    lines, too_tight = [], []
+    """Explain why no policy meets every budget: per budget, the exact minimum achievable value
+    (and the policy reaching it), which budget(s) to relax and which candidates to add.
+
+    The returned error carries ``.minima`` ({budget: minimum}) and ``.too_tight`` (budgets below
+    their minimum) for programs.
+    """
+    lines, too_tight, minima = [], [], {}
     for k, lim in problem.budgets.items():
         cost = BUDGET_COSTS[k]
-        m = minimum_cost(problem, cost, solver=solver)
+        m, bits = minimum_policy(problem, cost, solver=solver)
+        minima[k] = m
         unit = COST_UNITS[cost]
         flag = "  <- below the minimum" if lim < m * (1 - 1e-9) else ""
         if flag:
             too_tight.append(k)
-        lines.append(f"  {k}: budget {lim:.4g} {unit}, minimum achievable {m:.4g} {unit}{flag}")
-    allp = {p for ly in problem.layers for p in problem.candidates[ly]}
+        lines.append(f"  {k}: budget {lim:.4g} {unit}, minimum achievable {m:.4g} {unit} "
+                     f"({Policy(bits).summary()}){flag}")
     if too_tight:
-        advice = (f"raise {', '.join(too_tight)} to at least the minimum, or add lower-bit candidates "
-                  f"(lowest now: w{min(p[0] for p in allp)}, a{min(p[1] for p in allp)})")
+        adds = "; ".join(f"{k}: {_ADD[BUDGET_COSTS[k]]}" for k in too_tight)
+        advice = f"raise {', '.join(too_tight)} to at least the minimum, or add candidates with {adds}"
+        if problem.pinned:
+            advice += f"; or unpin some of {', '.join(sorted(problem.pinned))}"
     else:
-        advice = "each budget is reachable alone but not together: relax one of them"
-    return InfeasibleBudgetError("no policy meets every budget:\n" + "\n".join(lines) + "\n" + advice)
+        advice = ("each budget is reachable alone but not together: relax one of "
+                  f"{', '.join(k for k, _ in problem.budgets.items())}")
+    err = InfeasibleBudgetError("no policy meets every budget:\n" + "\n".join(lines) + "\n" + advice)
+    err.minima = minima  # type: ignore[attr-defined]
+    err.too_tight = too_tight  # type: ignore[attr-defined]
+    return err
 
 
 def solve_ilp(problem: Problem, *, solver: str | None = None, time_limit_s: float | None = 60.0) -> SearchResult:
-    """Minimise total Ω under every budget; raise InfeasibleBudgetError with advice if none fits."""
-    solver = solver or default_solver()
+    """Minimise total Ω under every budget; raise InfeasibleBudgetError with advice if none fits.
+
+    A status other than proven optimal (within ``MIP_GAP``) raises SolverError: a time-limited
+    incumbent is never returned as a solution.
+
+    >>> # res = solve_ilp(problem, solver="cbc", time_limit_s=10); res.policy, res.costs
+    """
+    solver = solver or default_solver(len(problem.layers))
     status, ok, bits, dt = _solve(problem, "omega", problem.budgets, solver, time_limit_s)
     if not ok:
-        if status == "Infeasible":
-            raise infeasibility_error(problem, solver=solver)
+        if status in ("Infeasible", "Undefined"):  # CBC may say Undefined for an infeasible MIP
+            err = infeasibility_error(problem, solver=solver)
+            if status == "Infeasible" or err.too_tight:  # type: ignore[attr-defined]
+                raise err
         raise SolverError(
             f"ILP solver '{solver}' ended with status '{status}' (not proven optimal) after {dt:.1f}s; "
             "raise --time-limit or try --solver mckp"
