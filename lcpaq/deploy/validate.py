@@ -1,0 +1,253 @@
+"""``validate(...)``: deploy a policy on a device profile's runtime and check the latency prediction.
+
+Measured latency follows the profile's :class:`~lcpaq.profiler.backend.MeasureSettings` (calling
+thread CPU time at 1 thread as the primary figure, wall time beside it) in ``rounds`` interleaved
+rounds with an fp32 whole-model reference (policy, reference, policy, reference, ...): the VM
+drifts 10-25 % within an hour, so the fastest round's median is reported with the spread across
+rounds, and the reference lets a reader rescale. The prediction is
+:meth:`lcpaq.latency.LatencyModel.predict` from the profiler's table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpaq.errors import ConfigError
+from lcpaq.policy import Policy, atomic_write_text
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA = "lcpaq.validation/1"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    model: str
+    profile: str
+    backend: str
+    threads: int
+    metric: str
+    predicted_ms: float
+    measured_ms: float  # fastest round's median, primary metric
+    measured_wall_ms: float
+    round_medians_ms: tuple[float, ...]
+    spread_pct: float  # (max - min) / min over rounds
+    reference_fp32_ms: float  # whole-model fp32 reference measured in the same rounds
+    error_pct: float  # (predicted - measured) / measured * 100
+    threshold_pct: float
+    flagged: bool
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> predicted/measured ms
+    output_check: dict[str, float] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": REPORT_SCHEMA, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=float) + "\n")
+
+    def plot(self, path: str | Path) -> Path:
+        """Predicted-vs-measured PNG: whole model, plus per-layer bars where measured."""
+        return plot_validation([self], path)
+
+
+def _timed_rounds(calls: Sequence[Any], settings: Any, rounds: int) -> list[list[tuple[float, float]]]:
+    """[call][round] -> (median primary ms, median wall ms), calls interleaved within each round."""
+    from lcpaq.profiler.backends.ort import time_callable
+
+    out: list[list[tuple[float, float]]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, fn in enumerate(calls):
+            cpu, wall = time_callable(fn, settings)
+            primary = cpu if settings.metric == "thread_cpu" else wall
+            out[i].append((float(np.median(primary)), float(np.median(wall))))
+    return out
+
+
+def _is_deployed(model: Any, policy: Policy) -> bool:
+    from lcpaq.quant.api import policy_of
+
+    try:
+        return policy_of(model) == policy and any(
+            hasattr(m, "act_quant") for m in model.modules())
+    except Exception:  # noqa: BLE001 - any mismatch means "quantize it here"
+        return False
+
+
+def validate(
+    model: Any,
+    policy: Policy,
+    hw_profile: Any,
+    table: Any,
+    *,
+    threads: int | None = None,
+    strict_threshold_pct: float = 5.0,
+    input_shape: Sequence[int] | None = None,
+    calib: Sequence[np.ndarray] = (),
+    check_inputs: np.ndarray | None = None,
+    check_labels: np.ndarray | None = None,
+    rounds: int = 3,
+    per_layer: bool = True,
+    model_name: str = "",
+) -> ValidationReport:
+    """Deploy ``model`` under ``policy`` on ``hw_profile``'s backend; predicted vs measured latency.
+
+    ``model``: a registered name or an nn.Module (fp32, or already quantized at ``policy`` and
+    calibrated, e.g. after fine-tuning). ``table``: latency table path or LatencyTable.
+
+    >>> # rep = validate("mnist_resnet", pol, "hw_profiles/host-cpu-ort.toml", "latency_tables/t.jsonl")
+    >>> # rep.predicted_ms, rep.measured_ms, rep.error_pct
+    """
+    import dataclasses
+
+    from lcpaq.deploy.runtime import check_outputs, deploy
+    from lcpaq.graph import trace
+    from lcpaq.models import default_input_shape, get_model
+    from lcpaq.profiler.hwprofile import HwProfile, load_profile
+    from lcpaq.profiler.predict import latency_model
+    from lcpaq.quant import apply_policy, quantizable_names
+
+    hw: HwProfile = hw_profile if isinstance(hw_profile, HwProfile) else load_profile(hw_profile)
+    if isinstance(model, str):
+        model_name = model_name or model
+        input_shape = input_shape or default_input_shape(model)
+        model = get_model(model)
+    if input_shape is None:
+        shp = getattr(model, "input_shape", None)
+        if shp is None:
+            raise ConfigError("validate: pass input_shape for a model that is not registered by name")
+        input_shape = tuple(shp)
+    input_shape = (1, *tuple(input_shape)[1:])
+    threads = int(threads or hw.threads)
+    settings = dataclasses.replace(hw.settings, threads=threads,
+                                   metric=hw.settings.metric if threads == 1 else "wall")
+    names = quantizable_names(model)
+    policy.validate(names)
+    calib = list(calib) or [np.random.default_rng(1).standard_normal((8, *input_shape[1:])).astype(np.float32)]
+    import torch
+
+    if _is_deployed(model, policy):
+        fq = model.eval()
+        fp32 = copy.deepcopy(model)
+        apply_policy(fp32, Policy.uniform(names, 32, 32))
+    else:
+        fp32 = model.eval()
+        fq = apply_policy(copy.deepcopy(model), policy,
+                          calib_loader=[torch.from_numpy(c) for c in calib], calib_batches=len(calib))
+    fq.eval()
+    inventory = trace(fp32, tuple(input_shape), name=model_name)
+    pairs = tuple(dict.fromkeys(policy[n] for n in inventory.names))
+    lm = latency_model(table, inventory, pairs)
+    predicted = lm.predict(policy)
+    breakdown = lm.breakdown(policy)
+
+    dep = deploy(fq, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw)
+    ref = deploy(fp32, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw) \
+        if hw.backend != "lcpaq-kernels" else _torch_fp32(fp32, input_shape, threads)
+    xs = check_inputs if check_inputs is not None else calib[0]
+    out_check = check_outputs(dep, fq, xs, check_labels)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timed = _timed_rounds([dep.call, ref.call], settings, rounds)
+    finally:
+        torch.set_num_threads(old)
+    med = [t[0] for t in timed[0]]
+    best = int(np.argmin(med))
+    measured, wall = timed[0][best]
+    ref_ms = min(t[0] for t in timed[1])
+    err = (predicted - measured) / measured * 100.0
+    layers: dict[str, dict[str, float]] = {
+        k: {"predicted_ms": float(v)} for k, v in breakdown.items()}
+    if per_layer and dep.profile_layers is not None:
+        try:
+            for k, v in dep.profile_layers(max(settings.number * 2, 10)).items():
+                layers.setdefault(k, {})["measured_ms"] = float(v)
+        except Exception as e:  # noqa: BLE001 - the breakdown is a bonus, never fatal
+            log.warning("per-layer profiling failed: %s", e)
+    notes = list(dep.notes)
+    if threads > 1:
+        notes.append("threads > 1: wall time is the primary metric")
+    return ValidationReport(
+        model=model_name or type(model).__name__, profile=hw.name, backend=hw.backend, threads=threads,
+        metric=settings.metric, predicted_ms=float(predicted), measured_ms=float(measured),
+        measured_wall_ms=float(wall), round_medians_ms=tuple(med),
+        spread_pct=float((max(med) - min(med)) / min(med) * 100.0), reference_fp32_ms=float(ref_ms),
+        error_pct=float(err), threshold_pct=float(strict_threshold_pct),
+        flagged=bool(abs(err) > strict_threshold_pct), layers=layers, output_check=out_check,
+        policy=policy.to_dict(), notes=tuple(notes),
+    )
+
+
+def _torch_fp32(model: Any, input_shape: Sequence[int], threads: int) -> Any:
+    import torch
+
+    from lcpaq.deploy.runtime import Deployment
+
+    x = torch.randn(*input_shape).contiguous(memory_format=torch.channels_last)
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    def run(a: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(a)).numpy()
+
+    return Deployment("torch-fp32", run, call)
+
+
+def plot_validation(reports: Sequence[ValidationReport], path: str | Path, *,
+                    labels: Sequence[str] | None = None) -> Path:
+    """One PNG: predicted vs measured whole-model latency per report (and per layer for the last)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(labels or [r.model for r in reports])
+    rep = reports[-1]
+    lay = {k: v for k, v in rep.layers.items() if "measured_ms" in v and "predicted_ms" in v}
+    fig, axes = plt.subplots(1, 2 if lay else 1, figsize=(12 if lay else 6, 4.5), squeeze=False)
+    ax = axes[0][0]
+    pred = [r.predicted_ms for r in reports]
+    meas = [r.measured_ms for r in reports]
+    ax.scatter(meas, pred, zorder=3)
+    for lab, mx, py, r in zip(labels, meas, pred, reports, strict=True):
+        ax.annotate(f"{lab} ({r.error_pct:+.1f}%)", (mx, py), fontsize=8)
+    hi = max(pred + meas) * 1.15
+    ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="predicted = measured")
+    ax.fill_between([0, hi], [0, hi * (1 - rep.threshold_pct / 100)], [0, hi * (1 + rep.threshold_pct / 100)],
+                    alpha=0.12, label=f"±{rep.threshold_pct:g} %")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel(f"measured ms ({rep.metric}, {rep.threads} thread(s))")
+    ax.set_ylabel("predicted ms")
+    ax.set_title(f"{rep.profile}: whole model")
+    ax.legend(fontsize=8)
+    if lay:
+        ax2 = axes[0][1]
+        ks = list(lay)
+        xs = np.arange(len(ks))
+        ax2.bar(xs - 0.2, [lay[k]["predicted_ms"] for k in ks], 0.4, label="predicted (table)")
+        ax2.bar(xs + 0.2, [lay[k]["measured_ms"] for k in ks], 0.4, label="measured (runtime profiler, wall)")
+        ax2.set_xticks(xs, ks, rotation=60, ha="right", fontsize=7)
+        ax2.set_ylabel("ms")
+        ax2.set_title(f"per layer: {labels[-1]}")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
