@@ -14,8 +14,10 @@ from lcpaq.cli._app import app, emit_json, entry, main
 COMMAND_MODULES = (
     "lcpaq.cli.foundation",  # models, inspect, cost
     "lcpaq.cli.analysis",  # sensitivity, search
+    "lcpaq.cli.proxy",  # finetune, tune
     "lcpaq.cli.profiler",  # profile, tables, predict
     "lcpaq.cli.search",  # search (registered last: supersedes analysis.search)
+    "lcpaq.cli.sensitivity",  # sensitivity (after analysis: supersedes analysis.sensitivity)
 )
 
 _registered = False

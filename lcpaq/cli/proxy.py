@@ -1,0 +1,143 @@
+"""`lcpaq finetune` (KD QAT of a policy) and `lcpaq tune` (low-cost proxy hyperparameter search)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lcpaq.cli._app import app, emit_json, make_console
+
+console = make_console()
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., help="registered model name"),
+    policy: Path = typer.Option(..., help="policy JSON (from `lcpaq search` or `lcpaq tune`)"),
+    data: str = typer.Option(..., help="mnist5k | digits | imagefolder:PATH"),
+    weights: Path | None = typer.Option(None, help="fp32 state_dict to start from"),
+    epochs: int = typer.Option(3),
+    kd_temp: float = typer.Option(4.0, help="distillation temperature T"),
+    kd_alpha: float = typer.Option(0.7, help="weight of the KD term (1 - alpha on cross-entropy)"),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(64),
+    calib: str = typer.Option("minmax", help="activation calibration: minmax | percentile | mse"),
+    checkpoint_dir: Path | None = typer.Option(None, help="per-epoch checkpoints (default: OUT.ckpt/)"),
+    resume: bool = typer.Option(True, help="continue from the checkpoint if one exists"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., help="fine-tuned quantized model (.pt)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """QAT with knowledge distillation from the fp32 model; reports fp32, PTQ and QAT accuracy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lcpaq.data import get_loader
+    from lcpaq.finetune import finetune as run
+    from lcpaq.finetune import save_quantized
+    from lcpaq.models import get_model
+    from lcpaq.policy import Policy
+    from lcpaq.quant import quantizable_names
+
+    m = get_model(model, weights=weights)
+    pol = Policy.load(policy, layer_names=quantizable_names(m))
+    train = get_loader(data, "train", batch_size=batch_size, shuffle=True, seed=seed)
+    val = get_loader(data, "val", batch_size=256)
+    ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
+    with Progress(TextColumn("epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]} train {task.fields[acc]} val {task.fields[val]}"),
+                  TimeElapsedColumn(), console=console, transient=json_out) as prog:
+        task = prog.add_task("kd", total=None, ep="-", loss="-", acc="-", val="-")
+
+        def on(ev: dict) -> None:
+            if ev["event"] == "step":
+                prog.update(task, total=ev["steps"], completed=ev["step"], ep=f"{ev['epoch']}/{ev['epochs']}",
+                            loss=f"{ev['loss']:.4f}", acc=f"{ev['train_acc']:.2f}%")
+            else:
+                prog.update(task, val=f"{ev['val_acc']:.2f}%")
+        res = run(m, pol, train, val, epochs=epochs, kd_temp=kd_temp, kd_alpha=kd_alpha, lr=lr,
+                  checkpoint_dir=ckpt, resume=resume, calib_method=calib, seed=seed, progress=on)
+    save_quantized(m, pol, out, model=model, data=data, **{k: v for k, v in res.to_dict().items() if k != "history"})
+    if json_out:
+        emit_json(res.to_dict() | {"out": str(out)})
+        return
+    from rich.table import Table
+
+    t = Table("fp32 %", "PTQ %", "QAT (KD) %", "epochs", "resumed from", "wall s",
+              title=f"{model} on {data}: {pol.summary()}")
+    t.add_row(f"{res.fp32_acc:.2f}", f"{res.ptq_acc:.2f}", f"{res.qat_acc:.2f}", str(res.epochs),
+              str(res.resumed_from), f"{res.wall_s:.1f}")
+    console.print(t)
+    console.print(f"wrote {out} (checkpoints in {ckpt})")
+
+
+@app.command()
+def tune(
+    model: str = typer.Option(..., help="registered model name"),
+    data: str = typer.Option(..., help="mnist5k | digits | imagefolder:PATH"),
+    sensitivity: Path = typer.Option(..., help="report from `lcpaq sensitivity`"),
+    weights: Path | None = typer.Option(None),
+    table: Path | None = typer.Option(None, help="latency table (for --max-latency-ms)"),
+    max_latency_ms: float | None = typer.Option(None),
+    max_size_mb: float | None = typer.Option(None),
+    max_gbops: float | None = typer.Option(None),
+    w_bits: str = typer.Option("2,4,8", help="weight-bit candidates"),
+    proxy_fraction: float = typer.Option(0.04, help="share of the training data used as proxy"),
+    trials: int = typer.Option(12, help="knob settings sampled from the grid"),
+    metric: str = typer.Option("margin", help="proxy score: margin | kl | acc"),
+    eta: int = typer.Option(2, help="successive-halving reduction factor"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., help="best policy JSON"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Tune the search's knobs (Ω variant, a-bits, calibration, Pareto point) on a small proxy set."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lcpaq.data import get_dataset
+    from lcpaq.errors import ConfigError
+    from lcpaq.graph import trace_named
+    from lcpaq.proxy import ProxyEvaluator, proxy_subset
+    from lcpaq.proxy import tune as run
+    from lcpaq.search import Budgets
+    from lcpaq.sensitivity import SensitivityReport
+
+    m, inv = trace_named(model, weights=str(weights) if weights else None)
+    rep = SensitivityReport.load(sensitivity)
+    rep.check_layers(inv.names)
+    latency = None
+    if table is not None:
+        from lcpaq.profiler.predict import latency_model
+
+        latency = latency_model(table, inv, rep.candidates)
+    elif max_latency_ms is not None:
+        raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
+    budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
+    sub = proxy_subset(get_dataset(data, "train"), fraction=proxy_fraction, seed=seed)
+    ev = ProxyEvaluator(m, *sub.tensors())
+    wb = tuple(int(b) for b in w_bits.split(","))
+    with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
+                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
+        task = prog.add_task("tune", total=None, last="")
+        res = run(m, inv, rep, ev, budgets=budgets, latency=latency, trials=trials, metric=metric, eta=eta,
+                  seed=seed, w_bits=wb, progress=lambda t: prog.update(
+                      task, advance=1, last=f"{t.knobs.label()} n={t.n} {metric}={t.scores[metric]:.4f}"))
+    best = res.best
+    assert best.policy is not None
+    pol = type(best.policy)(best.policy.bits, meta={"tuned": best.knobs.label(), "metric": metric,
+                                                   "proxy_share": sub.share})
+    pol.save(out)
+    if json_out:
+        emit_json(res.to_dict() | {"proxy_share": sub.share, "out": str(out)})
+        return
+    from rich.table import Table
+
+    t = Table("knobs", "policy", "n", "margin", "-KL", "acc %", "note",
+              title=f"{model}: proxy {100 * sub.share:.1f}% of {data} ({len(sub.indices)} samples), "
+                    f"{res.wall_s:.1f}s")
+    for tr in sorted(res.trials, key=lambda t: (-t.n, -t.scores.get(metric, float("-inf")))):
+        s = tr.scores
+        t.add_row(tr.knobs.label(), tr.policy.summary() if tr.policy else "-", str(tr.n),
+                  f"{s['margin']:.4f}" if s else "-", f"{s['kl']:.4g}" if s else "-",
+                  f"{s['acc']:.1f}" if s else "-", "best" if tr is best else tr.error[:40])
+    console.print(t)
+    console.print(f"best: {best.knobs.label()} -> {out}")
