@@ -22,31 +22,58 @@ struct RowEpi {
   float out_zp;
 };
 
-static inline void epilogue_row_impl(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
-  if (e.mode == 0) {
-    int32_t* o = static_cast<int32_t*>(out);
-    for (int64_t i = 0; i < n; ++i) o[i] = c[i] + e.colmul * e.colsum[i] - e.rowcorr;
-    return;
-  }
-  float* of = static_cast<float*>(out);
-  uint8_t* ou = static_cast<uint8_t*>(out);
+template <int MODE, bool BIAS, bool RELU>
+static inline void epilogue_loop(const int32_t* __restrict c, int64_t n, const RowEpi& e,
+                                 void* out) {
+  const int32_t* __restrict cs = e.colsum;
+  const float* __restrict sc = e.scale;
+  const float* __restrict bs = e.bias;
+  const int32_t cm = e.colmul, rc = e.rowcorr;
+  const float inv = e.inv_out, zp = e.out_zp;
+  float* __restrict of = static_cast<float*>(out);
+  uint8_t* __restrict ou = static_cast<uint8_t*>(out);
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t corr = c[i] + e.colmul * e.colsum[i] - e.rowcorr;
-    float y = static_cast<float>(corr) * e.scale[i];
-    if (e.bias != nullptr) y = y + e.bias[i];
-    if (e.relu) y = y < 0.f ? 0.f : y;
-    if (e.mode == 1) {
+    const int32_t corr = c[i] + cm * cs[i] - rc;
+    float y = static_cast<float>(corr) * sc[i];
+    if (BIAS) y = y + bs[i];
+    if (RELU) y = y < 0.f ? 0.f : y;
+    if (MODE == 1) {
       of[i] = y;
     } else {
-      float q = std::nearbyint(y * e.inv_out) + e.out_zp;
+      float q = std::nearbyint(y * inv) + zp;
       q = q < 0.f ? 0.f : (q > 255.f ? 255.f : q);
       ou[i] = static_cast<uint8_t>(static_cast<int32_t>(q));
     }
   }
 }
 
+template <int MODE>
+static inline void epilogue_mode(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  if (e.bias != nullptr) {
+    if (e.relu) epilogue_loop<MODE, true, true>(c, n, e, out);
+    else epilogue_loop<MODE, true, false>(c, n, e, out);
+  } else {
+    if (e.relu) epilogue_loop<MODE, false, true>(c, n, e, out);
+    else epilogue_loop<MODE, false, false>(c, n, e, out);
+  }
+}
+
+static inline void epilogue_row_impl(const int32_t* __restrict c, int64_t n, const RowEpi& e,
+                                     void* out) {
+  if (e.mode == 0) {
+    int32_t* __restrict o = static_cast<int32_t*>(out);
+    const int32_t* __restrict cs = e.colsum;
+    const int32_t cm = e.colmul, rc = e.rowcorr;
+    for (int64_t i = 0; i < n; ++i) o[i] = c[i] + cm * cs[i] - rc;
+  } else if (e.mode == 1) {
+    epilogue_mode<1>(c, n, e, out);
+  } else {
+    epilogue_mode<2>(c, n, e, out);
+  }
+}
+
 // uint8/int8 activations -> int16 (W8 path)
-static inline void widen_row_impl(int16_t* d, const uint8_t* s, int64_t n, bool xs8) {
+static inline void widen_row_impl(int16_t* __restrict d, const uint8_t* __restrict s, int64_t n, bool xs8) {
   if (xs8) {
     for (int64_t i = 0; i < n; ++i) d[i] = static_cast<int8_t>(s[i]);
   } else {
@@ -55,14 +82,24 @@ static inline void widen_row_impl(int16_t* d, const uint8_t* s, int64_t n, bool 
 }
 
 // uint8 -> int8 a = x - 128 (flip = 0x80), int8 -> int8 (flip = 0)
-static inline void flip_row_impl(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
+static inline void flip_row_impl(int8_t* __restrict d, const uint8_t* __restrict s, int64_t n, uint8_t flip) {
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<int8_t>(s[i] ^ flip);
 }
 
-static inline int32_t sum_row_impl(const int8_t* d, int64_t n) {
+static inline int32_t sum_row_impl(const int8_t* __restrict d, int64_t n) {
   int32_t r = 0;
   for (int64_t i = 0; i < n; ++i) r += d[i];
   return r;
+}
+
+// float32 -> uint8/int8 codes: clamp(round_half_even(x / scale) + zp, lo, hi)
+static inline void quantize_row_impl(const float* __restrict s, uint8_t* __restrict d, int64_t n,
+                                     float sc, float zp, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    float q = std::nearbyint(s[i] / sc) + zp;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    d[i] = static_cast<uint8_t>(static_cast<int32_t>(q));  // int8 stored two's complement
+  }
 }
 
 }  // namespace lcpaq

@@ -73,6 +73,10 @@ void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
 void flip_row_scalar(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
 void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
 int32_t sum_row_scalar(const int8_t* d, int64_t n);
+void quantize_row_scalar(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                         float hi);
+void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                       float hi);
 int32_t sum_row_avx2(const int8_t* d, int64_t n);
 
 }  // namespace lcpaq

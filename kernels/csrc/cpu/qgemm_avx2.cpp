@@ -44,6 +44,10 @@ void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
 int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
+void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                  float hi) {
+  quantize_row_impl(s, d, n, sc, zp, lo, hi);
+}
 
 
 void decode_w8_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
@@ -159,6 +163,10 @@ void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
 int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
+void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                  float hi) {
+  quantize_row_impl(s, d, n, sc, zp, lo, hi);
+}
 void decode_w8_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w8_scalar(W, s, o); }
 void decode_w4_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w4_scalar(W, s, o); }
 void decode_w2_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w2_scalar(W, s, o); }

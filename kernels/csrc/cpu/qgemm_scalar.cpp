@@ -68,6 +68,10 @@ void flip_row_scalar(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
 int32_t sum_row_scalar(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
+void quantize_row_scalar(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                  float hi) {
+  quantize_row_impl(s, d, n, sc, zp, lo, hi);
+}
 
 bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) || defined(__i386__)

@@ -313,12 +313,9 @@ at::Tensor quantize_act_cpu(const at::Tensor& x, double scale, int64_t zp, int64
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   const float* s = xc.data_ptr<float>();
   uint8_t* d = static_cast<uint8_t*>(out.data_ptr());
+  const auto qrow = use_avx2() ? quantize_row_avx2 : quantize_row_scalar;
   at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float q = std::nearbyint(s[i] / sc) + z;
-      q = q < lo ? lo : (q > hi ? hi : q);
-      d[i] = static_cast<uint8_t>(static_cast<int32_t>(q));  // int8 stored two's complement
-    }
+    qrow(s + b, d + b, e - b, sc, z, lo, hi);
   });
   return out;
 }
