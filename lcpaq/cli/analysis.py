@@ -1,4 +1,4 @@
-"""`lcpaq sensitivity` and `lcpaq search`."""
+"""`lcpaq search` (superseded by lcpaq/cli/search.py, registered after it)."""
 
 from __future__ import annotations
 
@@ -9,57 +9,8 @@ import typer
 from lcpaq.cli._app import app, emit_json, make_console
 
 console = make_console()
-DEFAULT_BITS = "w2a8,w4a8,w6a8,w8a8,w4a4,w8a4,fp32"
 
-
-@app.command()
-def sensitivity(
-    model: str = typer.Option(..., help="registered model name"),
-    data: str = typer.Option(..., help="mnist5k | digits | imagefolder:PATH"),
-    weights: Path | None = typer.Option(None, help="state_dict to load"),
-    bits: str = typer.Option(DEFAULT_BITS, help="candidate bit pairs"),
-    probes: int = typer.Option(100, help="max Hutchinson probes"),
-    tol: float = typer.Option(0.1, help="stop when every layer's relative stderr < tol"),
-    seed: int = typer.Option(0),
-    batch_size: int = typer.Option(32),
-    batches: int = typer.Option(2, help="calibration batches (concatenated)"),
-    out: Path = typer.Option(..., help="sensitivity report JSON"),
-    json_out: bool = typer.Option(False, "--json"),
-) -> None:
-    """Per-layer Hessian traces (Hutchinson) and Ω for every candidate bit pair."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from lcpaq.data import get_loader
-    from lcpaq.models import get_model
-    from lcpaq.policy import parse_bits_list
-    from lcpaq.sensitivity import estimate_sensitivity
-
-    cands = parse_bits_list(bits)
-    m = get_model(model, weights=weights)
-    loader = get_loader(data, "train", batch_size=batch_size)
-    with Progress(TextColumn("Hutchinson"), BarColumn(), TextColumn("{task.completed}/{task.total} probes"),
-                  TextColumn("max rel. stderr {task.fields[rse]}"), TimeElapsedColumn(),
-                  console=console, transient=json_out) as prog:
-        task = prog.add_task("probes", total=probes, rse="-")
-        rep = estimate_sensitivity(
-            m, loader, candidates=cands, probes=probes, tol=tol, seed=seed, batches=batches,
-            model_name=model, data_name=data,
-            progress=lambda i, r: prog.update(task, completed=i, rse=f"{r:.3f}"),
-        )
-    rep.save(out)
-    if json_out:
-        emit_json(rep.to_dict())
-        return
-    from rich.table import Table
-
-    t = Table("layer", "Tr(H_w) ± se", "Tr(H_a) ± se", *[f"Ω {b}" for b in bits.split(",")],
-              title=f"{model} on {data}: {rep.method}, {rep.probes} probes, seed {seed}")
-    for ly in rep.layers:
-        wm, ws = rep.weight_trace[ly]
-        am, as_ = rep.act_trace.get(ly, (float("nan"), float("nan")))
-        t.add_row(ly, f"{wm:.3g} ± {ws:.2g}", f"{am:.3g} ± {as_:.2g}", *[f"{rep.omega(ly, p):.3g}" for p in cands])
-    console.print(t)
-    console.print(f"wrote {out}")
+# `lcpaq sensitivity` lives in lcpaq/cli/sensitivity.py.
 
 
 @app.command()
