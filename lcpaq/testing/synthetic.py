@@ -14,10 +14,12 @@ CANDIDATES_12: tuple[BitPair, ...] = tuple(
 
 
 def random_problem(n_layers: int, *, candidates: tuple[BitPair, ...] = CANDIDATES_12, seed: int = 0,
-                   ties: int = 0, pairwise: bool = False, budget_frac: float = 0.5,
+                   ties: int = 0, pairwise: bool | str = False, budget_frac: float = 0.5,
                    budgets: tuple[str, ...] = ("max_size_mb", "max_gbops", "max_latency_ms")) -> Problem:
     """A random but realistic problem: costs grow with bits, Ω shrinks ~4^-bits, optional ties
-    (consecutive layers) and transition costs on consecutive layers when a_bits differ."""
+    (consecutive layers) and transition costs on consecutive layers: ``pairwise=True`` (or
+    ``"abits"``) charges one cost per edge when a_bits differ; ``"random"`` draws an unstructured
+    cost for every pair of candidates (no classes to merge: the ILP's worst case)."""
     rng = random.Random(seed)
     layers = tuple(f"l{i}" for i in range(n_layers))
     omega, size, gbops, lat = {}, {}, {}, {}
@@ -32,7 +34,10 @@ def random_problem(n_layers: int, *, candidates: tuple[BitPair, ...] = CANDIDATE
     if pairwise:
         for a, b in zip(layers, layers[1:], strict=False):
             cost = rng.uniform(0.01, 0.1)
-            pw[(a, b)] = {(i, j): cost for i in candidates for j in candidates if i[1] != j[1]}
+            if pairwise == "random":
+                pw[(a, b)] = {(i, j): rng.uniform(0.0, 0.1) for i in candidates for j in candidates}
+            else:
+                pw[(a, b)] = {(i, j): cost for i in candidates for j in candidates if i[1] != j[1]}
     tie_groups = tuple(tuple(layers[i:i + 2]) for i in range(0, min(2 * ties, n_layers - 1), 2))
     prob = Problem(layers, {ly: candidates for ly in layers}, omega,
                    {"size_mb": size, "gbops": gbops, "latency_ms": lat}, Budgets(), tie_groups, {}, pw)

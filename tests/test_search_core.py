@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lcpaq.errors import ConfigError, InfeasibleBudgetError
+from lcpaq.errors import ConfigError, InfeasibleBudgetError, SolverError
 from lcpaq.policy import FP32
 from lcpaq.search import (
     Budgets,
@@ -19,6 +19,7 @@ from lcpaq.search import (
     solve_ilp,
     solve_mckp,
 )
+from lcpaq.search.problem import Problem
 from lcpaq.testing.synthetic import random_problem, synthetic_latency
 
 SMALL_CANDS = ((2, 8), (4, 4), (4, 8), (8, 8))
@@ -36,30 +37,45 @@ def brute_force(problem):
 
 
 @pytest.mark.parametrize("seed", range(6), ids=lambda s: f"seed{s}")
-@pytest.mark.parametrize("pairwise", [False, True], ids=["unary", "pairwise"])
-def test_ilp_equals_brute_force(seed, pairwise):
+@pytest.mark.parametrize("pairwise", [False, True, "random"], ids=["unary", "pairwise-abits", "pairwise-random"])
+@pytest.mark.parametrize("ilp_solver", ["cbc", "highs"])
+def test_ilp_equals_brute_force(seed, pairwise, ilp_solver):
     prob = random_problem(5, candidates=SMALL_CANDS, seed=seed, ties=1, pairwise=pairwise, budget_frac=0.4)
+    if seed % 2:  # pins on odd seeds
+        prob = Problem(prob.layers, prob.candidates, prob.omega, prob.costs, prob.budgets, prob.ties,
+                       {"l4": (8, 8)}, prob.pairwise)
     bf = brute_force(prob)
     if bf is None:
         with pytest.raises(InfeasibleBudgetError):
-            solve_ilp(prob)
+            solve_ilp(prob, solver=ilp_solver)
         return
-    res = solve_ilp(prob)
+    res = solve_ilp(prob, solver=ilp_solver)
     assert res.status == "Optimal"
     assert res.objective == pytest.approx(bf[0], rel=1e-7, abs=1e-9)
     assert prob.feasible(res.policy)
 
 
-MCKP_GAP = 0.25  # documented bound on (mckp - ilp) / ilp over these random instances (see notes)
+# Documented bounds on (mckp - ilp) / ilp over these 30-layer, 3-budget random instances
+# (measured max 13 % without and 30 % with transition terms; notes/search.md).
+MCKP_GAP = {False: 0.15, True: 0.35}
 
 
 @pytest.mark.parametrize("seed", range(8), ids=lambda s: f"seed{s}")
-def test_mckp_within_documented_gap(seed):
-    prob = random_problem(30, seed=seed, ties=3, budget_frac=0.5)
+@pytest.mark.parametrize("pairwise", [False, True], ids=["unary", "pairwise"])
+def test_mckp_within_documented_gap(seed, pairwise):
+    prob = random_problem(30, seed=seed, ties=3, pairwise=pairwise, budget_frac=0.5)
     ilp, gr = solve_ilp(prob), solve_mckp(prob)
     assert prob.feasible(gr.policy)
-    assert gr.objective >= ilp.objective - 1e-9  # the ILP is optimal
-    assert (gr.objective - ilp.objective) / ilp.objective <= MCKP_GAP
+    assert gr.objective >= ilp.objective * (1 - 1e-4) - 1e-9  # the ILP is optimal within MIP_GAP
+    assert (gr.objective - ilp.objective) / ilp.objective <= MCKP_GAP[pairwise]
+
+
+def test_mckp_single_budget_is_near_optimal():
+    """One budget, no ties: the Lagrangian hull walk + fill is the classic MCKP greedy (gap < 3 %)."""
+    prob = random_problem(60, seed=11, budget_frac=0.4, budgets=("max_size_mb",))
+    ilp, gr = solve_ilp(prob), solve_mckp(prob)
+    assert prob.feasible(gr.policy)
+    assert (gr.objective - ilp.objective) / ilp.objective <= 0.03
 
 
 @pytest.mark.parametrize("solver", ["ilp", "mckp"])
@@ -97,8 +113,6 @@ def test_transitions_change_the_choice():
     edges = tuple(zip(names, names[1:], strict=False))
     lat = synthetic_latency(names, cands, edges=edges, transition_ms=5.0)
     omega = {n: {(8, 8): 1.0 if i % 2 else 0.01, FP32: 0.0} for i, n in enumerate(names)}
-    from lcpaq.search.problem import Problem
-
     costs = {"latency_ms": {n: dict(lat.unary[n]) for n in names}}
     budget = lat.predict(__import__("lcpaq.policy", fromlist=["Policy"]).Policy.uniform(names, 8, 8)) + 0.2
     prob = Problem(tuple(names), {n: cands for n in names}, omega, costs, Budgets(max_latency_ms=budget),
@@ -149,3 +163,73 @@ def test_search_core_is_torch_free():
            "bad = [m for m in ('torch', 'onnxruntime', 'tvm') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def brute_min(problem, cost):
+    vals = []
+    for combo in itertools.product(*(problem.candidates[ly] for ly in problem.layers)):
+        bits = dict(zip(problem.layers, combo, strict=True))
+        free = problem.with_budgets(Budgets())
+        if free.feasible(bits):  # ties and pins only
+            vals.append(problem.evaluate(bits)[cost])
+    return min(vals)
+
+
+@pytest.mark.parametrize("seed", range(3), ids=lambda s: f"seed{s}")
+def test_infeasible_minima_equal_brute_force_with_ties_pins_transitions(seed):
+    prob = random_problem(5, candidates=SMALL_CANDS, seed=seed, ties=2, pairwise="random")
+    prob = Problem(prob.layers, prob.candidates, prob.omega, prob.costs, prob.budgets, prob.ties,
+                   {"l0": (8, 8)}, prob.pairwise)
+    mins = {c: brute_min(prob, c) for c in ("size_mb", "gbops", "latency_ms")}
+    tight = prob.with_budgets(Budgets(max_size_mb=mins["size_mb"] * 1.5, max_gbops=mins["gbops"] * 0.99,
+                                      max_latency_ms=mins["latency_ms"] * 0.5))
+    with pytest.raises(InfeasibleBudgetError) as ei:
+        search(tight)
+    err = ei.value
+    assert err.too_tight == ["max_gbops", "max_latency_ms"]
+    for k, c in (("max_size_mb", "size_mb"), ("max_gbops", "gbops"), ("max_latency_ms", "latency_ms")):
+        assert err.minima[k] == pytest.approx(mins[c], rel=1e-9)
+    assert "unpin" in str(err) and "raise max_gbops, max_latency_ms" in str(err)
+
+
+def test_budgets_reachable_alone_but_not_together():
+    prob = random_problem(6, candidates=SMALL_CANDS, seed=5, budgets=("max_size_mb", "max_latency_ms"))
+    lo_size, lo_lat = minimum_cost(prob, "size_mb"), minimum_cost(prob, "latency_ms")
+    # size at its minimum forces w2a8 everywhere, latency (~max(w, a)) at its minimum forces w4a4
+    tight = prob.with_budgets(Budgets(max_size_mb=lo_size * 1.0001, max_latency_ms=lo_lat * 1.0001))
+    with pytest.raises(InfeasibleBudgetError, match="not together"):
+        solve_ilp(tight)
+
+
+@pytest.mark.parametrize("status", ["Not Solved", "Undefined"])
+def test_non_optimal_status_is_never_a_solution(monkeypatch, status):
+    import lcpaq.search.ilp as ilp
+
+    prob = random_problem(6, candidates=SMALL_CANDS, seed=1)  # feasible: budgets above every minimum
+    real = ilp._solve
+    monkeypatch.setattr(ilp, "_solve", lambda *a, **k: (status, False, None, 0.01)
+                        if a[1] == "omega" else real(*a, **k))
+    with pytest.raises(SolverError, match=status):
+        solve_ilp(prob)
+
+
+def test_time_limited_solve_is_not_read_as_optimal():
+    prob = random_problem(300, seed=3, ties=10, pairwise="random", budget_frac=0.5)
+    try:
+        res = solve_ilp(prob, solver="cbc", time_limit_s=0.05)
+    except SolverError as e:
+        assert "not proven optimal" in str(e)
+    else:  # solved within the limit: then it must be a proven optimum
+        assert res.status == "Optimal" and prob.feasible(res.policy)
+
+
+def test_pruning_keeps_the_optimum_and_drops_dominated():
+    from lcpaq.search.ilp import prune_candidates
+
+    prob = random_problem(8, seed=2, ties=2, budgets=("max_size_mb",))
+    kept = prune_candidates(prob)
+    # only size counts: for an untied layer, a candidate with the same w_bits and a lower a_bits has
+    # equal size and higher Ω, so it is dominated
+    assert all((4, 4) not in kept[ly] and (8, 6) not in kept[ly] for ly in ("l6", "l7"))
+    tied = {ly for g in prob.ties for ly in g}
+    assert all({p[1] for p in kept[ly]} == {4, 6, 8} for ly in tied)  # ties keep every a_bits
