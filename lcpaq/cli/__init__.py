@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "lcpaq.cli.profiler",  # profile, tables, predict
     "lcpaq.cli.search",  # search (registered last: supersedes analysis.search)
     "lcpaq.cli.sensitivity",  # sensitivity (after analysis: supersedes analysis.sensitivity)
+    "lcpaq.cli.deploy",  # validate, export, demo
 )
 
 _registered = False
