@@ -1,0 +1,132 @@
+"""`lcpaq validate`, `lcpaq export` and `lcpaq demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lcpaq.cli._app import app, emit_json, make_console
+
+console = make_console()
+
+
+def _calib_and_check(model: str, n_check: int = 256):
+    """Calibration batches and a labelled check batch from the model's own data, if it has any."""
+    import numpy as np
+
+    from lcpaq.models import default_data, default_input_shape
+
+    spec = default_data(model)
+    if spec is None:  # torchvision architectures: random inputs (latency work, no labels)
+        shp = default_input_shape(model)
+        rng = np.random.default_rng(0)
+        return [rng.standard_normal((8, *shp[1:])).astype(np.float32)], None, None
+    from lcpaq.data import get_loader
+
+    cal = [x.numpy() for i, (x, _) in zip(range(2), get_loader(spec, "train", batch_size=64), strict=False)]
+    xs, ys = next(iter(get_loader(spec, "val", batch_size=n_check)))
+    return cal, xs.numpy(), ys.numpy()
+
+
+@app.command()
+def validate(
+    model: str = typer.Option(..., help="registered model name"),
+    policy: Path = typer.Option(..., help="policy JSON"),
+    hw: Path = typer.Option(..., help="device profile, e.g. hw_profiles/host-cpu-ort.toml"),
+    table: Path = typer.Option(..., help="latency table made by `lcpaq profile` for this model"),
+    weights: Path | None = typer.Option(None, help="state_dict to load"),
+    threads: int | None = typer.Option(None, help="intra-op threads (default: the profile's)"),
+    strict: bool = typer.Option(False, help="exit 1 when |error| exceeds --threshold-pct"),
+    threshold_pct: float = typer.Option(5.0, help="flag threshold, %"),
+    rounds: int = typer.Option(3, help="interleaved measurement rounds"),
+    out: Path = typer.Option(Path("lcpaq-validate"), help="folder for validation.json and PNG"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Deploy a policy on the profile's runtime; measured vs predicted latency (and output check)."""
+    from lcpaq.deploy.validate import validate as run_validate
+    from lcpaq.models import get_model
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.hwprofile import load_profile
+
+    hwp = load_profile(hw)  # bad profile -> ProfileError (exit 2) before any heavy work
+    pol = Policy.load(policy)
+    m = get_model(model, weights=weights)
+    cal, xs, ys = _calib_and_check(model)
+    with console.status(f"deploying on {hwp.backend} and measuring ({rounds} rounds)..."):
+        rep = run_validate(m, pol, hwp, table, threads=threads, strict_threshold_pct=threshold_pct,
+                           calib=cal, check_inputs=xs, check_labels=ys, rounds=rounds, model_name=model)
+    out.mkdir(parents=True, exist_ok=True)
+    rep.save(out / "validation.json")
+    rep.plot(out / "predicted_vs_measured.png")
+    if json_out:
+        emit_json(rep.to_dict())
+    else:
+        print_report(rep)
+        console.print(f"wrote {out / 'validation.json'} and {out / 'predicted_vs_measured.png'}")
+    if strict and rep.flagged:
+        raise typer.Exit(1)
+
+
+def print_report(rep) -> None:
+    from rich.table import Table
+
+    t = Table("layer / edge", "predicted ms", "measured ms (profiler, wall)",
+              title=f"{rep.model} on {rep.profile} ({rep.backend}, {rep.threads} thread(s), {rep.metric})")
+    for k, v in rep.layers.items():
+        p, m = v.get("predicted_ms"), v.get("measured_ms")
+        t.add_row(k, "-" if p is None else f"{p:.4f}", "-" if m is None else f"{m:.4f}")
+    console.print(t)
+    flag = "[red]ABOVE THRESHOLD[/red]" if rep.flagged else "[green]within threshold[/green]"
+    oc = rep.output_check
+    console.print(
+        f"whole model: predicted {rep.predicted_ms:.4f} ms, measured {rep.measured_ms:.4f} ms "
+        f"(wall {rep.measured_wall_ms:.4f}, spread {rep.spread_pct:.1f} % over {len(rep.round_medians_ms)} "
+        f"rounds, fp32 reference {rep.reference_fp32_ms:.4f} ms): error {rep.error_pct:+.2f} % "
+        f"(threshold ±{rep.threshold_pct:g} %) {flag}")
+    if oc:
+        console.print(f"outputs vs fake-quant: max abs err {oc['max_abs_err']:.4g} (|logit| max "
+                      f"{oc['ref_abs_max']:.3g}), top-1 agreement {100 * oc['top1_agreement']:.2f} % on {oc['n']}")
+
+
+@app.command()
+def export(
+    model: str = typer.Option(..., help="registered model name"),
+    policy: Path = typer.Option(..., help="policy JSON"),
+    format: str = typer.Option("onnx", "--format", help="onnx (QDQ) | kernels (torch state with int kernels)"),
+    out: Path = typer.Option(..., help="output file (.onnx or .pt)"),
+    weights: Path | None = typer.Option(None, help="state_dict to load"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Export a model under a policy and check the exported outputs against the fake-quant model."""
+    from lcpaq.deploy.export import export_model
+
+    res = export_model(model, Policy_load(policy), format, out, weights=weights,
+                       calib_check=_calib_and_check(model))
+    if json_out:
+        emit_json(res)
+        return
+    console.print(f"wrote {res['path']} ({res['bytes']} bytes, {format}); outputs vs fake-quant: "
+                  f"max abs err {res['check']['max_abs_err']:.4g}, top-1 agreement "
+                  f"{100 * res['check']['top1_agreement']:.2f} %")
+
+
+def Policy_load(path: Path):  # noqa: N802 - tiny indirection keeps imports lazy
+    from lcpaq.policy import Policy
+
+    return Policy.load(path)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("lcpaq-demo-report"), help="report folder"),
+    quick: bool = typer.Option(False, help="small settings (for tests, ~1 min)"),
+    backend: str | None = typer.Option(None, help="ort | lcpaq-kernels (default: kernels if built)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The main job on the embedded model: profile -> sensitivity -> search -> KD -> export -> validate."""
+    from lcpaq.deploy.demo import run_demo
+
+    summary = run_demo(out, quick=quick, backend=backend, console=console)
+    if json_out:
+        emit_json(summary)

@@ -1,0 +1,313 @@
+"""``lcpaq demo``: the whole loop on the embedded model, each stage one function over library verbs.
+
+profile this host (lcpaq kernels if built, else ONNX Runtime fp32-vs-int8) -> sensitivity ->
+search under a latency budget between the fastest and slowest uniform policy plus a size budget
+-> brief KD fine-tune -> export (ONNX QDQ, checked) and validate (fp32, W8A8, chosen) -> one
+summary table and a report folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lcpaq.errors import InfeasibleBudgetError
+from lcpaq.policy import Policy, atomic_write_text, format_bits, parse_bits_list
+
+MODEL = "mnist_resnet"
+DATA = "mnist5k"
+CANDIDATES = {"lcpaq-kernels": "w2a8,w4a8,w8a8,fp32", "ort": "w4a8,w8a8,fp32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    quick: bool = False
+    probes: int = 60
+    finetune_epochs: int = 1
+    finetune_steps: int | None = None
+    pareto_points: int = 8
+    rounds: int = 3
+    measure: dict[str, int] = dataclasses.field(default_factory=dict)  # MeasureSettings overrides
+
+    @staticmethod
+    def make(quick: bool) -> DemoSettings:
+        if quick:
+            return DemoSettings(True, probes=12, finetune_epochs=1, finetune_steps=8, pareto_points=4,
+                                rounds=2, measure={"warmup": 2, "number": 3, "repeat": 5})
+        return DemoSettings(False, probes=60, finetune_epochs=1, finetune_steps=None, pareto_points=8,
+                            rounds=3, measure={})
+
+
+def _progress(console: Any):
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+
+
+def choose_backend(requested: str | None) -> str:
+    """lcpaq kernels where built (bit-width changes the compute), else ORT fp32-vs-int8."""
+    if requested:
+        return requested
+    try:
+        from lcpaq.kernels import status
+
+        return "lcpaq-kernels" if status().loaded else "ort"
+    except Exception:  # noqa: BLE001 - any import/build problem means "no kernels"
+        return "ort"
+
+
+def stage_hw_profile(backend: str, st: DemoSettings) -> Any:
+    """The device profile for this host and backend (hw_profiles/*.toml when present)."""
+    from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.hwprofile import HwProfile, load_profile
+
+    fname = {"lcpaq-kernels": "host-cpu-kernels.toml", "ort": "host-cpu-ort.toml"}[backend]
+    path = Path(__file__).resolve().parents[2] / "hw_profiles" / fname
+    cands = parse_bits_list(CANDIDATES[backend])
+    if path.is_file():
+        hw = load_profile(path)
+    else:
+        hw = HwProfile(name=fname[:-5], version="1", backend=backend, target="", threads=1, candidates=cands,
+                       settings=MeasureSettings())
+    settings = dataclasses.replace(hw.settings, threads=1, **st.measure)
+    return dataclasses.replace(hw, candidates=cands, settings=settings)
+
+
+def stage_profile(inventory: Any, hw: Any, out: Path, prog: Any) -> Path:
+    """Measure every unit of the embedded model on this host into ``out/latency_table.jsonl``."""
+    from lcpaq.profiler.run import profile
+
+    task = prog.add_task(f"profile ({hw.backend})", total=None, info="")
+
+    def cb(done: int, total: int, name: str) -> None:
+        prog.update(task, completed=done, total=total, info=name)
+
+    table = profile(inventory, hw, out / "latency_table.jsonl", candidates=hw.candidates, progress=cb)
+    prog.update(task, info="done")
+    return table
+
+
+def stage_sensitivity(model: Any, cands: tuple, st: DemoSettings, out: Path, prog: Any) -> Any:
+    """Hutchinson sensitivity on two training batches; saved as sensitivity.json."""
+    from lcpaq.data import get_loader
+    from lcpaq.sensitivity import estimate_sensitivity
+
+    task = prog.add_task("sensitivity (Hutchinson)", total=st.probes, info="")
+    rep = estimate_sensitivity(
+        model, get_loader(DATA, "train", batch_size=32), candidates=cands, probes=st.probes,
+        min_probes=min(10, st.probes), tol=0.1, seed=0, batches=2, model_name=MODEL, data_name=DATA,
+        progress=lambda i, r: prog.update(task, completed=i, info=f"rel.se {r:.3f}"))
+    prog.update(task, completed=st.probes)
+    rep.save(out / "sensitivity.json")
+    return rep
+
+
+def uniform_latencies(lm: Any, names: list[str], cands: tuple) -> dict[tuple, float]:
+    return {p: lm.predict(Policy.uniform(names, *p)) for p in cands}
+
+
+def stage_search(inventory: Any, sens: Any, lm: Any, cands: tuple, st: DemoSettings, out: Path,
+                 prog: Any) -> tuple[Any, dict[str, float]]:
+    """ILP under a latency budget midway between the fastest and slowest uniform policy + a size budget."""
+    from lcpaq.costs import policy_costs
+    from lcpaq.search import Budgets, build_problem, pareto_frontier, search
+
+    task = prog.add_task("search (ILP + Pareto)", total=2, info="")
+    names = list(inventory.names)
+    unif = uniform_latencies(lm, names, cands)
+    fast, slow = min(unif.values()), max(unif.values())
+    sizes = {p: policy_costs(inventory, Policy.uniform(names, *p)).total_size_mb for p in cands}
+    q = [p for p in cands if 32 not in p]
+    size_budget = min(sizes[p] for p in q) + 0.6 * (max(sizes[p] for p in q) - min(sizes[p] for p in q))
+    budgets = {"max_latency_ms": fast + 0.5 * (slow - fast), "max_size_mb": size_budget}
+    omega = sens.omega_table(cands)
+    res = None
+    for relax in (1.0, 1.25, 1.6, 2.5):
+        b = Budgets(max_latency_ms=budgets["max_latency_ms"] * relax, max_size_mb=budgets["max_size_mb"] * relax)
+        prob = build_problem(inventory, omega, candidates=cands, budgets=b, latency=lm)
+        try:
+            res = search(prob, solver="ilp", time_limit_s=30.0)
+            budgets = {"max_latency_ms": b.max_latency_ms, "max_size_mb": b.max_size_mb, "relaxed_by": relax}
+            break
+        except InfeasibleBudgetError:
+            continue
+    if res is None:
+        raise InfeasibleBudgetError("demo: no policy meets even 2.5x the budgets; check the latency table")
+    prog.update(task, advance=1, info=res.status)
+    try:
+        fr = pareto_frontier(prob, "max_latency_ms", points=st.pareto_points)
+        fr.plot(out / "pareto.png", chosen=res)
+        fr.to_csv(out / "pareto.csv")
+    except Exception as e:  # noqa: BLE001 - the frontier is a figure, the chosen policy stands
+        (out / "pareto.txt").write_text(f"Pareto frontier failed: {type(e).__name__}: {e}\n")
+    res.policy.save(out / "policy.json")
+    atomic_write_text(out / "search.json", json.dumps({
+        "status": res.status, "objective": res.objective, "costs": res.costs, "budgets": budgets,
+        "uniform_predicted_ms": {format_bits(p): v for p, v in unif.items()},
+        "solve_time_s": res.solve_time_s}, indent=2, default=float))
+    prog.update(task, advance=1, info=f"{res.costs.get('latency_ms', 0):.3f} ms")
+    return res, budgets
+
+
+def stage_finetune(policy: Policy, st: DemoSettings, out: Path, prog: Any) -> tuple[Any, Any]:
+    """Brief KD fine-tune of the chosen policy; returns (fine-tuned fake-quant model, result)."""
+    from lcpaq.data import get_loader
+    from lcpaq.finetune import finetune
+    from lcpaq.models import get_model
+
+    model = get_model(MODEL)
+    train = get_loader(DATA, "train", batch_size=64, shuffle=True, seed=0)
+    val = get_loader(DATA, "val", batch_size=250)
+    steps = st.finetune_steps or len(train)
+    task = prog.add_task("KD fine-tune", total=steps * st.finetune_epochs, info="")
+
+    def cb(ev: dict[str, Any]) -> None:
+        if ev["event"] == "step":
+            prog.update(task, completed=(ev["epoch"] - 1) * steps + ev["step"],
+                        info=f"loss {ev['loss']:.3f}")
+        else:
+            prog.update(task, info=f"val {ev['val_acc']:.2f} %")
+
+    res = finetune(model, policy, train, val, epochs=st.finetune_epochs, max_steps_per_epoch=st.finetune_steps,
+                   checkpoint_dir=None, seed=0, progress=cb)
+    atomic_write_text(out / "finetune.json", json.dumps(res.to_dict(), indent=2, default=float))
+    return model.eval(), res
+
+
+def _calib_check() -> tuple[list, Any, Any]:
+    from lcpaq.data import get_loader
+
+    cal = [x.numpy() for _, (x, _) in zip(range(2), get_loader(DATA, "train", batch_size=64), strict=False)]
+    xs, ys = next(iter(get_loader(DATA, "val", batch_size=1000)))
+    return cal, xs.numpy(), ys.numpy()
+
+
+def stage_validate(fp32: Any, tuned: Any, policy: Policy, hw: Any, table: Path, st: DemoSettings, out: Path,
+                   prog: Any) -> dict[str, Any]:
+    """Export the chosen model to ONNX QDQ (checked) and validate fp32, W8A8 and the chosen policy."""
+    import numpy as np
+
+    from lcpaq.deploy.runtime import check_outputs, deploy
+    from lcpaq.deploy.validate import plot_validation, validate
+    from lcpaq.quant import quantizable_names
+
+    task = prog.add_task("export + validate", total=4, info="")
+    cal, xs, ys = _calib_check()
+    dep = deploy(tuned, "ort", (1, 1, 28, 28), calib_inputs=cal)
+    (out / "model_qdq.onnx").write_bytes(dep.artifact or b"")
+    onnx_check = check_outputs(dep, tuned, xs, ys)
+    prog.update(task, advance=1, info="onnx exported")
+    names = quantizable_names(fp32)
+    runs = {"fp32": (fp32, Policy.uniform(names, 32, 32)), "W8A8": (fp32, Policy.uniform(names, 8, 8)),
+            "mixed": (tuned, policy)}
+    reports = {}
+    for label, (m, pol) in runs.items():
+        rep = validate(m, pol, hw, table, calib=cal, check_inputs=xs, check_labels=ys, rounds=st.rounds,
+                       model_name=MODEL, per_layer=label == "mixed", input_shape=(1, 1, 28, 28))
+        rep.save(out / f"validation_{label}.json")
+        reports[label] = rep
+        prog.update(task, advance=1, info=f"{label}: {rep.error_pct:+.1f} %")
+    plot_validation(list(reports.values()), out / "predicted_vs_measured.png", labels=list(reports))
+    del np
+    return {"reports": reports, "onnx_check": onnx_check}
+
+
+def run_demo(out: str | Path = "lcpaq-demo-report", *, quick: bool = False, backend: str | None = None,
+             console: Any = None) -> dict[str, Any]:
+    """Run every stage and write the report folder; returns the summary (also in summary.json).
+
+    >>> # run_demo("lcpaq-demo-report", quick=True)
+    """
+    import torch
+
+    from lcpaq.costs import policy_costs
+    from lcpaq.graph import trace
+    from lcpaq.models import accuracy, get_model
+    from lcpaq.profiler.predict import latency_model
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    st = DemoSettings.make(quick)
+    backend = choose_backend(backend)
+    if console is None:
+        from lcpaq.cli._app import make_console
+
+        console = make_console()
+    torch.manual_seed(0)
+    fp32 = get_model(MODEL)
+    inventory = trace(fp32, (1, 1, 28, 28), name=MODEL)
+    hw = stage_hw_profile(backend, st)
+    stages: dict[str, str] = {}
+    with _progress(console) as prog:
+        table = stage_profile(inventory, hw, out, prog)
+        stages["profile"] = f"real: {hw.backend} on this host"
+        lm = latency_model(table, inventory, hw.candidates)
+        sens = stage_sensitivity(fp32, hw.candidates, st, out, prog)
+        stages["sensitivity"] = f"real: {sens.method}, {sens.probes} probes"
+        res, budgets = stage_search(inventory, sens, lm, hw.candidates, st, out, prog)
+        stages["search"] = f"real: ILP {res.status}"
+        tuned, ft = stage_finetune(res.policy, st, out, prog)
+        stages["finetune"] = f"real: KD {ft.epochs} epoch(s)"
+        val = stage_validate(get_model(MODEL), tuned, res.policy, hw, table, st, out, prog)
+        stages["validate"] = f"real: {hw.backend}"
+    reports = val["reports"]
+    from lcpaq.data import get_loader
+    from lcpaq.quant import apply_policy, quantizable_names
+
+    vl = get_loader(DATA, "val", batch_size=250)
+    w8 = apply_policy(get_model(MODEL), Policy.uniform(quantizable_names(fp32), 8, 8),
+                      calib_loader=get_loader(DATA, "train", batch_size=64), calib_batches=2)
+    acc = {"fp32": accuracy(fp32, vl), "W8A8": accuracy(w8, vl), "mixed": ft.qat_acc}
+    rows = []
+    for label, rep in reports.items():
+        pol = Policy.from_dict(rep.policy)
+        c = policy_costs(inventory, pol)
+        rows.append({"policy": label, "accuracy_pct": acc[label], "size_kb": c.total_size_bytes / 1e3,
+                     "gbops": c.total_gbops, "predicted_ms": rep.predicted_ms, "measured_ms": rep.measured_ms,
+                     "error_pct": rep.error_pct, "deployed_acc_pct": rep.output_check.get("deployed_acc")})
+    summary = {"model": MODEL, "backend": hw.backend, "profile": hw.name, "quick": quick, "budgets": budgets,
+               "chosen_policy": {k: format_bits(v) for k, v in res.policy.items()}, "rows": rows,
+               "finetune": {"ptq_acc": ft.ptq_acc, "qat_acc": ft.qat_acc}, "onnx_check": val["onnx_check"],
+               "stages": stages, "wall_s": time.perf_counter() - t0, "report_dir": str(out)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    _print_summary(console, summary)
+    _write_markdown(out / "summary.md", summary)
+    return summary
+
+
+def _print_summary(console: Any, s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table("policy", "accuracy %", "size KB", "GBOPs", "predicted ms", "measured ms", "error %",
+              title=f"lcpaq demo: {s['model']} on {s['profile']} ({s['backend']}), {s['wall_s']:.0f} s")
+    for r in s["rows"]:
+        t.add_row(r["policy"], f"{r['accuracy_pct']:.2f}", f"{r['size_kb']:.1f}", f"{r['gbops']:.4f}",
+                  f"{r['predicted_ms']:.4f}", f"{r['measured_ms']:.4f}", f"{r['error_pct']:+.1f}")
+    console.print(t)
+    oc = s["onnx_check"]
+    console.print(f"chosen: {' '.join(f'{k}={v}' for k, v in s['chosen_policy'].items())}")
+    console.print(f"ONNX QDQ vs fake-quant: max abs err {oc['max_abs_err']:.3g}, top-1 agreement "
+                  f"{100 * oc['top1_agreement']:.2f} %; report in {s['report_dir']}/")
+
+
+def _write_markdown(path: Path, s: dict[str, Any]) -> None:
+    lines = [f"# lcpaq demo: {s['model']} on {s['profile']} ({s['backend']})", "",
+             "| policy | accuracy % | size KB | GBOPs | predicted ms | measured ms | error % |",
+             "|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['policy']} | {r['accuracy_pct']:.2f} | {r['size_kb']:.1f} | {r['gbops']:.4f} | "
+                     f"{r['predicted_ms']:.4f} | {r['measured_ms']:.4f} | {r['error_pct']:+.1f} |")
+    lines += ["", f"budgets: {s['budgets']}", f"stages: {s['stages']}", f"wall: {s['wall_s']:.0f} s", ""]
+    atomic_write_text(path, "\n".join(lines))
