@@ -1,0 +1,159 @@
+"""Proxy search vs full-search baseline over the same knob settings, side by side.
+
+For each dataset (mnist5k with the embedded model; digits with a MnistResNet trained here):
+  * proxy: successive halving (lcpaq.proxy.tune) on a 4 % class-balanced proxy subset, PTQ only;
+    plus every setting scored on the whole proxy set (for the rank correlation);
+  * full: every setting scored by a short KD fine-tune on the full training data + val accuracy;
+  * Kendall tau between proxy scores (margin, -KL, acc) and full scores; wall-time ratio;
+  * the policy each side chose, fine-tuned with the same KD recipe: final val accuracy.
+Timings interleave proxy and full per setting (A B A B). The machine is shared (2 cores).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_proxy.py [--trials 10] [--datasets mnist5k,digits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def digits_model(seed: int = 0):
+    from lcpaq.data import get_loader
+    from lcpaq.models import MnistResNet
+
+    torch.manual_seed(seed)
+    m = MnistResNet()
+    tr = get_loader("digits", "train", batch_size=32, shuffle=True, seed=seed)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=12 * len(tr))
+    for _ in range(12):
+        m.train()
+        for x, y in tr:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            sched.step()
+    return m.eval()
+
+
+def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fraction: float) -> dict:
+    from scipy.stats import kendalltau
+
+    from lcpaq.costs import policy_costs
+    from lcpaq.data import get_dataset, get_loader
+    from lcpaq.finetune import finetune
+    from lcpaq.graph import trace
+    from lcpaq.models import get_model
+    from lcpaq.policy import Policy
+    from lcpaq.proxy import (
+        PolicyMaker,
+        ProxyEvaluator,
+        candidate_configs,
+        full_score,
+        proxy_subset,
+        tune,
+    )
+    from lcpaq.search import Budgets
+    from lcpaq.sensitivity import estimate_sensitivity
+
+    if data == "mnist5k":
+        model, shape = get_model("mnist_resnet"), (1, 1, 28, 28)
+    else:
+        model, shape = digits_model(), (1, 1, 8, 8)
+    inv = trace(model, shape, name=f"mnist_resnet@{data}")
+    train = get_loader(data, "train", batch_size=64, shuffle=True)
+    val = get_loader(data, "val", batch_size=500)
+    cands = [(w, a) for w in (2, 4, 8) for a in (4, 8)]
+    rep = estimate_sensitivity(model, get_loader(data, "train", batch_size=32), candidates=cands, probes=20, tol=0.2)
+    w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))  # W4A8-average budget
+    budgets = Budgets(max_size_mb=w4.total_size_mb * 1.0001, max_gbops=sum(w4.bops.values()) / 1e9 * 1.0001)
+    sub = proxy_subset(get_dataset(data, "train"), fraction=fraction)
+    configs = candidate_configs(trials, seed=0)
+    make = PolicyMaker(inv, rep, budgets=budgets)
+
+    t0 = time.perf_counter()
+    ev = ProxyEvaluator(model, *sub.tensors())
+    res = tune(model, inv, rep, ev, budgets=budgets, configs=configs)
+    t_tune = time.perf_counter() - t0
+
+    rows, t_proxy, t_full, full_cache, proxy_cache = [], 0.0, 0.0, {}, {}
+    for k in configs:  # interleaved: proxy score then full score of the same setting
+        try:
+            pol = make(k)
+        except Exception as e:  # noqa: BLE001 - infeasible knobs are data
+            rows.append({"knobs": k.label(), "error": str(e).splitlines()[0]})
+            continue
+        key = (pol, k.calib_method)
+        t = time.perf_counter()
+        if key not in proxy_cache:
+            proxy_cache[key] = ev.evaluate(pol, calib_method=k.calib_method)
+        t_proxy += time.perf_counter() - t
+        t = time.perf_counter()
+        if key not in full_cache:
+            full_cache[key] = full_score(model, pol, k, train, val, epochs=full_epochs)
+        t_full += time.perf_counter() - t
+        s = proxy_cache[key]
+        rows.append({"knobs": k.label(), "policy": pol.summary(), "margin": s.margin, "kl": s.kl, "proxy_acc": s.acc,
+                     "full_acc": full_cache[key]})
+    ok = [r for r in rows if "full_acc" in r]
+    full = [r["full_acc"] for r in ok]
+    tau = {m: float(kendalltau([r[m] for r in ok], full).statistic) for m in ("margin", "kl", "proxy_acc")}
+    best_full = max(ok, key=lambda r: r["full_acc"])
+    chosen = {"proxy": (res.best.knobs, res.best.policy),
+              "full": next((k, make(k)) for k in configs if k.label() == best_full["knobs"])}
+    final = {}
+    for side, (k, pol) in chosen.items():
+        r = finetune(copy.deepcopy(model), pol, train, val, epochs=final_epochs, kd_temp=k.kd_temp,
+                     kd_alpha=k.kd_alpha, calib_method=k.calib_method)
+        final[side] = {"knobs": k.label(), "policy": pol.summary(), "fp32": r.fp32_acc, "ptq": r.ptq_acc,
+                       "qat": r.qat_acc}
+    return {"data": data, "proxy_share": sub.share, "proxy_samples": len(sub.indices), "configs": len(configs),
+            "unique_evals": len(full_cache), "tune_s": t_tune, "proxy_score_s": t_proxy, "full_s": t_full,
+            "ratio_full_vs_tune": t_full / t_tune, "ratio_full_vs_proxy_scoring": t_full / max(t_proxy, 1e-9),
+            "kendall_tau": tau, "final": final, "rows": rows,
+            "sensitivity_probes": rep.probes, "full_epochs": full_epochs, "final_epochs": final_epochs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--datasets", default="digits,mnist5k")
+    ap.add_argument("--full-epochs", type=int, default=1)
+    ap.add_argument("--final-epochs", type=int, default=2)
+    ap.add_argument("--fraction", type=float, default=0.04)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = []
+    for d in a.datasets.split(","):
+        r = run_one(d, a.trials, a.full_epochs, a.final_epochs, a.fraction)
+        out.append(r)
+        (RESULTS / "bench_proxy.json").write_text(json.dumps(out, indent=1, default=str))
+        print(f"\n== {d}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
+              f"{r['configs']} settings, {r['unique_evals']} unique (policy, calib)")
+        for row in r["rows"]:
+            print("  ", row)
+        print(f"  tau {r['kendall_tau']}  tune {r['tune_s']:.2f}s  proxy-scoring {r['proxy_score_s']:.2f}s  "
+              f"full {r['full_s']:.1f}s  ratio full/tune {r['ratio_full_vs_tune']:.0f}x  "
+              f"full/proxy-scoring {r['ratio_full_vs_proxy_scoring']:.0f}x")
+        for side, f in r["final"].items():
+            print(f"  chosen by {side}: {f}")
+    with (RESULTS / "bench_proxy.csv").open("w") as f:
+        f.write("data,proxy_share,configs,tau_margin,tau_kl,tau_acc,tune_s,full_s,ratio,final_proxy_qat,"
+                "final_full_qat,fp32\n")
+        for r in out:
+            t, fi = r["kendall_tau"], r["final"]
+            f.write(f"{r['data']},{r['proxy_share']:.4f},{r['configs']},{t['margin']:.3f},{t['kl']:.3f},"
+                    f"{t['proxy_acc']:.3f},{r['tune_s']:.2f},{r['full_s']:.1f},{r['ratio_full_vs_tune']:.1f},"
+                    f"{fi['proxy']['qat']:.2f},{fi['full']['qat']:.2f},{fi['proxy']['fp32']:.2f}\n")
+
+
+if __name__ == "__main__":
+    main()
