@@ -52,12 +52,26 @@ struct RowSource {
       return;
     }
     const int64_t n = m / (OH * OW), r = m % (OH * OW), oh = r / OW, ow = r % OW;
+    const bool rows_contiguous = dw == 1 && cg == C;  // KW pixels x C channels adjacent in NHWC
     for (int64_t kh = 0; kh < KH; ++kh) {
       const int64_t ih = oh * sh - ph + kh * dh;
+      if (ih < 0 || ih >= H) {
+        fill(kh * KW * cg, KW * cg);
+        continue;
+      }
+      const int64_t iw0 = ow * sw - pw;
+      if (rows_contiguous) {
+        const int64_t kw0 = std::max<int64_t>(0, -iw0), kw1 = std::min<int64_t>(KW, W - iw0);
+        const int64_t off = kh * KW * cg;
+        if (kw0 > 0) fill(off, kw0 * cg);
+        if (kw1 > kw0) copy(off + kw0 * cg, x + ((n * H + ih) * W + iw0 + kw0) * C, (kw1 - kw0) * cg);
+        if (kw1 < KW) fill(off + std::max(kw0, kw1) * cg, (KW - std::max(kw0, kw1)) * cg);
+        continue;
+      }
       for (int64_t kw = 0; kw < KW; ++kw) {
-        const int64_t iw = ow * sw - pw + kw * dw;
+        const int64_t iw = iw0 + kw * dw;
         const int64_t off = (kh * KW + kw) * cg;
-        if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+        if (iw < 0 || iw >= W) {
           fill(off, cg);
         } else {
           copy(off, x + ((n * H + ih) * W + iw) * C + c0, cg);
