@@ -278,7 +278,8 @@ def fit_latency_model(ct: ContextTable, candidates: Sequence[BitPair]) -> Latenc
     return LatencyModel(unary, pairwise, 0.0, meta={"source": "lcpaq.profiler.fidelity"})
 
 
-def calibrate_to_references(lm: LatencyModel, refs: Mapping[BitPair, float]) -> LatencyModel:
+def calibrate_to_references(lm: LatencyModel, refs: Mapping[BitPair, float], *,
+                             share: float = 0.0) -> LatencyModel:
     """Spread each uniform policy's (predicted - measured whole model) evenly over its units.
 
     ``refs``: measured whole-model ms of uniform policies, e.g. {(32, 32): 40.0, (8, 8): 21.4},
@@ -295,9 +296,22 @@ def calibrate_to_references(lm: LatencyModel, refs: Mapping[BitPair, float]) -> 
     for tab in unary.values():
         for p in tab:
             tab[p] = tab[p] - corr.get(precision_class(p), 0.0)
+    # The isolation cost sits at a unit's edges (layout conversion in/out); at a precision boundary
+    # the whole model really pays it, so boundary edges get each end's share back.
+    deg: dict[str, int] = {}
+    for a, b in lm.pairwise:
+        deg[a] = deg.get(a, 0) + 1
+        deg[b] = deg.get(b, 0) + 1
+    pairwise = {}
+    for (a, b), tab in lm.pairwise.items():
+        pairwise[(a, b)] = {
+            (pa, pb): v + share * (corr.get(precision_class(pa), 0.0) / deg[a]
+                                   + corr.get(precision_class(pb), 0.0) / deg[b])
+            for (pa, pb), v in tab.items()
+        }
     meta = dict(lm.meta)
     meta["per_unit_correction_ms"] = corr
-    return LatencyModel(unary, lm.pairwise, lm.constant_ms, meta=meta)
+    return LatencyModel(unary, pairwise, lm.constant_ms, meta=meta)
 
 
 def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidates: Sequence[BitPair],

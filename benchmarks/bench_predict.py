@@ -1,0 +1,137 @@
+"""Prediction fidelity on ORT: 20 random mixed policies per model, predicted vs measured end to end.
+
+For each model: cut units from the mixed QDQ graphs of a few *training* policies (uniform fp32,
+uniform W8A8 and K random class mixes; lcpaq.profiler.fidelity), fit the additive LatencyModel
+(unary + pairwise transition costs), calibrate its per-unit isolation overhead on the two uniform
+whole-model references measured in the same run, then draw 20 *test* policies (other seeds, each
+layer fp32 with p=0.5 else one of w2a8/w4a8/w6a8/w8a8), export each whole model with
+export_qdq and measure it (same settings, same run). Reports per policy the % error, median and max.
+
+1 intra-op thread uses the calling thread's CPU time (FINDINGS: stable); 2 threads use wall time.
+
+    python benchmarks/bench_predict.py                       # all models, 1 then 2 threads
+    python benchmarks/bench_predict.py --models resnet18 --threads 1 --policies 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,mobilenet_v2,mnist_resnet")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--policies", type=int, default=20)
+    ap.add_argument("--train", type=int, default=6)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from lcpaq.models import default_input_shape, get_model
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.backend import MeasureSettings, Unit
+    from lcpaq.profiler.backends.ort import OrtBackend
+    from lcpaq.profiler.fidelity import (
+        ContextTable,
+        calibrate_to_references,
+        cut_units,
+        fit_latency_model,
+        random_class_policy,
+    )
+    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+    from lcpaq.profiler.units import overhead_unit
+
+    cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
+    be = OrtBackend()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    all_rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for model_name in args.models.split(","):
+            t0 = time.perf_counter()
+            small = model_name == "mnist_resnet"
+            st = MeasureSettings(warmup=3, number=40 if small else 5, repeat=9 if small else 7, threads=threads,
+                                 metric="thread_cpu" if threads == 1 else "wall")
+            model = get_model(model_name)
+            names = quantizable_names(model)
+            shape = default_input_shape(model_name)
+            x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+
+            def timed(onnx_bytes: bytes, feeds, st=st) -> float:
+                m = be.measure(Unit("b", onnx_bytes, feeds), st)
+                if m.error:
+                    raise RuntimeError(m.error)
+                return m.median_ms
+
+            ov = timed(*overhead_unit())
+            ct = ContextTable()
+            rng = np.random.default_rng(1000)
+            train = [Policy.uniform(names, 32, 32), Policy.uniform(names, 8, 8)]
+            train += [random_class_policy(names, rng, cands) for _ in range(args.train)]
+            refs = {}
+            for i, pol in enumerate(train):
+                b = export_qdq(model, pol, shape, calib=[x])
+                ct.add(cut_units(b, model, pol), pol, lambda u, timed=timed, ov=ov: timed(u.onnx, u.feeds) - ov)
+                if i < 2:
+                    refs[tuple(pol[names[0]])] = timed(b, {"input": x})
+            t_table = time.perf_counter() - t0
+            raw = fit_latency_model(ct, cands)
+            lm = calibrate_to_references(raw, refs)
+            lm_half = calibrate_to_references(raw, refs, share=0.5)
+            rows = []
+            for k in range(args.policies):
+                pol = random_class_policy(names, np.random.default_rng(k), cands)
+                b = export_qdq(model, pol, shape, calib=[x])
+                units = cut_units(b, model, pol)
+                meas = timed(b, {"input": x})
+                pred, pred_raw = lm.predict(pol), raw.predict(pol)
+                miss = sum(1 for u in units.values() if u.key not in ct.ms)
+                row = {
+                    "threads": threads, "model": model_name, "policy": k,
+                    "fp32_layers": sum(1 for n in names if pol[n] == (32, 32)), "layers": len(names),
+                    "measured_ms": meas, "predicted_ms": pred, "error_pct": 100 * (pred / meas - 1),
+                    "predicted_uncalibrated_ms": pred_raw, "error_uncalibrated_pct": 100 * (pred_raw / meas - 1),
+                    "error_edge_share_pct": 100 * (lm_half.predict(pol) / meas - 1),
+                    "units_not_in_table": miss, "metric": st.metric,
+                }
+                rows.append(row)
+                print(f"{threads}t {model_name:13s} #{k:2d} fp32 {row['fp32_layers']:2d}/{len(names)} "
+                      f"meas {meas:8.3f} pred {pred:8.3f} err {row['error_pct']:+6.1f}% "
+                      f"(uncal {row['error_uncalibrated_pct']:+6.1f}%, edge-share {row['error_edge_share_pct']:+6.1f}%) miss {miss}", flush=True)
+            errs = [abs(r["error_pct"]) for r in rows]
+            summ = {
+                "threads": threads, "model": model_name, "policies": len(rows), "table_units": len(ct.ms),
+                "table_build_s": round(t_table, 1), "refs_ms": {str(k): v for k, v in refs.items()},
+                "median_abs_err_pct": statistics.median(errs), "max_abs_err_pct": max(errs),
+                "within_5pct": sum(e <= 5 for e in errs),
+                "median_abs_err_uncal_pct": statistics.median(abs(r["error_uncalibrated_pct"]) for r in rows),
+                "median_abs_err_edge_share_pct": statistics.median(abs(r["error_edge_share_pct"]) for r in rows),
+                "max_abs_err_edge_share_pct": max(abs(r["error_edge_share_pct"]) for r in rows),
+                "per_unit_correction_ms": lm.meta.get("per_unit_correction_ms"),
+                "wall_s": round(time.perf_counter() - t0, 1),
+            }
+            print(json.dumps(summ), flush=True)
+            all_rows.append({"summary": summ, "rows": rows})
+            out = RESULTS / f"bench_predict_{model_name}_{threads}t.json"
+            out.write_text(json.dumps({"summary": summ, "rows": rows, "load": os.getloadavg()}, indent=1))
+    print("\n model           thr  median|err|  max|err|  within±5%  (uncal. median)")
+    for r in all_rows:
+        s = r["summary"]
+        print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
+              f"  {s['within_5pct']:3d}/{s['policies']}     {s['median_abs_err_uncal_pct']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
