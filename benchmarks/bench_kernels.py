@@ -149,10 +149,10 @@ def _resnet18_pair(policy_kind: str):
     m = torchvision.models.resnet18(weights=None).eval()
 
     def fold(mod):  # fold every BN into the conv before it (deployment form, both sides)
-        for name, child in list(mod.named_children()):
+        for _name, child in list(mod.named_children()):
             fold(child)
         names = list(mod._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in zip(names, names[1:], strict=False):
             ca, cb = mod._modules[a], mod._modules[b]
             if isinstance(ca, torch.nn.Conv2d) and isinstance(cb, torch.nn.BatchNorm2d):
                 mod._modules[a] = fuse_conv_bn_eval(ca, cb)
