@@ -117,14 +117,16 @@ def profile(
     """
     cands = tuple(candidates or hw.candidates)
     plan = plan_units(inventory, cands)
+    runner: Any = IsolatedRunner(hw.backend, hw) if isolate else None
+    backend = None if isolate else get_backend(hw.backend, hw)
+    if runner is not None:
+        runner._start()
     header = {
         "profile": hw.name, "profile_version": hw.version, "backend": hw.backend, "target": hw.target,
         "threads": hw.threads, "settings": hw.settings.__dict__, "host_cpu": host_cpu(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {},
+        "versions": runner.versions if runner is not None else backend.versions(),  # type: ignore[union-attr]
     }
-    runner: Any = IsolatedRunner(hw.backend, hw) if isolate else None
-    backend = None if isolate else get_backend(hw.backend, hw)
     try:
         with TableWriter(out, header, repair=repair) as tw:
             todo = [p for p in plan if p[0] not in tw.done]
