@@ -1,64 +1,120 @@
-"""ILP solve time (ResNet-18/50-sized, 200 and 1,000 layers; 12 candidates; 3 budgets) and the
-MCKP greedy's time and optimality gap beside it. Prints a table, writes CSV/JSON.
+"""ILP solve time (CBC and HiGHS, interleaved) for ResNet-18/50-sized, 200- and 1,000-layer
+problems with 12 candidates and all three budgets, with and without transition terms; the MCKP
+greedy's time and optimality gap beside it; and the real ResNet-18/50 inventories (traced).
 
-    .venv/bin/python benchmarks/bench_search.py
+    .venv/bin/python benchmarks/bench_search.py [--quick]
+
+Times: the fastest round's value (rounds interleave CBC / HiGHS / MCKP), spread = max - min.
+``build_s`` is the PuLP model build; ``cbc_s`` / ``highs_s`` are the whole solve_ilp call.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lcpaq.errors import SolverError  # noqa: E402
 from lcpaq.search import solve_ilp, solve_mckp  # noqa: E402
-from lcpaq.search.ilp import _model  # noqa: E402
-from lcpaq.testing.synthetic import random_problem  # noqa: E402
+from lcpaq.search.ilp import _model, default_solver  # noqa: E402
+from lcpaq.testing.synthetic import CANDIDATES_12, random_problem, synthetic_latency  # noqa: E402
 
-CASES = [("resnet18-sized", 21, 4), ("resnet50-sized", 54, 8), ("synthetic-200", 200, 20), ("synthetic-1000", 1000, 50)]
 OUT = Path(__file__).parent / "results"
+LIMIT_S = 60.0
 
 
-def main(rounds: int = 3) -> list[dict]:
+def synthetic_cases(quick: bool):
+    sizes = [("resnet18-sized", 21), ("resnet50-sized", 54), ("synthetic-200", 200), ("synthetic-1000", 1000)]
+    for name, n in sizes[:3] if quick else sizes:
+        for pw in (False, "abits") + (("random",) if n <= 54 else ()):
+            yield name, random_problem(n, seed=7, ties=n // 20, pairwise=pw, budget_frac=0.5), pw
+
+
+def inventory_cases():
+    """Real traced ResNet-18/50 inventories: size/BOPs from lcpaq.costs, Ω ~ 4^-w scaled by layer,
+    ORT-like latency (three kernel classes) with fp32<->int transitions on the traced edges."""
+    try:
+        from lcpaq.graph import trace_named
+    except Exception as e:  # noqa: BLE001
+        print(f"(skipping traced inventories: {e})")
+        return
+    import random
+
+    from lcpaq.policy import FP32
+    from lcpaq.search import Budgets, build_problem
+
+    cands = CANDIDATES_12[:-1] + (FP32,)
+    for model in ("resnet18", "resnet50"):
+        _, inv = trace_named(model)
+        rng = random.Random(0)
+        omega = {}
+        for ly in inv:
+            s = rng.uniform(0.1, 10) / max(ly.weight_numel, 1) ** 0.5
+            omega[ly.name] = {p: 0.0 if p == FP32 else s * (4.0 ** -p[0] + 0.5 * 4.0 ** -p[1]) for p in cands}
+        lat = synthetic_latency(inv.names, cands, seed=1, edges=inv.edges, transition_ms=0.05)
+        free = build_problem(inv, omega, candidates=cands, latency=lat)
+        ev = {c: [free.evaluate({ly: p for ly in inv.names})[c] for p in cands] for c in ("size_mb", "gbops", "latency_ms")}
+        b = {c: min(v) + 0.4 * (max(v) - min(v)) for c, v in ev.items()}
+        yield (f"{model}-traced", build_problem(inv, omega, candidates=cands, latency=lat, budgets=Budgets(
+            max_size_mb=b["size_mb"], max_gbops=b["gbops"], max_latency_ms=b["latency_ms"])), "classes")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    try:
+        return fn(), time.perf_counter() - t0
+    except SolverError as e:
+        return e, time.perf_counter() - t0
+
+
+def main(quick: bool = False) -> list[dict]:
     rows = []
-    for name, n, ties in CASES:
-        for pairwise in (False, True):
-            prob = random_problem(n, seed=7, ties=ties, pairwise=pairwise, budget_frac=0.5)
-            ilp_t, mk_t, build_t = [], [], []
-            for _ in range(rounds if n <= 200 else 1):  # interleave ILP / MCKP
-                t0 = time.perf_counter()
-                _model(prob, "omega", prob.budgets)
-                build_t.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                ilp = solve_ilp(prob, time_limit_s=120)
-                ilp_t.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                mk = solve_mckp(prob)
-                mk_t.append(time.perf_counter() - t0)
-            rows.append({
-                "problem": name, "layers": n, "candidates": 12, "pairwise": pairwise,
-                "ilp_total_s": min(ilp_t), "ilp_solver_s": ilp.solve_time_s, "model_build_s": min(build_t),
-                "mckp_s": min(mk_t), "ilp_spread_s": max(ilp_t) - min(ilp_t),
-                "gap_pct": 100 * (mk.objective - ilp.objective) / ilp.objective,
-            })
-            r = rows[-1]
-            print(f"{name:16s} pairwise={pairwise!s:5s} ILP {r['ilp_total_s']:.3f}s "
-                  f"(solver {r['ilp_solver_s']:.3f}s, build {r['model_build_s']:.3f}s)  "
-                  f"MCKP {r['mckp_s']:.4f}s  gap {r['gap_pct']:.2f}%", flush=True)
+    cases = list(synthetic_cases(quick)) + ([] if quick else list(inventory_cases()))
+    for name, prob, pw in cases:
+        n = len(prob.layers)
+        rounds = 3 if n <= 200 else 1
+        t: dict[str, list[float]] = {"build": [], "cbc": [], "highs": [], "mckp": []}
+        res: dict[str, object] = {}
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            _model(prob, "omega", prob.budgets)
+            t["build"].append(time.perf_counter() - t0)
+            for s in ("cbc", "highs"):
+                res[s], dt = timed(lambda s=s, p=prob: solve_ilp(p, solver=s, time_limit_s=LIMIT_S))
+                t[s].append(dt)
+            res["mckp"], dt = timed(lambda p=prob: solve_mckp(p))
+            t["mckp"].append(dt)
+        ok = [r for r in (res["cbc"], res["highs"]) if not isinstance(r, Exception)]
+        best = min((r.objective for r in ok), default=float("nan"))  # type: ignore[attr-defined]
+        mk = res["mckp"]
+        gap = 100 * (mk.objective - best) / best if not isinstance(mk, Exception) else float("nan")  # type: ignore[attr-defined]
+        row = {
+            "problem": name, "layers": n, "candidates": max(len(c) for c in prob.candidates.values()),
+            "budgets": len(prob.budgets.items()), "pairwise": str(pw), "rounds": rounds,
+            "build_s": min(t["build"]),
+            "cbc_s": min(t["cbc"]), "cbc_spread_s": max(t["cbc"]) - min(t["cbc"]),
+            "cbc_status": getattr(res["cbc"], "status", "timeout/" + type(res["cbc"]).__name__),
+            "highs_s": min(t["highs"]), "highs_spread_s": max(t["highs"]) - min(t["highs"]),
+            "highs_status": getattr(res["highs"], "status", "timeout/" + type(res["highs"]).__name__),
+            "auto": default_solver(n),
+            "mckp_s": min(t["mckp"]), "mckp_gap_pct": gap,
+        }
+        rows.append(row)
+        print(f"{name:16s} pw={row['pairwise']:7s} n={n:4d} build {row['build_s']:.3f}s | CBC {row['cbc_s']:.3f}s "
+              f"({row['cbc_status']}) | HiGHS {row['highs_s']:.3f}s ({row['highs_status']}) | auto={row['auto']} | "
+              f"MCKP {row['mckp_s']:.3f}s gap {row['mckp_gap_pct']:.2f}%", flush=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "search.json").write_text(json.dumps(rows, indent=1))
-    import csv
-
     with (OUT / "search.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print("median MCKP gap %.2f%%" % statistics.median(r["gap_pct"] for r in rows))
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    main(quick="--quick" in sys.argv)

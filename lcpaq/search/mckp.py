@@ -218,6 +218,17 @@ def _group_moves(ar: _Arrays, sel: np.ndarray, lam: np.ndarray) -> np.ndarray:
     return sel
 
 
+def _fallback_start(problem: Problem, ar: _Arrays) -> np.ndarray | None:
+    from lcpaq.search.ilp import minimum_policy
+
+    for b, _ in problem.budgets.items():
+        _, bits = minimum_policy(problem, BUDGET_COSTS[b])
+        sel = np.array([ar.cands[i].index(bits[ly]) for i, ly in enumerate(ar.layers)])
+        if ar.fits(ar.totals(sel)):
+            return sel
+    return None
+
+
 def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
     """Greedy MCKP under every budget (see the module docstring for the scalarisation).
 
@@ -246,6 +257,10 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
         util = ar.totals(sel) / ar.limits
         mu = mu * np.maximum(util, 1e-3) ** 2
         mu = mu / mu.max()
+    if best is None:  # the Lagrangian never met every budget (transitions, several budgets):
+        best = _fallback_start(problem, ar)  # start from an exact per-budget minimum that fits
+        if best is not None:
+            best = _fill(ar, best, mu)
     if best is None:
         from lcpaq.search.ilp import solve_ilp
 
