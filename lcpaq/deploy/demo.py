@@ -35,7 +35,7 @@ class DemoSettings:
     @staticmethod
     def make(quick: bool) -> DemoSettings:
         if quick:
-            return DemoSettings(True, probes=12, finetune_epochs=1, finetune_steps=8, pareto_points=4,
+            return DemoSettings(True, probes=6, finetune_epochs=1, finetune_steps=6, pareto_points=3,
                                 rounds=2, measure={"warmup": 2, "number": 3, "repeat": 5})
         return DemoSettings(False, probes=60, finetune_epochs=1, finetune_steps=None, pareto_points=8,
                             rounds=3, measure={})
@@ -101,13 +101,13 @@ def stage_profile(inventory: Any, hw: Any, out: Path, prog: Any) -> Path:
 def stage_sensitivity(model: Any, cands: tuple, st: DemoSettings, out: Path, prog: Any) -> Any:
     """Hutchinson sensitivity on two training batches; saved as sensitivity.json."""
     from lcpaq.data import get_loader
-    from lcpaq.sensitivity import estimate_sensitivity
+    from lcpaq.sensitivity import SensitivityConfig, estimate_sensitivity
 
     task = prog.add_task("sensitivity (Hutchinson)", total=st.probes, info="")
+    cfg = SensitivityConfig(batches=2, min_probes=min(10, st.probes), model_name=MODEL, data_name=DATA)
     rep = estimate_sensitivity(
-        model, get_loader(DATA, "train", batch_size=32), candidates=cands, probes=st.probes,
-        min_probes=min(10, st.probes), tol=0.1, seed=0, batches=2, model_name=MODEL, data_name=DATA,
-        progress=lambda i, r: prog.update(task, completed=i, info=f"rel.se {r:.3f}"))
+        model, get_loader(DATA, "train", batch_size=32), candidates=cands, probes=st.probes, tol=0.1,
+        seed=0, config=cfg, progress=lambda i, r: prog.update(task, completed=i, info=f"rel.se {r:.3f}"))
     prog.update(task, completed=st.probes)
     rep.save(out / "sensitivity.json")
     return rep
@@ -185,11 +185,11 @@ def stage_finetune(policy: Policy, st: DemoSettings, out: Path, prog: Any) -> tu
     return model.eval(), res
 
 
-def _calib_check() -> tuple[list, Any, Any]:
+def _calib_check(n_check: int) -> tuple[list, Any, Any]:
     from lcpaq.data import get_loader
 
     cal = [x.numpy() for _, (x, _) in zip(range(2), get_loader(DATA, "train", batch_size=64), strict=False)]
-    xs, ys = next(iter(get_loader(DATA, "val", batch_size=1000)))
+    xs, ys = next(iter(get_loader(DATA, "val", batch_size=n_check)))
     return cal, xs.numpy(), ys.numpy()
 
 
@@ -203,7 +203,7 @@ def stage_validate(fp32: Any, tuned: Any, policy: Policy, hw: Any, table: Path, 
     from lcpaq.quant import quantizable_names
 
     task = prog.add_task("export + validate", total=4, info="")
-    cal, xs, ys = _calib_check()
+    cal, xs, ys = _calib_check(256 if st.quick else 1000)
     dep = deploy(tuned, "ort", (1, 1, 28, 28), calib_inputs=cal)
     (out / "model_qdq.onnx").write_bytes(dep.artifact or b"")
     onnx_check = check_outputs(dep, tuned, xs, ys)
