@@ -1,0 +1,179 @@
+"""Apache TVM 0.27 latency backend: relax ONNX import, QDQ -> integer lowering, MetaSchedule, RPC.
+
+Per unit: import the ONNX bytes with the relax ONNX frontend, lower QDQ conv/matmul to int8 x int8
+-> int32 compute (lcpaq.profiler.tvm_lower; fp32 units stay as imported), compile for the
+profile's target (tuned with MetaSchedule when the profile's ``[tvm] trials`` > 0, the tuning
+database kept under ``[tvm] work_dir`` so re-profiling only applies it), then time ``main`` with
+the Relax VM's ``time_evaluator`` locally, or on a remote board through the TVM RPC tracker named
+in the profile's ``[rpc]`` table (export, upload, load_module, remote time_evaluator).
+
+Timing is wall clock per call (TVM runs on its own thread pool, so the calling thread's CPU time
+means nothing here): ``repeat`` samples of ``number`` calls, ``min_repeat_ms`` as TVM defines it.
+``Measurement.kernel`` says what ran, e.g. ``tvm:conv2d-int8`` or ``tvm:conv2d-fp32``. TVM has no
+sub-byte conv on CPU: every 2..8-bit pair runs the int8 kernel (weights on the w-bit grid).
+
+Example:
+    >>> from lcpaq.profiler.backend import get_backend
+    >>> from lcpaq.profiler.hwprofile import load_profile
+    >>> prof = load_profile("hw_profiles/host-cpu-tvm.toml")  # doctest: +SKIP
+    >>> m = get_backend("tvm", prof).measure(unit, prof.settings)  # doctest: +SKIP
+    >>> m.kernel  # doctest: +SKIP
+    'tvm:conv2d-int8'
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpaq.errors import BackendUnavailableError, ProfileError
+from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, register_backend
+
+HOST_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+
+
+def parse_target(target: str | dict | None) -> dict[str, Any]:
+    """A TVM target dict from a profile's target string, e.g. ``"llvm -mcpu=znver3 -num-cores=2"``.
+
+    TVM 0.27 rejects ``"llvm -mcpu=znver3"`` as a string; the dict form works.
+
+    >>> parse_target("llvm -mcpu=znver3 -num-cores=2")
+    {'kind': 'llvm', 'mcpu': 'znver3', 'num-cores': 2}
+    >>> parse_target("llvm -mtriple=aarch64-linux-gnu -mattr=+neon")["mattr"]
+    ['+neon']
+    """
+    if not target:
+        return dict(HOST_TARGET)
+    if isinstance(target, dict):
+        return dict(target)
+    parts = shlex.split(target)
+    out: dict[str, Any] = {"kind": parts[0]}
+    for p in parts[1:]:
+        if not p.startswith("-") or "=" not in p:
+            raise ProfileError(f"[backend] target '{target}': option '{p}' is not of the form -key=value")
+        k, v = p.lstrip("-").split("=", 1)
+        if k == "mattr":
+            out[k] = v.split(",")
+        elif v.lstrip("-").isdigit():
+            out[k] = int(v)
+        else:
+            out[k] = v
+    return out
+
+
+class TvmBackend:
+    """TVM backend for one device profile (local, or remote when the profile has ``[rpc]``)."""
+
+    name = "tvm"
+
+    def __init__(self, profile: Any = None, *, work_dir: str | Path | None = None,
+                 trials: int | None = None) -> None:
+        threads = int(getattr(profile, "threads", 1) or 1) if profile is not None else 1
+        # TVM's thread pool reads this once, when the runtime first starts a parallel region.
+        os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+        try:
+            import tvm  # noqa: F401
+            from tvm.relax.frontend.onnx import from_onnx  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - ImportError or a broken native library
+            raise BackendUnavailableError(
+                f"apache-tvm is not usable here ({type(e).__name__}: {e}); install apache-tvm==0.27 "
+                "with apache-tvm-ffi==0.1.14.post1 or pick an 'ort' profile") from None
+        tvm_cfg = dict(getattr(profile, "tvm", {}) or {}) if profile is not None else {}
+        self.target_dict = parse_target(getattr(profile, "target", "") if profile is not None else "")
+        self.trials = int(tvm_cfg.get("trials", 0) if trials is None else trials)
+        wd = work_dir if work_dir is not None else tvm_cfg.get("work_dir")
+        self.work_dir = Path(wd) if wd else None
+        self.rpc = getattr(profile, "rpc", None) if profile is not None else None
+        self.threads = threads
+
+    def versions(self) -> dict[str, str]:
+        import tvm
+
+        v = {"tvm": str(tvm.__version__), "tvm_target": str(self.target_dict)}
+        try:
+            import tvm_ffi
+
+            v["tvm_ffi"] = str(getattr(tvm_ffi, "__version__", ""))
+        except ImportError:
+            pass
+        if self.rpc is not None:
+            v["rpc"] = f"{self.rpc.host}:{self.rpc.port}/{self.rpc.key}"
+        return v
+
+    def target(self) -> Any:
+        import tvm
+
+        return tvm.target.Target(self.target_dict)
+
+    def compile(self, unit: Unit) -> tuple[Any, str, dict[str, Any]]:
+        """(Relax executable, kernel label, info) for a unit."""
+        import onnx
+        from tvm.relax.frontend.onnx import from_onnx
+
+        from lcpaq.profiler.tvm_lower import kernel_label, lower_qdq
+        from lcpaq.profiler.tvm_tune import compile_tuned
+
+        mod = from_onnx(onnx.load_from_string(unit.onnx), keep_params_in_input=False)
+        mod, kinds = lower_qdq(mod)
+        t0 = time.perf_counter()
+        ex, info = compile_tuned(mod, self.target(), self.work_dir, self.trials, rpc=self.rpc)
+        info["compile_s"] = round(time.perf_counter() - t0, 3)
+        return ex, kernel_label(kinds, mod), info
+
+    def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
+        try:
+            ex, kernel, info = self.compile(unit)
+            if self.rpc is not None:
+                secs = self._run_remote(ex, unit, settings)
+            else:
+                secs = self._run_local(ex, unit, settings)
+            ms = np.asarray(secs, dtype=np.float64) * 1e3
+            return Measurement(
+                median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)),
+                p90_ms=float(np.percentile(ms, 90)), n=int(ms.size), wall_median_ms=float(np.median(ms)),
+                kernel=kernel, extra={**info, "remote": self.rpc is not None})
+        except Exception as e:  # noqa: BLE001 - failures are data
+            nan = float("nan")
+            return Measurement(nan, nan, nan, 0, error=f"{type(e).__name__}: {e}"[:500])
+
+    @staticmethod
+    def _time(vm: Any, dev: Any, args: list[Any], settings: MeasureSettings) -> list[float]:
+        for _ in range(settings.warmup):
+            vm["main"](*args)
+        f = vm.time_evaluator("main", dev, number=settings.number, repeat=settings.repeat,
+                              min_repeat_ms=int(settings.min_repeat_ms))
+        return list(f(*args).results)
+
+    def _run_local(self, ex: Any, unit: Unit, settings: MeasureSettings) -> list[float]:
+        import tvm
+        from tvm import relax
+
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(ex, dev)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in unit.inputs.values()]
+        return self._time(vm, dev, args, settings)
+
+    def _run_remote(self, ex: Any, unit: Unit, settings: MeasureSettings) -> list[float]:
+        import tvm
+        from tvm import relax, rpc
+
+        tracker = rpc.connect_tracker(self.rpc.host, self.rpc.port)
+        remote = tracker.request(self.rpc.key, priority=1, session_timeout=int(settings.timeout_s))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "unit.so")
+            ex.export_library(path)
+            remote.upload(path)
+        rlib = remote.load_module("unit.so")
+        dev = remote.cpu()
+        vm = relax.VirtualMachine(rlib, dev)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in unit.inputs.values()]
+        return self._time(vm, dev, args, settings)
+
+
+register_backend("tvm", TvmBackend)

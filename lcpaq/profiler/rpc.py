@@ -1,0 +1,95 @@
+"""A loopback TVM RPC tracker + server, for tests and for users who want a local "board".
+
+``local_tracker()`` starts ``python -m tvm.exec.rpc_tracker`` and ``python -m tvm.exec.rpc_server
+--tracker 127.0.0.1:PORT --key KEY`` as child processes on 127.0.0.1, waits until the server has
+registered its key, yields the RpcConfig to put in a profile, and stops both on exit (even on an
+exception). TVM is not imported in this process until the readiness check.
+
+Example:
+    >>> from lcpaq.profiler.rpc import local_tracker
+    >>> with local_tracker(key="loopback") as rpc:  # doctest: +SKIP
+    ...     backend = get_backend("tvm", dataclasses.replace(profile, rpc=rpc))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from lcpaq.errors import BackendUnavailableError
+from lcpaq.profiler.hwprofile import RpcConfig
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def wait_for_key(host: str, port: int, key: str, timeout_s: float = 180.0) -> None:
+    """Block until a server with ``key`` is free on the tracker (BackendUnavailableError if not)."""
+    from tvm import rpc
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:  # plain socket probe first: connect_tracker itself retries only every 5 s
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError as e:
+            last = f"tracker not listening yet: {e}"
+            time.sleep(0.2)
+            continue
+        try:
+            summary = rpc.connect_tracker(host, port).summary()
+            for q in summary.get("queue_info", {}) or {}:
+                if q == key and summary["queue_info"][q].get("free", 0) > 0:
+                    return
+            last = f"tracker up, key '{key}' not registered yet: {summary.get('queue_info')}"
+        except Exception as e:  # noqa: BLE001 - tracker not up yet
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.3)
+    raise BackendUnavailableError(
+        f"no TVM RPC server with key '{key}' on tracker {host}:{port} after {timeout_s:.0f} s ({last}); "
+        f"start one with `python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}`")
+
+
+@contextlib.contextmanager
+def local_tracker(key: str = "loopback", *, port: int | None = None, timeout_s: float = 180.0,
+                  python: str | None = None) -> Iterator[RpcConfig]:
+    """Run a TVM RPC tracker and one server on 127.0.0.1; yield its RpcConfig; stop both after."""
+    py = python or sys.executable
+    port = port or free_port()
+    env = dict(os.environ)
+    env.setdefault("TVM_NUM_THREADS", env.get("OMP_NUM_THREADS", "1"))
+    sport = free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen(
+            [py, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+             "--port-end", str(port + 1)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(
+            [py, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport),
+             "--port-end", str(sport + 20), "--tracker", f"127.0.0.1:{port}", "--key", key],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for_key("127.0.0.1", port, key, timeout_s)
+        yield RpcConfig(host="127.0.0.1", port=port, key=key)
+    finally:
+        for p in reversed(procs):
+            _stop(p)

@@ -1,0 +1,93 @@
+"""QDQ -> integer lowering in TVM: integer ops really replace the float conv/matmul, exact vs ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _tvm_util import conv_layer, linear_layer, require_tvm
+
+require_tvm()
+
+import onnx  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend.onnx import from_onnx  # noqa: E402
+
+from lcpaq.profiler.backends.ort import session  # noqa: E402
+from lcpaq.profiler.backends.tvm import HOST_TARGET  # noqa: E402
+from lcpaq.profiler.tvm_lower import kernel_label, lower_qdq  # noqa: E402
+from lcpaq.profiler.units import build_unit  # noqa: E402
+
+LAYERS = {
+    "conv3x3": conv_layer(), "conv1x1s2": conv_layer(k=1, stride=2, act=False),
+    "fc": linear_layer(),
+}
+
+
+def _run(mod, feeds):
+    ex = tvm.compile(mod, target=tvm.target.Target(HOST_TARGET))
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    return vm["main"](*[tvm.runtime.tensor(v, dev) for v in feeds.values()]).numpy()
+
+
+CASES = [("conv3x3", b, ic) for b in ((8, 8), (4, 8), (2, 8)) for ic in ("int8", "fp32")] + [
+    ("conv1x1s2", (4, 4), "fp32"), ("fc", (8, 8), "int8"), ("fc", (4, 8), "fp32")]
+
+
+def _id(c):
+    return f"{c[0]}-w{c[1][0]}a{c[1][1]}-in_{c[2]}"
+
+
+@pytest.mark.parametrize("name,bits,in_class", CASES, ids=[_id(c) for c in CASES])
+def test_qdq_lowered_to_integer_and_exact_vs_ort(name, bits, in_class):
+    layer = LAYERS[name]
+    onnx_bytes, feeds = build_unit(layer, bits, in_class, seed=3)
+    mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    low, kinds = lower_qdq(mod)
+    op = "conv2d" if layer.kind == "conv" else "matmul"
+    assert kinds == [f"{op}-int8"]
+    text = low["main"].script()
+    # the float conv/matmul and the dequantize of weights/activations are gone
+    n_ops = text.count("R.nn.conv2d(") + text.count("R.matmul(")
+    assert n_ops == 1 and text.count('out_dtype="int32"') == n_ops
+    assert "R.dequantize" not in text
+    out = _run(low, feeds)
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    assert out.dtype == np.uint8 and out.shape == ref.shape
+    # same integer accumulation, same float requantize: at most 1 LSB from float rounding order
+    diff = np.abs(out.astype(np.int32) - ref.astype(np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_integer_conv_accumulator_matches_numpy_reference():
+    """The int32 accumulator of the lowered conv equals an exact integer reference."""
+    layer = conv_layer(c=4, o=6, hw=6)
+    onnx_bytes, feeds = build_unit(layer, (8, 8), "int8", seed=1)
+    m = onnx.load_from_string(onnx_bytes)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    x, w = feeds["x"].astype(np.int64), inits["wq"].astype(np.int64)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    acc = np.zeros((1, 6, 6, 6), np.int64)
+    for i in range(3):
+        for j in range(3):
+            acc += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 6, j:j + 6], w[:, :, i, j])
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "uint8"))
+    with bb.function("main", [xv]):
+        y = bb.emit(relax.op.nn.conv2d(xv, relax.const(inits["wq"]), padding=[1, 1, 1, 1], out_dtype="int32"))
+        bb.emit_func_output(y)
+    got = _run(bb.get(), {"x": feeds["x"]})
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, acc)
+
+
+@pytest.mark.parametrize("name", ["conv3x3", "fc"])
+def test_fp32_unit_stays_float(name):
+    onnx_bytes, feeds = build_unit(LAYERS[name], (32, 32), "fp32", seed=2)
+    mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    low, kinds = lower_qdq(mod)
+    assert kinds == []
+    assert kernel_label(kinds, low).endswith("-fp32")
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    np.testing.assert_allclose(_run(low, feeds), ref, rtol=1e-4, atol=1e-4)
