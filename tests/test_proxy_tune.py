@@ -78,3 +78,12 @@ def test_policy_maker_caches_and_obeys_pareto_point(tiny_setup):
     best, cheap = make(Knobs(pareto_point="best")), make(Knobs(pareto_point="cheap"))
     assert make(Knobs(pareto_point="best", calib_method="mse")) is best
     assert policy_costs(inv, cheap).total_size_mb <= policy_costs(inv, best).total_size_mb + 1e-12
+
+
+def test_cli_tune_and_finetune_bad_input_exit_2(tmp_path):
+    from lcpaq.cli import main
+
+    assert main(["tune", "--model", "mnist_resnet", "--data", "digits", "--sensitivity",
+                 str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.json")]) == 2
+    assert main(["finetune", "--model", "mnist_resnet", "--data", "digits", "--policy",
+                 str(tmp_path / "missing.json"), "--out", str(tmp_path / "q.pt")]) == 2
