@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--train", type=int, default=6)
+    ap.add_argument("--compare-tables", action="store_true",
+                    help="only re-score saved results with the per-layer tables in latency_tables/host-cpu-ort")
     args = ap.parse_args(argv)
+    if args.compare_tables:
+        return compare_tables(args)
 
     import torch
 
@@ -130,6 +134,53 @@ def main(argv: list[str] | None = None) -> int:
         s = r["summary"]
         print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
               f"  {s['within_5pct']:3d}/{s['policies']}     {s['median_abs_err_uncal_pct']:.2f}%")
+    return 0
+
+
+def compare_tables(args: argparse.Namespace) -> int:
+    """Score the isolated-unit tables (lcpaq profile) on the same 20 policies and measurements.
+
+    The policies are regenerated from their seeds; the measured whole-model times come from the
+    saved results of the fidelity run. Reported raw and rescaled on the uniform references."""
+    from lcpaq.graph import trace_named
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.fidelity import random_class_policy
+    from lcpaq.profiler.predict import latency_model
+
+    cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
+    root = Path(__file__).resolve().parent.parent / "latency_tables" / "host-cpu-ort"
+    print(" model           thr  table median|err|  max|err|  within±5%   | ref-rescaled median  max")
+    out = []
+    for model_name in args.models.split(","):
+        for threads in [int(t) for t in args.threads.split(",")]:
+            res = RESULTS / f"bench_predict_{model_name}_{threads}t.json"
+            if not res.exists():
+                continue
+            data = json.loads(res.read_text())
+            model, inv = trace_named(model_name)
+            from lcpaq.profiler.onnx_export import quantizable_names
+
+            names = quantizable_names(model)
+            lm = latency_model(root / f"{model_name}.jsonl", inv, cands)
+            refs = {eval(k): v for k, v in data["summary"]["refs_ms"].items()}  # noqa: S307 - our own tuple keys
+            scale = {p: refs[p] / lm.predict(Policy.uniform(names, *p)) for p in refs}
+            errs, errs_s = [], []
+            for row in data["rows"]:
+                pol = random_class_policy(names, np.random.default_rng(row["policy"]), cands)
+                pred = lm.predict(pol)
+                frac = row["fp32_layers"] / row["layers"]
+                pred_s = pred * (frac * scale[(32, 32)] + (1 - frac) * scale[(8, 8)])
+                errs.append(100 * (pred / row["measured_ms"] - 1))
+                errs_s.append(100 * (pred_s / row["measured_ms"] - 1))
+            a, b = [abs(e) for e in errs], [abs(e) for e in errs_s]
+            summ = {"model": model_name, "threads": threads, "median_abs_err_pct": statistics.median(a),
+                    "max_abs_err_pct": max(a), "within_5pct": sum(e <= 5 for e in a),
+                    "rescaled_median_abs_err_pct": statistics.median(b), "rescaled_max_abs_err_pct": max(b),
+                    "errors_pct": errs, "rescaled_errors_pct": errs_s}
+            out.append(summ)
+            print(f" {model_name:15s} {threads:3d}  {summ['median_abs_err_pct']:10.2f}%  {max(a):7.2f}%  "
+                  f"{summ['within_5pct']:3d}/{len(a)}      | {statistics.median(b):8.2f}%  {max(b):7.2f}%")
+    (RESULTS / "bench_predict_isolated_tables.json").write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -158,3 +158,14 @@ def test_every_node_has_an_owner(model, x):
     anchors = [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
     owners = node_owners(proto, anchors)
     assert all(n.name in owners for n in proto.graph.node)
+
+
+def test_context_table_round_trip_and_schema_check(tmp_path):
+    from lcpaq.errors import TableError
+
+    ct = ContextTable({"int8:abc": 1.5}, {"conv": [("int8", ("fp32",), 1.5)]}, {"conv": ("fc",)})
+    ct.save(tmp_path / "ct.json")
+    assert ContextTable.load(tmp_path / "ct.json") == ct
+    (tmp_path / "bad.json").write_text('{"schema": "other"}')
+    with pytest.raises(TableError, match="lcpaq.context_table/1"):
+        ContextTable.load(tmp_path / "bad.json")

@@ -226,6 +226,36 @@ class ContextTable:
             self.obs.setdefault(lname, []).append((precision_class(policy[lname]), nb_cls, self.ms[u.key]))
         return new
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "lcpaq.context_table/1", "ms": self.ms,
+                "obs": {k: [[c, list(nc), t] for c, nc, t in v] for k, v in self.obs.items()},
+                "neighbours": {k: list(v) for k, v in self.neighbours.items()}}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> ContextTable:
+        from lcpaq.errors import TableError
+
+        if d.get("schema") != "lcpaq.context_table/1":
+            raise TableError(f"context table schema is {d.get('schema')!r}, expected 'lcpaq.context_table/1'")
+        return ContextTable(dict(d["ms"]), {k: [(c, tuple(nc), float(t)) for c, nc, t in v]
+                                            for k, v in d["obs"].items()},
+                            {k: tuple(v) for k, v in d["neighbours"].items()})
+
+    def save(self, path: Any) -> Any:
+        """Atomic JSON write (temp file + rename)."""
+        import json
+
+        from lcpaq.policy import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
+
+    @staticmethod
+    def load(path: Any) -> ContextTable:
+        import json
+        from pathlib import Path
+
+        return ContextTable.from_dict(json.loads(Path(path).read_text()))
+
     def predict_exact(self, units: Mapping[str, CutUnit]) -> float | None:
         """Sum of the policy's own cut units, or None when one is not in the table."""
         try:
