@@ -166,8 +166,8 @@ def _model(problem: Problem, objective: str, budgets: Budgets):
         return e + problem.constants.get(cost, 0.0)
 
     prob += expr(objective)
-    for k, lim in budgets.items():
-        prob += expr(BUDGET_COSTS[k]) <= lim, k
+    for bname, lim in budgets.items():
+        prob += expr(BUDGET_COSTS[bname]) <= lim, bname
     return prob, x, cands
 
 

@@ -43,10 +43,10 @@ def random_problem(n_layers: int, *, candidates: tuple[BitPair, ...] = CANDIDATE
                    {"size_mb": size, "gbops": gbops, "latency_ms": lat}, Budgets(), tie_groups, {}, pw)
     lo = {k: sum(min(t[ly].values()) for ly in layers) for k, t in prob.costs.items()}
     hi = {k: sum(max(t[ly].values()) for ly in layers) for k, t in prob.costs.items()}
-    b = {k: lo[c] + budget_frac * (hi[c] - lo[c])
+    lims = {k: lo[c] + budget_frac * (hi[c] - lo[c])
          for k, c in (("max_size_mb", "size_mb"), ("max_gbops", "gbops"), ("max_latency_ms", "latency_ms"))
          if k in budgets}
-    return prob.with_budgets(Budgets(**b))
+    return prob.with_budgets(Budgets(**lims))
 
 
 def synthetic_latency(names: list[str] | tuple[str, ...], candidates: tuple[BitPair, ...], *, seed: int = 0,
