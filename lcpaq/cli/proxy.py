@@ -57,7 +57,7 @@ def finetune(
                 prog.update(task, val=f"{ev['val_acc']:.2f}%")
         res = run(m, pol, train, val, epochs=epochs, kd_temp=kd_temp, kd_alpha=kd_alpha, lr=lr,
                   checkpoint_dir=ckpt, resume=resume, calib_method=calib, seed=seed, progress=on)
-    save_quantized(m, pol, out, model=model, data=data, **{k: v for k, v in res.to_dict().items() if k != "history"})
+    save_quantized(m, pol, out, meta={"model": model, "data": data} | res.to_dict())
     if json_out:
         emit_json(res.to_dict() | {"out": str(out)})
         return

@@ -194,11 +194,12 @@ def finetune(
                           resumed_from=start, wall_s=time.perf_counter() - t0, history=tuple(history))
 
 
-def save_quantized(model: nn.Module, policy: Policy, path: str | Path, **meta: Any) -> Path:
+def save_quantized(model: nn.Module, policy: Policy, path: str | Path, *,
+                   meta: Mapping[str, Any] | None = None) -> Path:
     """Write the fine-tuned fake-quant model (policy + state_dict, ``lcpaq.qmodel/1``) atomically."""
     path = Path(path)
     _atomic_save({"schema": QMODEL_SCHEMA, "policy": policy.to_dict(), "state_dict": model.state_dict(),
-                  "meta": dict(meta)}, path)
+                  "meta": dict(meta or {})}, path)
     return path
 
 
