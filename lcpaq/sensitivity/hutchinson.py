@@ -20,6 +20,7 @@ statistics and the Hessian is that of the deployed function; only the blocks req
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,11 +43,13 @@ def hutchinson_blocks(
     min_probes: int = 10,
     tol: float = 0.05,
     progress: Progress | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[dict[str, TraceEstimate], list[dict[str, float]]]:
     """Hutchinson trace of every block of ∇²loss from shared probes (the estimator's core).
 
     ``blocks``: (key, tensor) pairs that ``loss`` depends on. Stops once every block's
-    |stderr / mean| < ``tol`` after at least ``min_probes`` probes, or at ``max_probes``.
+    |stderr / mean| < ``tol`` after at least ``min_probes`` probes, or at ``max_probes``, or
+    once ``max_seconds`` have passed (wall clock, checked after each probe).
     Returns the estimates and the raw per-probe values (key -> v_l . (Hv)_l).
     """
     if max_probes < 2:
@@ -57,6 +60,7 @@ def hutchinson_blocks(
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     run = RunningStats(keys)
     samples: list[dict[str, float]] = []
+    t0 = time.perf_counter()
     for i in range(max_probes):
         if not live:  # loss linear in every block: the Hessian blocks are all 0
             run.add(dict.fromkeys(keys, 0.0))
@@ -76,6 +80,8 @@ def hutchinson_blocks(
             progress(i + 1, mrs)
         if i + 1 >= max(min_probes, 2) and mrs < tol:
             break
+        if max_seconds is not None and i + 1 >= 2 and time.perf_counter() - t0 > max_seconds:
+            break
     return {k: run.estimate(k) for k in keys}, samples
 
 
@@ -93,6 +99,7 @@ def hutchinson_traces(
     seed: int = 0,
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[dict[str, TraceEstimate], dict[str, TraceEstimate], list[dict[str, float]]]:
     """Per-layer weight (and input-activation) Hessian traces of ``loss_fn(model(x), y)``.
 
@@ -111,7 +118,8 @@ def hutchinson_traces(
         if activations:
             blocks += [(f"a:{n}", acts[n]) for n in layers]
         est, samples = hutchinson_blocks(loss, blocks, generator=gen, max_probes=max_probes,
-                                         min_probes=min_probes, tol=tol, progress=progress)
+                                         min_probes=min_probes, tol=tol, progress=progress,
+                                         max_seconds=max_seconds)
     w = {n: est[f"w:{n}"] for n in layers}
     a = {n: est[f"a:{n}"] for n in layers} if activations else {}
     return w, a, samples
