@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)  # click returns Exit codes here, not raises
     except LcpaqError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 def entry() -> None:
