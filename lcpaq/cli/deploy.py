@@ -45,7 +45,7 @@ def validate(
 ) -> None:
     """Deploy a policy on the profile's runtime; measured vs predicted latency (and output check)."""
     from lcpaq.deploy.validate import validate as run_validate
-    from lcpaq.models import get_model
+    from lcpaq.models import default_input_shape, get_model
     from lcpaq.policy import Policy
     from lcpaq.profiler.hwprofile import load_profile
 
@@ -55,7 +55,8 @@ def validate(
     cal, xs, ys = _calib_and_check(model)
     with console.status(f"deploying on {hwp.backend} and measuring ({rounds} rounds)..."):
         rep = run_validate(m, pol, hwp, table, threads=threads, strict_threshold_pct=threshold_pct,
-                           calib=cal, check_inputs=xs, check_labels=ys, rounds=rounds, model_name=model)
+                           calib=cal, check_inputs=xs, check_labels=ys, rounds=rounds, model_name=model,
+                           input_shape=default_input_shape(model))
     out.mkdir(parents=True, exist_ok=True)
     rep.save(out / "validation.json")
     rep.plot(out / "predicted_vs_measured.png")
