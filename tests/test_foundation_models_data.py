@@ -13,6 +13,15 @@ from lcpaq.errors import ConfigError, UnknownDataError, UnknownModelError
 from lcpaq.models import EMBEDDED, default_input_shape, get_model, list_models, train_embedded
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """1 intra-op thread: on a shared 2-core box 2 OpenMP threads stall (see FINDINGS)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_registry_lists_embedded_and_torchvision():
     names = list_models()
     assert names[0] == EMBEDDED and {"resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small"} <= set(names)

@@ -22,6 +22,15 @@ from lcpaq.quant import (
 )
 from lcpaq.testing.models import TinyResNet
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """1 intra-op thread: on a shared 2-core box 2 OpenMP threads stall (see FINDINGS)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 BITS = [2, 3, 4, 6, 8]
 
 
