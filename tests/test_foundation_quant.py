@@ -188,12 +188,19 @@ def test_apply_policy_validates_first(edit, needle):
     assert not any(isinstance(x, (QuantConv2d, QuantLinear)) for x in m.modules())  # untouched
 
 
+def test_apply_policy_rejects_unknown_method_untouched():
+    m = TinyResNet()
+    with pytest.raises(ConfigError, match="unknown calibration method 'kl'"):
+        apply_policy(m, Policy.uniform(quantizable_names(m), 8, 8), method="kl")
+    assert not any(isinstance(x, (QuantConv2d, QuantLinear)) for x in m.modules())
+
+
 def test_uncalibrated_activation_quantizer_says_what_to_do():
     m = TinyResNet()
     apply_policy(m, Policy.uniform(quantizable_names(m), 8, 8))
     with pytest.raises(ConfigError, match="calibrat"):
         m(torch.randn(1, 3, 16, 16))
-    calibrate(m, _loader(), batches=1)
+    calibrate(m, _loader(), 1)
     assert m(torch.randn(1, 3, 16, 16)).shape == (1, 4)
 
 

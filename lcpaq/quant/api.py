@@ -7,8 +7,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lcpaq.errors import ConfigError
 from lcpaq.policy import FLOAT_BITS, Policy
 from lcpaq.quant.modules import QUANT_TYPES, QuantConv2d, QuantLinear
+from lcpaq.quant.quantizers import CALIB_METHODS
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
@@ -38,6 +40,8 @@ def apply_policy(
     >>> _ = apply_policy(m, Policy.uniform(quantizable_names(m), 8, 8))
     """
     policy.validate(quantizable_names(model))
+    if method not in CALIB_METHODS:  # checked up front so a bad call leaves the model untouched
+        raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(CALIB_METHODS)}")
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, QUANTIZABLE) or name not in policy:
             continue
@@ -65,8 +69,14 @@ def _as_float(q: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, loader: Iterable, *, batches: int = 4) -> nn.Module:
-    """Run ``batches`` batches through ``model`` to set every activation quantizer's range."""
+def calibrate(model: nn.Module, loader: Iterable, batches: int = 4) -> nn.Module:
+    """Run ``batches`` batches through ``model`` to set every activation quantizer's range.
+
+    Each quantizer uses the method it was built with (``apply_policy(..., method=...)``).
+
+    >>> apply_policy(model, policy)            # doctest: +SKIP
+    >>> calibrate(model, train_loader, 4)      # doctest: +SKIP
+    """
     quants = [m.act_quant for m in model.modules() if isinstance(m, QUANT_TYPES) and m.act_quant is not None]
     if not quants:
         return model
