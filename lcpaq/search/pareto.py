@@ -71,6 +71,8 @@ class Frontier:
         ax.plot([k.costs[self.cost_name]], [k.objective], "s", ms=10, mfc="none", label="knee")
         if chosen is not None:
             ax.plot([chosen.costs[self.cost_name]], [chosen.objective], "r*", ms=14, label="chosen")
+            if self.sweep in chosen.budgets:
+                ax.axvline(chosen.budgets[self.sweep], color="r", ls="--", lw=1, label="budget")
         ax.set_xlabel(f"{self.cost_name} [{COST_UNITS[self.cost_name]}]")
         ax.set_ylabel("total sensitivity Ω")
         ax.grid(alpha=0.3)
