@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         calibrate_to_references,
         cut_units,
         fit_latency_model,
+        predict_hybrid,
         random_class_policy,
     )
     from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_name in args.models.split(","):
             t0 = time.perf_counter()
             small = model_name == "mnist_resnet"
-            st = MeasureSettings(warmup=3, number=40 if small else 5, repeat=9 if small else 7, threads=threads,
+            st = MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=threads,
                                  metric="thread_cpu" if threads == 1 else "wall")
             model = get_model(model_name)
             names = quantizable_names(model)
@@ -109,25 +110,29 @@ def main(argv: list[str] | None = None) -> int:
                 drift = min(ms_ref) / refs[(8, 8)]
                 pred, pred_raw = lm.predict(pol) * drift, raw.predict(pol) * drift
                 miss = sum(1 for u in units.values() if u.key not in ct.ms)
+                hyb = predict_hybrid(ct, lm, units, pol) * drift
                 row = {
                     "threads": threads, "model": model_name, "policy": k,
                     "fp32_layers": sum(1 for n in names if pol[n] == (32, 32)), "layers": len(names),
                     "measured_ms": meas, "predicted_ms": pred, "error_pct": 100 * (pred / meas - 1),
                     "predicted_uncalibrated_ms": pred_raw, "error_uncalibrated_pct": 100 * (pred_raw / meas - 1),
                     "error_edge_share_pct": 100 * (lm_half.predict(pol) * drift / meas - 1),
-                    "drift": drift, "error_no_drift_pct": 100 * (lm.predict(pol) / meas - 1),
+                    "drift": drift,
+                    "predicted_hybrid_ms": hyb, "error_hybrid_pct": 100 * (hyb / meas - 1), "error_no_drift_pct": 100 * (lm.predict(pol) / meas - 1),
                     "units_not_in_table": miss, "metric": st.metric,
                 }
                 rows.append(row)
                 print(f"{threads}t {model_name:13s} #{k:2d} fp32 {row['fp32_layers']:2d}/{len(names)} "
                       f"meas {meas:8.3f} pred {pred:8.3f} err {row['error_pct']:+6.1f}% "
-                      f"(uncal {row['error_uncalibrated_pct']:+6.1f}%, edge-share {row['error_edge_share_pct']:+6.1f}%) miss {miss}", flush=True)
+                      f"(hybrid {row['error_hybrid_pct']:+6.1f}%, uncal {row['error_uncalibrated_pct']:+6.1f}%, edge-share {row['error_edge_share_pct']:+6.1f}%) miss {miss}", flush=True)
             errs = [abs(r["error_pct"]) for r in rows]
             summ = {
                 "threads": threads, "model": model_name, "policies": len(rows), "table_units": len(ct.ms),
                 "table_build_s": round(t_table, 1), "refs_ms": {str(k): v for k, v in refs.items()},
                 "median_abs_err_pct": statistics.median(errs), "max_abs_err_pct": max(errs),
                 "within_5pct": sum(e <= 5 for e in errs),
+                "median_abs_err_hybrid_pct": statistics.median(abs(r["error_hybrid_pct"]) for r in rows),
+                "max_abs_err_hybrid_pct": max(abs(r["error_hybrid_pct"]) for r in rows),
                 "median_abs_err_uncal_pct": statistics.median(abs(r["error_uncalibrated_pct"]) for r in rows),
                 "median_abs_err_edge_share_pct": statistics.median(abs(r["error_edge_share_pct"]) for r in rows),
                 "max_abs_err_edge_share_pct": max(abs(r["error_edge_share_pct"]) for r in rows),
@@ -136,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(summ), flush=True)
             all_rows.append({"summary": summ, "rows": rows})
+            ct.save(RESULTS / f"bench_predict_context_{model_name}_{threads}t.json")
             out = RESULTS / f"bench_predict_{model_name}_{threads}t.json"
             out.write_text(json.dumps({"summary": summ, "rows": rows, "load": os.getloadavg()}, indent=1))
-    print("\n model           thr  median|err|  max|err|  within±5%  (uncal. median)")
+    print("\n model           thr  median|err|  max|err|  within±5%  (uncal. median)  hybrid median/max")
     for r in all_rows:
         s = r["summary"]
         print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
-              f"  {s['within_5pct']:3d}/{s['policies']}     {s['median_abs_err_uncal_pct']:.2f}%")
+              f"  {s['within_5pct']:3d}/{s['policies']}     {s['median_abs_err_uncal_pct']:.2f}%"
+              f"   {s['median_abs_err_hybrid_pct']:.2f}% / {s['max_abs_err_hybrid_pct']:.2f}%")
     return 0
 
 

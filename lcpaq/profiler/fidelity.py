@@ -267,7 +267,7 @@ class ContextTable:
 def fit_latency_model(ct: ContextTable, candidates: Sequence[BitPair]) -> LatencyModel:
     """Additive model: per layer and class, t = base + sum over neighbours of another class of d_e.
 
-    Solved per (layer, class) by least squares over the observed contexts; an edge's transition cost
+    Solved per (layer, class) by non-negative least squares over the observed contexts; an edge's transition cost
     is the sum of both ends' d_e (each end pays its own convert op)."""
     base: dict[tuple[str, str], float] = {}
     delta: dict[tuple[str, str, str], float] = {}  # (layer, class, neighbour) -> ms
@@ -277,15 +277,18 @@ def fit_latency_model(ct: ContextTable, candidates: Sequence[BitPair]) -> Latenc
             sel = [(nc, t) for c, nc, t in rows if c == cls]
             if not sel:
                 continue
-            uniq = {(nc, t) for nc, t in sel}
-            A = np.array([[1.0] + [float(x != cls) for x in nc] for nc, _ in uniq])
-            y = np.array([t for _, t in uniq])
-            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+            uniq = sorted({(nc, t) for nc, t in sel})
             same = [t for nc, t in uniq if all(x == cls for x in nc)]
-            base[(lname, cls)] = float(np.median(same)) if same else float(coef[0])
+            # Base: the unit among same-class neighbours (the uniform policy); transition costs:
+            # non-negative least squares on what the other contexts add (a convert op never
+            # saves time; unconstrained fits extrapolated to -9 ms on resnet18).
+            b0 = float(np.median(same)) if same else min(t for _, t in uniq)
+            base[(lname, cls)] = b0
+            A = np.array([[float(x != cls) for x in nc] for nc, _ in uniq]).reshape(len(uniq), len(nbs))
+            y = np.array([t - b0 for _, t in uniq])
+            coef = _nnls(A, y) if A.size else np.zeros(len(nbs))
             for j, nb in enumerate(nbs):
-                # an unobserved flip has a zero column: lstsq gives 0 there
-                delta[(lname, cls, nb)] = float(coef[j + 1])
+                delta[(lname, cls, nb)] = float(coef[j])
     unary = {}
     for lname in ct.obs:
         unary[lname] = {tuple(p): base.get((lname, precision_class(p)), float("nan")) for p in candidates}
@@ -305,7 +308,32 @@ def fit_latency_model(ct: ContextTable, candidates: Sequence[BitPair]) -> Latenc
                     if ca != cb:
                         tab[(tuple(pa), tuple(pb))] = delta.get((a, ca, b), 0.0) + delta.get((b, cb, a), 0.0)
             pairwise[edge] = tab  # type: ignore[index]
-    return LatencyModel(unary, pairwise, 0.0, meta={"source": "lcpaq.profiler.fidelity"})
+    return LatencyModel(unary, pairwise, 0.0, meta={"source": "lcpaq.profiler.fidelity", "delta": delta})
+
+
+def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from scipy.optimize import nnls
+
+    return nnls(A, y)[0]
+
+
+def predict_hybrid(ct: ContextTable, lm: LatencyModel, units: Mapping[str, CutUnit], policy: Policy) -> float:
+    """Measured unit where the table holds the policy's exact unit, else the fitted layer cost.
+
+    Needs the policy's own cut units (an export): what validate has, not what the search has.
+    ``lm`` is the (calibrated) fitted model; its per-unit correction applies to measured units too."""
+    corr = lm.meta.get("per_unit_correction_ms", {})
+    delta = lm.meta.get("delta", {})
+    total = lm.constant_ms
+    for lname, u in units.items():
+        cls = precision_class(policy[lname])
+        if u.key in ct.ms:
+            total += ct.ms[u.key] - corr.get(cls, 0.0)
+        else:
+            total += lm.layer_ms(lname, policy[lname]) + sum(
+                delta.get((lname, cls, nb), 0.0) for nb in u.neighbours
+                if precision_class(policy[nb]) != cls)
+    return float(total)
 
 
 def calibrate_to_references(lm: LatencyModel, refs: Mapping[BitPair, float], *,
@@ -352,4 +380,4 @@ def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidat
     return Policy({n: (fps[0] if rng.random() < p_fp32 else ints[rng.integers(len(ints))]) for n in names})
 
 
-__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references"]
+__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid"]
