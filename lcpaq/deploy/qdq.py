@@ -46,8 +46,8 @@ def _float_copy(model: Any) -> Any:
     return m
 
 
-def torch_to_onnx(model: Any, input_shape: Sequence[int]) -> bytes:
-    """Float ONNX (opset 17, BN folded, dynamic batch) of a torch model."""
+def torch_to_onnx(model: Any, input_shape: Sequence[int], *, dynamic_batch: bool = True) -> bytes:
+    """Float ONNX (opset 17, BN folded, dynamic batch unless told otherwise) of a torch model."""
     import warnings
 
     import torch
@@ -57,7 +57,7 @@ def torch_to_onnx(model: Any, input_shape: Sequence[int]) -> bytes:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, torch.zeros(*input_shape), f, dynamo=False, opset_version=OPSET,
                           do_constant_folding=True, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}} if dynamic_batch else None)
     return f.getvalue()
 
 
@@ -143,7 +143,7 @@ def _fold_factor(w: np.ndarray, wf: np.ndarray) -> np.ndarray:
 
 
 def export_qdq(model: Any, input_shape: Sequence[int], *, calib_inputs: Sequence[np.ndarray] = (),
-               quantize_outputs: bool = True, w8_as_w7: bool = True) -> bytes:
+               quantize_outputs: bool = True, w8_as_w7: bool = True, dynamic_batch: bool = True) -> bytes:
     """ONNX QDQ bytes of a calibrated fake-quant ``model`` (from ``apply_policy``) at its policy.
 
     ``w8_as_w7``: store 8-bit weights on a 7-bit grid; ONNX Runtime's fused u8 x s8 int8 conv
@@ -164,7 +164,7 @@ def export_qdq(model: Any, input_shape: Sequence[int], *, calib_inputs: Sequence
     for n, m in qmods.items():
         if m.act_quant is not None and not bool(m.act_quant.calibrated):
             raise ConfigError(f"layer '{n}' is not calibrated; pass calib_loader to apply_policy before export")
-    proto = onnx.load_from_string(torch_to_onnx(_float_copy(model), input_shape))
+    proto = onnx.load_from_string(torch_to_onnx(_float_copy(model), input_shape, dynamic_batch=dynamic_batch))
     g = _Graph(proto)
     names = set(fq)
     int_nodes: list[tuple[Any, str]] = []  # (node, layer) with integer compute
@@ -272,7 +272,9 @@ def _quantize_outputs(g: _Graph, int_nodes: list[tuple[Any, str]], calib_inputs:
     lo = {t: np.inf for t, _ in todo}
     hi = {t: -np.inf for t, _ in todo}
     outs = [o.name for o in sess.get_outputs()]
-    for x in calib_inputs:
+    static = sess.get_inputs()[0].shape[0] == 1
+    batches = [b[i:i + 1] for b in calib_inputs for i in range(min(len(b), 64))] if static else calib_inputs
+    for x in batches:
         res = dict(zip(outs, sess.run(None, {"x": np.asarray(x, np.float32)}), strict=True))
         for t, _ in todo:
             lo[t] = min(lo[t], float(res[t].min()))

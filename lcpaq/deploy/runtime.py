@@ -34,6 +34,8 @@ class Deployment:
     artifact: bytes | None = None  # ONNX bytes (ort/tvm)
     notes: list[str] = field(default_factory=list)
     profile_layers: Callable[[int], dict[str, float]] | None = None  # per-layer ms, where possible
+    # The runtime's own timer, settings -> (primary ms samples, wall ms samples); None = time `call`.
+    timer: Callable[[Any], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def deploy(fq_model: Any, backend: str, input_shape: Sequence[int], *, threads: int = 1,
@@ -102,20 +104,62 @@ def _deploy_kernels(fq: Any, threads: int, x1: np.ndarray) -> Deployment:
 
 def _deploy_tvm(fq: Any, input_shape: Sequence[int], threads: int, calib: Sequence[np.ndarray],
                 x1: np.ndarray, hw: Any) -> Deployment:
-    try:
-        from lcpaq.profiler.backends import tvm as tvm_backend
-    except ImportError as e:
-        raise BackendUnavailableError(f"the TVM backend is not available: {e}") from None
-    compile_onnx = getattr(tvm_backend, "compile_onnx", None)
-    if compile_onnx is None:
-        raise BackendUnavailableError("the TVM backend has no compile_onnx(onnx_bytes, profile) yet; "
-                                      "validate on hw_profiles/host-cpu-ort.toml meanwhile")
-    from lcpaq.deploy.qdq import export_qdq
+    """The QDQ graph (static batch 1) compiled by the TVM backend: locally or on an RPC board.
 
-    onnx_bytes = export_qdq(fq, input_shape, calib_inputs=calib)
-    runner = compile_onnx(onnx_bytes, hw)  # expected: callable(np.ndarray) -> np.ndarray
-    return Deployment("tvm", lambda x: np.asarray(runner(np.asarray(x, np.float32))),
-                      lambda: runner(x1), onnx_bytes)
+    QDQ conv/matmul are lowered to int8 compute (lcpaq.profiler.tvm_lower); the profile's
+    ``[tvm] trials``/``work_dir`` say whether to tune and where the tuning database lives.
+    Timing is TVM's ``time_evaluator`` (wall, TVM runs its own thread pool).
+    """
+    import tvm
+    from tvm import relax
+
+    from lcpaq.deploy.qdq import export_qdq
+    from lcpaq.profiler.backend import Unit
+    from lcpaq.profiler.backends.tvm import TvmBackend
+
+    be = TvmBackend(hw)
+    onnx_bytes = export_qdq(fq, input_shape, calib_inputs=calib, dynamic_batch=False)
+    unit = Unit("deploy:whole-model", onnx_bytes, {"x": x1}, {}, (8, 8))
+    ex, kernel, info = be.compile(unit)
+    if be.rpc is None:
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(ex, dev)
+    else:  # a session on the board: upload the library once, run and time there
+        import os
+        import tempfile
+
+        from tvm import rpc
+
+        remote = rpc.connect_tracker(be.rpc.host, be.rpc.port).request(be.rpc.key, priority=1,
+                                                                        session_timeout=600)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "model.so")
+            ex.export_library(path)
+            remote.upload(path)
+        dev = remote.cpu()
+        vm = relax.VirtualMachine(remote.load_module("model.so"), dev)
+
+    def one(x: np.ndarray) -> np.ndarray:
+        out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev))
+        return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+
+    def run(xs: np.ndarray) -> np.ndarray:  # static batch 1: one sample at a time
+        return np.concatenate([one(xs[i:i + 1]) for i in range(len(xs))])
+
+    arg = tvm.runtime.tensor(np.ascontiguousarray(x1), dev)
+
+    def timer(settings: Any) -> tuple[np.ndarray, np.ndarray]:
+        for _ in range(settings.warmup):
+            vm["main"](arg)
+        f = vm.time_evaluator("main", dev, number=settings.number, repeat=settings.repeat,
+                              min_repeat_ms=int(settings.min_repeat_ms))
+        ms = np.asarray(f(arg).results, np.float64) * 1e3
+        return ms, ms
+
+    notes = [f"tvm kernel: {kernel}", f"tvm compile: {info}"]
+    if be.rpc is not None:
+        notes.append(f"remote board via tracker {be.rpc.host}:{be.rpc.port} key {be.rpc.key}")
+    return Deployment("tvm", run, lambda: vm["main"](arg), onnx_bytes, notes, None, timer)
 
 
 def layer_names(model: Any) -> list[str]:
