@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,13 +34,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+    """Stop a child started in its own session, with its children (the tracker and the server
+    each fork a worker that keeps the port open if only the parent dies)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # the group id is the child's pid (start_new_session=True)
+        except ProcessLookupError:
+            pass
         try:
             proc.wait(timeout=5)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+            continue
 
 
 def wait_for_key(host: str, port: int, key: str, timeout_s: float = 180.0) -> None:
@@ -83,11 +89,11 @@ def local_tracker(key: str = "loopback", *, port: int | None = None, timeout_s: 
         procs.append(subprocess.Popen(
             [py, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
              "--port-end", str(port + 1)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         procs.append(subprocess.Popen(
             [py, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport),
              "--port-end", str(sport + 20), "--tracker", f"127.0.0.1:{port}", "--key", key],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         wait_for_key("127.0.0.1", port, key, timeout_s)
         yield RpcConfig(host="127.0.0.1", port=port, key=key)
     finally:

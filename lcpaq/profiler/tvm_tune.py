@@ -36,11 +36,32 @@ def open_database(work_dir: str | Path) -> Any:
     return ms.database.JSONDatabase(work_dir=str(work_dir))
 
 
+def fuse_for_tuning(mod: Any, target: Any) -> Any:
+    """Legalize + fuse exactly as ``compile_relax`` does before applying the database.
+
+    ``extract_tasks`` finds tasks only among TIR functions: on a freshly imported module (pure
+    Relax ops) it silently returns no task at all.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline as rp
+
+    try:
+        dispatch = list(rp.library_dispatch_passes(target))
+    except (ValueError, AttributeError):
+        dispatch = []
+    seq = tvm.transform.Sequential([
+        *dispatch, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()])
+    with target, tvm.transform.PassContext(opt_level=3):
+        return seq(mod)
+
+
 def missing_tasks(mod: Any, target: Any, db: Any) -> tuple[list[Any], int]:
     """(tasks with no tuning record in ``db``, number of tasks in total)."""
     from tvm.s_tir import meta_schedule as ms
 
-    tasks = ms.relax_integration.extract_tasks(mod, target)
+    tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(mod, target), target)
     miss = [t for t in tasks if db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
     return miss, len(tasks)
 
@@ -53,8 +74,13 @@ def tune_tasks(tasks: list[Any], target: Any, work_dir: str | Path, db: Any, tri
 
     if not tasks:
         return
+    # The default population (512) costs ~2 min of evolution per round on this 2-core VM, even
+    # for a 2-trial budget: scale it with the budget (512 at >= 64 trials, TVM's default).
+    pop = int(min(512, max(16, 8 * trials)))
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=pop, init_min_unmeasured=min(50, pop), genetic_num_iters=4 if trials >= 16 else 1)
     ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), num_threads=1, seed=seed)
+        tasks, str(work_dir), strategy=strategy, num_threads=1, seed=seed)
     builder = ms.builder.LocalBuilder(f_build=build_no_intrin, timeout_sec=build_timeout_s, max_workers=1)
     evc = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
     if rpc is not None:

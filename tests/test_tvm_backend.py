@@ -1,0 +1,84 @@
+"""The TVM backend measures units locally (int8 vs fp32 kernels), errors come back as data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+from _tvm_util import conv_layer, linear_layer, require_tvm
+
+require_tvm()
+
+from lcpaq.profiler.backend import MeasureSettings, Unit, get_backend  # noqa: E402
+from lcpaq.profiler.backends.tvm import parse_target  # noqa: E402
+from lcpaq.profiler.hwprofile import load_profile  # noqa: E402
+from lcpaq.profiler.units import build_unit  # noqa: E402
+
+SETTINGS = MeasureSettings(warmup=1, number=3, repeat=5, min_repeat_ms=0)
+PROFILE = "hw_profiles/host-cpu-tvm.toml"
+
+
+def _profile(tmp_path, trials=0):
+    prof = load_profile(os.path.join(os.path.dirname(__file__), "..", PROFILE))
+    return dataclasses.replace(prof, tvm={"trials": trials, "work_dir": str(tmp_path / "tvm_db")})
+
+
+def _unit(layer, bits, in_class="int8"):
+    b, feeds = build_unit(layer, bits, in_class)
+    return Unit(key=f"{layer.name}|{bits}", onnx=b, inputs=feeds, bits=bits)
+
+
+def test_parse_target_profile_strings():
+    assert parse_target("llvm -mcpu=znver3 -num-cores=2") == {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+    t = parse_target("llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a72 -mattr=+neon,+fp-armv8")
+    assert t["mattr"] == ["+neon", "+fp-armv8"] and t["mtriple"] == "aarch64-linux-gnu"
+
+
+@pytest.mark.parametrize("bits,kernel", [((8, 8), "tvm:conv2d-int8"), ((4, 8), "tvm:conv2d-int8"),
+                                         ((32, 32), "tvm:conv2d-fp32")], ids=["w8a8", "w4a8", "fp32"])
+def test_measures_tiny_conv_unit(tmp_path, bits, kernel):
+    be = get_backend("tvm", _profile(tmp_path))
+    assert be.versions()["tvm"].startswith("0.")
+    m = be.measure(_unit(conv_layer(c=8, o=16, hw=10), bits, "int8"), SETTINGS)
+    assert m.ok, m.error
+    assert m.kernel == kernel
+    assert m.n == SETTINGS.repeat
+    assert 0 < m.p10_ms <= m.median_ms <= m.p90_ms < 1000
+    assert m.extra["remote"] is False and m.extra["tuned_now"] == 0
+
+
+def test_measures_linear_unit(tmp_path):
+    m = get_backend("tvm", _profile(tmp_path)).measure(_unit(linear_layer(), (8, 8)), SETTINGS)
+    assert m.ok, m.error
+    assert m.kernel == "tvm:matmul-int8"
+
+
+def test_bigger_workload_takes_longer(tmp_path):
+    be = get_backend("tvm", _profile(tmp_path))
+    small = be.measure(_unit(conv_layer(c=8, o=8, hw=8), (32, 32), "fp32"), SETTINGS)
+    big = be.measure(_unit(conv_layer(c=32, o=32, hw=28), (32, 32), "fp32"), SETTINGS)
+    assert small.ok and big.ok
+    assert big.median_ms > small.median_ms  # 50x the MACs
+
+
+def test_failure_is_data_not_exception(tmp_path):
+    be = get_backend("tvm", _profile(tmp_path))
+    m = be.measure(Unit(key="broken", onnx=b"not an onnx model", inputs={}), SETTINGS)
+    assert not m.ok and m.n == 0 and math.isnan(m.median_ms)
+    assert m.error
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LCPAQ_TVM_TUNE_TEST") != "1",
+                    reason="MetaSchedule tuning takes minutes on the shared 2-core VM; set LCPAQ_TVM_TUNE_TEST=1")
+def test_tuning_database_is_kept_and_reused(tmp_path):
+    be = get_backend("tvm", _profile(tmp_path, trials=1))
+    unit = _unit(conv_layer(c=8, o=8, hw=8), (8, 8))
+    first = be.measure(unit, SETTINGS)
+    assert first.ok, first.error
+    assert first.extra["tuned"] and first.extra["tasks"] >= 1 and first.extra["tuned_now"] >= 1
+    assert (tmp_path / "tvm_db" / "database_tuning_record.json").stat().st_size > 0
+    again = get_backend("tvm", _profile(tmp_path, trials=1)).measure(unit, SETTINGS)
+    assert again.ok and again.extra["tuned_now"] == 0  # fast path: database applied, no tuning
