@@ -82,3 +82,27 @@ def test_scope_names_map_to_modules():
     assert layer_of_node("layer2_downsample_0_in/QuantizeLinear__lcpaq3", ["layer2.downsample.0", "conv1"],
                          mods) == "layer2.downsample.0"
     assert layer_of_node("/layer1/layer1.0/relu/Relu", ["conv1"], mods) is None
+
+
+@pytest.mark.tvm
+@pytest.mark.slow  # ~40 s (TVM import + compile) on the shared 2-core VM; in the default run
+def test_tvm_deploy_matches_fake_quant(tmp_path):
+    """The same QDQ graph compiled by TVM (untuned, int8 lowering) agrees with the fake-quant model."""
+    pytest.importorskip("tvm")
+    from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.testing.models import TinyResNet
+
+    torch.manual_seed(0)
+    m = TinyResNet().eval()
+    names = quantizable_names(m)
+    pol = Policy({n: (32, 32) if i == len(names) - 1 else (4, 8) for i, n in enumerate(names)})
+    x = torch.randn(8, *m.input_shape[1:])
+    fq = apply_policy(m, pol, calib_loader=[x], calib_batches=1)
+    prof = tmp_path / "tvm.toml"
+    prof.write_text('[device]\nname = "t"\n[backend]\nname = "tvm"\nthreads = 1\n'
+                    '[candidates]\nbits = ["w4a8", "fp32"]\n[tvm]\ntrials = 0\n')
+    dep = deploy(fq, "tvm", m.input_shape, calib_inputs=[x.numpy()], hw=load_profile(prof))
+    res = check_outputs(dep, fq, x.numpy())
+    assert res["max_abs_err"] < 0.05 * res["ref_abs_max"], res
+    assert res["top1_agreement"] == 1.0
+    assert any("int8" in n for n in dep.notes)  # the QDQ conv really became integer compute
