@@ -60,8 +60,9 @@ def test_ilp_equals_brute_force(seed, pairwise, ilp_solver):
 MCKP_GAP = {False: 0.15, True: 0.35}
 
 
-@pytest.mark.parametrize("seed", range(8), ids=lambda s: f"seed{s}")
-@pytest.mark.parametrize("pairwise", [False, True], ids=["unary", "pairwise"])
+@pytest.mark.parametrize("seed, pairwise", [(s, False) for s in range(8)] + [(s, True) for s in range(4)],
+                         ids=lambda v: f"seed{v}" if isinstance(v, int) and not isinstance(v, bool) else
+                         ("pairwise" if v else "unary"))
 def test_mckp_within_documented_gap(seed, pairwise):
     prob = random_problem(30, seed=seed, ties=3, pairwise=pairwise, budget_frac=0.5)
     ilp, gr = solve_ilp(prob), solve_mckp(prob)
@@ -126,7 +127,7 @@ def test_transitions_change_the_choice():
 
 def test_pareto_is_non_dominated_and_knee_on_front(tmp_path):
     prob = random_problem(10, seed=4, budget_frac=0.6, budgets=("max_latency_ms",))
-    fr = pareto_frontier(prob, "max_latency_ms", points=8)
+    fr = pareto_frontier(prob, "max_latency_ms", points=6)
     assert len(fr.points) >= 3
     for p in fr.points:
         for q in fr.points:
@@ -214,9 +215,9 @@ def test_non_optimal_status_is_never_a_solution(monkeypatch, status):
 
 
 def test_time_limited_solve_is_not_read_as_optimal():
-    prob = random_problem(300, seed=3, ties=10, pairwise="random", budget_frac=0.5)
+    prob = random_problem(120, seed=3, ties=6, pairwise=True, budget_frac=0.5)
     try:
-        res = solve_ilp(prob, solver="cbc", time_limit_s=0.05)
+        res = solve_ilp(prob, solver="cbc", time_limit_s=0.02)
     except SolverError as e:
         assert "not proven optimal" in str(e)
     else:  # solved within the limit: then it must be a proven optimum
