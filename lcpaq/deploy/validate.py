@@ -105,7 +105,8 @@ def validate(
     """Deploy ``model`` under ``policy`` on ``hw_profile``'s backend; predicted vs measured latency.
 
     ``model``: a registered name or an nn.Module (fp32, or already quantized at ``policy`` and
-    calibrated, e.g. after fine-tuning). ``table``: latency table path or LatencyTable.
+    calibrated, e.g. after fine-tuning). ``table``: latency table path, LatencyTable, or a ready
+    LatencyModel (e.g. one calibrated to whole-model references).
 
     >>> # rep = validate("mnist_resnet", pol, "hw_profiles/host-cpu-ort.toml", "latency_tables/t.jsonl")
     >>> # rep.predicted_ms, rep.measured_ms, rep.error_pct
@@ -149,7 +150,9 @@ def validate(
     fq.eval()
     inventory = trace(fp32, tuple(input_shape), name=model_name)
     pairs = tuple(dict.fromkeys(policy[n] for n in inventory.names))
-    lm = latency_model(table, inventory, pairs)
+    from lcpaq.latency import LatencyModel
+
+    lm = table if isinstance(table, LatencyModel) else latency_model(table, inventory, pairs)
     predicted = lm.predict(policy)
     breakdown = lm.breakdown(policy)
 
