@@ -2,7 +2,7 @@
 problems with 12 candidates and all three budgets, with and without transition terms; the MCKP
 greedy's time and optimality gap beside it; and the real ResNet-18/50 inventories (traced).
 
-    .venv/bin/python benchmarks/bench_search.py [--quick]
+    .venv/bin/python benchmarks/bench_search.py [--quick] [--only=resnet50-sized:False]
 
 Times: the fastest round's value (rounds interleave CBC / HiGHS / MCKP), spread = max - min.
 ``build_s`` is the PuLP model build; ``cbc_s`` / ``highs_s`` are the whole solve_ilp call.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,9 +72,11 @@ def timed(fn):
         return e, time.perf_counter() - t0
 
 
-def main(quick: bool = False) -> list[dict]:
+def main(quick: bool = False, only: str | None = None) -> list[dict]:
     rows = []
     cases = list(synthetic_cases(quick)) + ([] if quick else list(inventory_cases()))
+    if only:
+        cases = [c for c in cases if only in f"{c[0]}:{c[2]}"]
     for name, prob, pw in cases:
         n = len(prob.layers)
         rounds = 3 if n <= 200 else 1
@@ -102,14 +105,16 @@ def main(quick: bool = False) -> list[dict]:
             "highs_status": getattr(res["highs"], "status", "timeout/" + type(res["highs"]).__name__),
             "auto": default_solver(n),
             "mckp_s": min(t["mckp"]), "mckp_gap_pct": gap,
+            "loadavg_1min": os.getloadavg()[0],  # the VM is shared: read times against this
         }
         rows.append(row)
         print(f"{name:16s} pw={row['pairwise']:7s} n={n:4d} build {row['build_s']:.3f}s | CBC {row['cbc_s']:.3f}s "
               f"({row['cbc_status']}) | HiGHS {row['highs_s']:.3f}s ({row['highs_status']}) | auto={row['auto']} | "
-              f"MCKP {row['mckp_s']:.3f}s gap {row['mckp_gap_pct']:.2f}%", flush=True)
+              f"MCKP {row['mckp_s']:.3f}s gap {row['mckp_gap_pct']:.2f}% | load {row['loadavg_1min']:.1f}", flush=True)
     OUT.mkdir(exist_ok=True)
-    (OUT / "search.json").write_text(json.dumps(rows, indent=1))
-    with (OUT / "search.csv").open("w", newline="") as f:
+    stem = "search" if not (quick or only) else "search_partial"
+    (OUT / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    with (OUT / f"{stem}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -117,4 +122,5 @@ def main(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
+    main(quick="--quick" in sys.argv, only=only)

@@ -26,9 +26,9 @@ def _solver(name: str, time_limit_s: float | None):
     import pulp
 
     if name == "cbc":
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, gapAbs=1e-9)
     if name == "highs":
-        s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP)
+        s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, gapAbs=1e-9)
         if not s.available():
             raise SolverError("HiGHS is not available; `pip install highspy` or use --ilp-solver cbc")
         return s
@@ -165,7 +165,11 @@ def _model(problem: Problem, objective: str, budgets: Budgets):
             e = e + trans
         return e + problem.constants.get(cost, 0.0)
 
-    prob += expr(objective)
+    # Solvers stop at an *absolute* gap too (HiGHS: 1e-6) and treat tiny coefficients as noise; Ω
+    # totals of 1e-5 are normal (Hessian trace x quantization noise). Scale the objective to O(1).
+    tab = _table(problem, objective)
+    mag = sum(max(abs(tab[ly][p]) for p in cands[ly]) for ly in problem.layers)
+    prob += expr(objective) * (1.0 / mag if mag > 0 else 1.0)
     for bname, lim in budgets.items():
         prob += expr(BUDGET_COSTS[bname]) <= lim, bname
     return prob, x, cands
