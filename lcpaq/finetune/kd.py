@@ -85,10 +85,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _reseed(loader: Iterable, seed: int, epoch: int) -> None:
-    torch.manual_seed(seed * 1_000_003 + epoch)
+    torch.manual_seed(seed * 1_000_003 + epoch + 1)
     gen = getattr(loader, "generator", None)
     if isinstance(gen, torch.Generator):
-        gen.manual_seed(seed * 1_000_003 + epoch)
+        gen.manual_seed(seed * 1_000_003 + epoch + 1)
 
 
 def finetune(
@@ -136,6 +136,7 @@ def finetune(
         if Policy.from_dict(state["policy"]) != policy:
             raise ConfigError(f"checkpoint {ckpt_path} was made for another policy; delete it or "
                               "pass resume=False (CLI: --no-resume)")
+    _reseed(train_loader, seed, -1)  # calibration batches must not depend on the loader's past use
     apply_policy(model, policy, calib_loader=None if state else train_loader,
                  calib_batches=calib_batches, method=calib_method)
     if state is None:

@@ -83,14 +83,50 @@ class ProxyEvaluator:
 
     Samples are reordered class-round-robin so any prefix (``n=``, used by successive halving)
     stays class-balanced. Calibration uses the first ``calib_samples`` of them.
+
+    ``calibration="fp32"`` sets each layer's activation range from the *fp32* model's
+    activations, computed once per (layer, a_bits, method) and cached, so scoring a policy costs
+    one forward pass; ``"sequential"`` (default) calibrates every policy's quantized model from scratch
+    (activations seen through the upstream quantizers, as :func:`lcpaq.quant.calibrate` does).
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, calib_samples: int = 128,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, calibration: str = "sequential") -> None:
+        if calibration not in ("fp32", "sequential"):
+            raise ConfigError(f"unknown calibration '{calibration}'; use 'fp32' or 'sequential'")
         order = _round_robin(y)
         self.model, self.x, self.y = model.eval(), x[order], y[order]
         self.calib_samples, self.batch_size = min(calib_samples, len(y)), batch_size
+        self.calibration = calibration
+        self._ranges: dict[tuple[str, int, str], tuple[float, int]] = {}
+        self._inputs: dict[str, torch.Tensor] | None = None
         self.fp32_logits, self.fp32_features = self._forward(self.model, len(self.y))
+
+    @torch.no_grad()
+    def _fp32_qparams(self, layer: str, bits: int, method: str, symmetric: bool) -> tuple[float, int]:
+        from lcpaq.quant import ActQuantizer, quantizable_names
+
+        if self._inputs is None:  # one fp32 pass records every quantizable layer's input
+            names = quantizable_names(self.model)
+            store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+            hooks = [self.model.get_submodule(n).register_forward_hook(
+                lambda m, i, o, n=n: store[n].append(i[0].detach())) for n in names]
+            try:
+                xc = self.x[: self.calib_samples]
+                for i in range(0, len(xc), self.batch_size):
+                    self.model(xc[i:i + self.batch_size])
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._inputs = {n: torch.cat(v) for n, v in store.items()}
+        key = (layer, bits, method)
+        if key not in self._ranges:
+            q = ActQuantizer(bits, symmetric=symmetric, method=method)
+            q.observe = True
+            q(self._inputs[layer])
+            q.compute_qparams()
+            self._ranges[key] = (float(q.scale), int(q.zero_point))
+        return self._ranges[key]
 
     @torch.no_grad()
     def _forward(self, model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,11 +141,21 @@ class ProxyEvaluator:
 
     def quantized(self, policy: Policy, *, calib_method: str = "minmax") -> nn.Module:
         """A PTQ copy of the fp32 model under ``policy``, calibrated on the proxy samples."""
-        from lcpaq.quant import apply_policy
+        from lcpaq.quant import QUANT_TYPES, apply_policy
 
         m = copy.deepcopy(self.model)
-        calib = [(self.x[i:i + self.batch_size],) for i in range(0, self.calib_samples, self.batch_size)]
-        return apply_policy(m, policy, calib_loader=calib, calib_batches=len(calib), method=calib_method).eval()
+        if self.calibration == "sequential":
+            calib = [(self.x[i:i + self.batch_size],) for i in range(0, self.calib_samples, self.batch_size)]
+            return apply_policy(m, policy, calib_loader=calib, calib_batches=len(calib), method=calib_method).eval()
+        apply_policy(m, policy, method=calib_method)
+        for name, mod in m.named_modules():
+            aq = getattr(mod, "act_quant", None) if isinstance(mod, QUANT_TYPES) else None
+            if aq is not None:
+                sc, zp = self._fp32_qparams(name, aq.bits, calib_method, aq.symmetric)
+                aq.scale.data.fill_(sc)
+                aq.zero_point.fill_(zp)
+                aq.calibrated.fill_(True)
+        return m.eval()
 
     def evaluate(self, policy: Policy, *, calib_method: str = "minmax", n: int | None = None) -> ProxyScore:
         """PTQ under ``policy`` and all three scores on the first ``n`` proxy samples (default all)."""
