@@ -40,10 +40,13 @@ def validate(
     strict: bool = typer.Option(False, help="exit 1 when |error| exceeds --threshold-pct"),
     threshold_pct: float = typer.Option(5.0, help="flag threshold, %"),
     rounds: int = typer.Option(3, help="interleaved measurement rounds"),
+    calibrate: bool = typer.Option(False, help="first measure uniform fp32/W8A8 whole models now and "
+                                   "calibrate the table to them (absorbs drift and inter-layer ops)"),
     out: Path = typer.Option(Path("lcpaq-validate"), help="folder for validation.json and PNG"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a policy on the profile's runtime; measured vs predicted latency (and output check)."""
+    from lcpaq.deploy.validate import calibrated_latency_model
     from lcpaq.deploy.validate import validate as run_validate
     from lcpaq.models import default_input_shape, get_model
     from lcpaq.policy import Policy
@@ -53,8 +56,13 @@ def validate(
     pol = Policy.load(policy)
     m = get_model(model, weights=weights)
     cal, xs, ys = _calib_and_check(model)
+    lm = table
+    if calibrate:
+        with console.status("measuring uniform fp32 / W8A8 whole-model references..."):
+            lm = calibrated_latency_model(m, hwp, table, input_shape=default_input_shape(model), calib=cal,
+                                          rounds=rounds, model_name=model)
     with console.status(f"deploying on {hwp.backend} and measuring ({rounds} rounds)..."):
-        rep = run_validate(m, pol, hwp, table, threads=threads, strict_threshold_pct=threshold_pct,
+        rep = run_validate(m, pol, hwp, lm, threads=threads, strict_threshold_pct=threshold_pct,
                            calib=cal, check_inputs=xs, check_labels=ys, rounds=rounds, model_name=model,
                            input_shape=default_input_shape(model))
     out.mkdir(parents=True, exist_ok=True)

@@ -258,3 +258,34 @@ def plot_validation(reports: Sequence[ValidationReport], path: str | Path, *,
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def calibrated_latency_model(model: Any, hw_profile: Any, table: Any, *, input_shape: Sequence[int],
+                             calib: Sequence[np.ndarray] = (), rounds: int = 2, model_name: str = "",
+                             refs: Sequence[tuple[int, int]] = ((32, 32), (8, 8))) -> Any:
+    """The table's LatencyModel calibrated to uniform whole-model references measured right now.
+
+    Each uniform policy in ``refs`` is deployed and measured on the profile's backend; the per-class
+    difference to the table's prediction is spread over the units
+    (:func:`lcpaq.profiler.fidelity.calibrate_to_references`). Validate mixed policies with it:
+    they stay out of sample.
+
+    >>> # lm = calibrated_latency_model(get_model("mnist_resnet"), hw, "t.jsonl", input_shape=(1, 1, 28, 28))
+    """
+    from lcpaq.graph import trace
+    from lcpaq.profiler.fidelity import calibrate_to_references
+    from lcpaq.profiler.hwprofile import HwProfile, load_profile
+    from lcpaq.profiler.predict import latency_model
+    from lcpaq.quant import quantizable_names
+
+    hw = hw_profile if isinstance(hw_profile, HwProfile) else load_profile(hw_profile)
+    names = quantizable_names(model)
+    inventory = trace(model, (1, *tuple(input_shape)[1:]), name=model_name)
+    cands = tuple(dict.fromkeys([*hw.candidates, *refs]))
+    lm = latency_model(table, inventory, cands)
+    measured = {}
+    for pair in refs:
+        rep = validate(model, Policy.uniform(names, *pair), hw, lm, calib=calib, rounds=rounds, per_layer=False,
+                       input_shape=input_shape, model_name=model_name)
+        measured[tuple(pair)] = rep.measured_ms
+    return calibrate_to_references(lm, measured)
