@@ -10,6 +10,8 @@ normalised by its budget, ``ĉ_b(l, k) = cost_b(l, k) / B_b``, and combined with
    For each direction ``μ`` the scale ``s`` is bisected to the smallest value whose policy meets
    every budget (true costs, transitions included). The direction starts at μ = 1 and is adapted
    over a few rounds (μ_b *= utilisation_b², so slack budgets lose weight, binding ones keep it).
+   With transition costs, extra passes restricted to one shared a_bits value seed the fill
+   (policies without activation-precision changes pay no a_bits transitions).
    Per layer only the lower convex hull of (ĉ, Ω) is ever chosen: this is CO-MPQ's greedy on the
    hull, walked by the multiplier instead of one step at a time.
 2. *Fill*: from the best feasible pass, repeatedly apply the single move (one layer, or one tie
@@ -74,6 +76,7 @@ class _Arrays:
                     self.edges.setdefault(b, []).append((a, b, tab, False))
         self.edge_list = [(a, b, t) for a, lst in self.edges.items() for (x, b, t, prod) in lst if prod]
         self.eff = self.scaled  # scaled costs the Lagrangian sees (transitions linearised in)
+        self.restrict: int | None = None  # only this a_bits (where a layer has it): uniform seeds
 
     def linearise(self, sel: np.ndarray) -> None:
         """Add to each layer's latency the transition cost it would pay with its neighbours fixed
@@ -114,6 +117,9 @@ class _Arrays:
 
     def lagrangian(self, lam: np.ndarray) -> np.ndarray:
         score = self.omega + np.tensordot(lam, self.eff, axes=1) if len(lam) else self.omega.copy()
+        if self.restrict is not None:
+            has = (self.a_bits == self.restrict).any(axis=1, keepdims=True)
+            score = np.where(~has | (self.a_bits == self.restrict), score, _INF)
         sel = np.argmin(score, axis=1)
         for g in self.groups:
             best, best_sel = _INF, None
@@ -238,7 +244,6 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
     ar = _Arrays(problem)
     mu = np.ones(len(ar.names))
     best: np.ndarray | None = None
-    best_lam = mu
     for _ in range(max(1, rounds if len(mu) > 1 or ar.edges else 1)):
         sel, s = _search_scale(ar, mu)
         for _ in range(3 if ar.edges else 0):  # re-linearise transitions around the last pass
@@ -253,10 +258,20 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
             break
         sel = _fill(ar, sel, s * mu)
         if best is None or ar.omega[np.arange(len(sel)), sel].sum() < ar.omega[np.arange(len(best)), best].sum():
-            best, best_lam = sel, s * mu
+            best = sel
         util = ar.totals(sel) / ar.limits
         mu = mu * np.maximum(util, 1e-3) ** 2
         mu = mu / mu.max()
+    if ar.edges:  # transitions: also seed from policies with one shared a_bits (no a-transitions)
+        ar.eff = ar.scaled
+        for a in sorted({int(v) for v in ar.a_bits.ravel() if v >= 0}):
+            ar.restrict = a
+            sel, s = _search_scale(ar, mu)
+            ar.restrict = None
+            if sel is not None:
+                sel = _fill(ar, sel, s * mu)
+                if best is None or ar.omega[np.arange(len(sel)), sel].sum() < ar.omega[np.arange(len(best)), best].sum():
+                    best = sel
     if best is None:  # the Lagrangian never met every budget (transitions, several budgets):
         best = _fallback_start(problem, ar)  # start from an exact per-budget minimum that fits
         if best is not None:
@@ -267,7 +282,6 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
         solve_ilp(problem)  # raises InfeasibleBudgetError with per-budget minima if truly infeasible
         raise SolverError("the MCKP greedy found no policy meeting every budget together, but one "
                           "exists: use --solver ilp")
-    del best_lam
     bits: dict[str, BitPair] = {ly: ar.cands[i][best[i]] for i, ly in enumerate(ar.layers)}
     dt = time.perf_counter() - t0
     ev = problem.evaluate(bits)
