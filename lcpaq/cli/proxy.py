@@ -105,16 +105,18 @@ def tune(
     rep = SensitivityReport.load(sensitivity)
     rep.check_layers(inv.names)
     latency = None
+    wb = tuple(int(b) for b in w_bits.split(","))
     if table is not None:
         from lcpaq.profiler.predict import latency_model
+        from lcpaq.proxy import DEFAULT_SPACE
 
-        latency = latency_model(table, inv, rep.candidates)
+        a_all = sorted({a for s in DEFAULT_SPACE["a_bits"] for a in s})
+        latency = latency_model(table, inv, [(w, a) for w in wb for a in a_all])
     elif max_latency_ms is not None:
         raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
     sub = proxy_subset(get_dataset(data, "train"), fraction=proxy_fraction, seed=seed)
     ev = ProxyEvaluator(m, *sub.tensors())
-    wb = tuple(int(b) for b in w_bits.split(","))
     with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
         task = prog.add_task("tune", total=None, last="")
