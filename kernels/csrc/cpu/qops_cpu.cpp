@@ -91,36 +91,32 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   // activations row-major (layout in qgemm.h); pad the stride off multiples of 1 KiB
   int64_t lda = Kpad * esize;
   if (lda % 1024 == 0) lda += 64;
-  std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * lda]);
-  std::vector<int32_t> rowsum(Mpad, 0);
-  std::memset(abuf.get() + M * lda, 0, (Mpad - M) * lda);
   const bool avx2 = use_avx2();
   const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
   const auto flipr = avx2 ? flip_row_avx2 : flip_row_scalar;
   const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;
   const auto epir = avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      if (w8) {
-        int16_t* d = reinterpret_cast<int16_t*>(abuf.get() + m * lda);
-        const int16_t padv = xs8 ? int16_t(int8_t(src.pad)) : int16_t(src.pad);
-        src.row(
-            m, [&](int64_t off, const uint8_t* s, int64_t n) { widen(d + off, s, n, xs8); },
-            [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
-        std::fill(d + K, d + Kpad, int16_t(0));
-      } else {
-        // a = x - 128 for uint8 (flip the top bit), a = x for int8
-        int8_t* d = reinterpret_cast<int8_t*>(abuf.get() + m * lda);
-        const uint8_t flip = xs8 ? 0 : 0x80;
-        const int8_t padv = int8_t(src.pad ^ flip);
-        src.row(
-            m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, flip); },
-            [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
-        std::fill(d + K, d + Kpad, int8_t(0));
-        rowsum[m] = sumr(d, K);
-      }
+  // one packed activation row; returns its sum (W4/W2 correction term)
+  auto pack_row = [&](int64_t m, uint8_t* row) -> int32_t {
+    if (w8) {
+      int16_t* d = reinterpret_cast<int16_t*>(row);
+      const int16_t padv = xs8 ? int16_t(int8_t(src.pad)) : int16_t(src.pad);
+      src.row(
+          m, [&](int64_t off, const uint8_t* s, int64_t n) { widen(d + off, s, n, xs8); },
+          [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
+      std::fill(d + K, d + Kpad, int16_t(0));
+      return 0;
     }
-  });
+    // a = x - 128 for uint8 (flip the top bit), a = x for int8
+    int8_t* d = reinterpret_cast<int8_t*>(row);
+    const uint8_t flip = xs8 ? 0 : 0x80;
+    const int8_t padv = int8_t(src.pad ^ flip);
+    src.row(
+        m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, flip); },
+        [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
+    std::fill(d + K, d + Kpad, int8_t(0));
+    return sumr(d, K);
+  };
 
   const int32_t* colsum = reinterpret_cast<const int32_t*>(blob);
   const uint8_t* panels = blob + 4 * Npad;
@@ -138,42 +134,82 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const int64_t h = bits == 8 ? 0 : (int64_t(1) << (bits - 1));
   const int64_t offx = (xs8 || w8) ? 0 : 128;  // W4/W2 shift uint8 activations by -128
 
-  at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
-    std::vector<int32_t> cbuf(MC * ldc);
-    std::unique_ptr<uint8_t[]> wdec(new uint8_t[KC * kDecStep + 64]);
-    uint8_t* wd = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wdec.get()) + 63) & ~uintptr_t(63));
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t m0 = (t / nb) * MC, p0 = (t % nb) * NCP;
-      const int64_t mrows = std::min(MC, Mpad - m0), np = std::min(NCP, P - p0);
-      std::fill(cbuf.begin(), cbuf.end(), 0);
-      for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
-        const int64_t ks = std::min(KC, ksteps - k0);
-        for (int64_t p = 0; p < np; ++p) {
-          decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, wd);
-          for (int64_t r = 0; r < mrows; r += kMR) {
-            int32_t* c = cbuf.data() + r * ldc + p * kNR;
-            micro(abuf.get() + (m0 + r) * lda + k0 * 4, lda, wd, ks, c, ldc);
-          }
+  // rows [m0, m0 + mrows) (A points at row m0, rs at its row sums) x panels [p0, p0 + np)
+  auto compute = [&](const uint8_t* A, const int32_t* rs, int64_t m0, int64_t mrows, int64_t p0,
+                     int64_t np, int32_t* cbuf, uint8_t* wd) {
+    std::fill(cbuf, cbuf + MC * ldc, 0);
+    for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
+      const int64_t ks = std::min(KC, ksteps - k0);
+      for (int64_t p = 0; p < np; ++p) {
+        decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, wd);
+        for (int64_t r = 0; r < mrows; r += kMR) {
+          micro(A + r * lda + k0 * 4, lda, wd, ks, cbuf + r * ldc + p * kNR, ldc);
         }
       }
-      // fused epilogue, one vectorized row segment at a time
-      const int64_t mend = std::min(m0 + mrows, M), n0 = p0 * kNR,
-                    nend = std::min(n0 + np * kNR, N);
-      RowEpi re{};
-      re.mode = ep.mode;
-      re.colsum = colsum + n0;
-      re.colmul = int32_t(offx - (ep.mode == 0 ? 0 : ep.zx));
-      re.scale = ep.scale + n0;
-      re.bias = ep.bias != nullptr ? ep.bias + n0 : nullptr;
-      re.relu = ep.relu;
-      re.inv_out = ep.inv_out;
-      re.out_zp = ep.out_zp;
-      const int64_t esz = ep.mode == 2 ? 1 : 4;
-      for (int64_t m = m0; m < mend; ++m) {
-        re.rowcorr = int32_t(h * rowsum[m]);
-        epir(cbuf.data() + (m - m0) * ldc, nend - n0, re,
-             static_cast<uint8_t*>(ep.out) + (m * ep.ldo + n0) * esz);
+    }
+    // fused epilogue, one vectorized row segment at a time
+    const int64_t mend = std::min(m0 + mrows, M), n0 = p0 * kNR, nend = std::min(n0 + np * kNR, N);
+    RowEpi re{};
+    re.mode = ep.mode;
+    re.colsum = colsum + n0;
+    re.colmul = int32_t(offx - (ep.mode == 0 ? 0 : ep.zx));
+    re.scale = ep.scale + n0;
+    re.bias = ep.bias != nullptr ? ep.bias + n0 : nullptr;
+    re.relu = ep.relu;
+    re.inv_out = ep.inv_out;
+    re.out_zp = ep.out_zp;
+    const int64_t esz = ep.mode == 2 ? 1 : 4;
+    for (int64_t m = m0; m < mend; ++m) {
+      re.rowcorr = int32_t(h * rs[m - m0]);
+      epir(cbuf + (m - m0) * ldc, nend - n0, re,
+           static_cast<uint8_t*>(ep.out) + (m * ep.ldo + n0) * esz);
+    }
+  };
+  auto aligned = [](std::unique_ptr<uint8_t[]>& buf, int64_t bytes) {
+    buf.reset(new uint8_t[bytes + 64]);
+    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) &
+                                      ~uintptr_t(63));
+  };
+
+  if (mb >= 2 * at::get_num_threads()) {
+    // Enough row blocks: each task packs its own 96 rows (they stay in L2) and sweeps all N.
+    at::parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
+      std::vector<int32_t> cbuf(MC * ldc), rs(MC);
+      std::unique_ptr<uint8_t[]> wbuf, abuf;
+      uint8_t* wd = aligned(wbuf, KC * kDecStep);
+      uint8_t* la = aligned(abuf, MC * lda);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t m0 = t * MC, mrows = std::min(MC, Mpad - m0);
+        for (int64_t r = 0; r < mrows; ++r) {
+          if (m0 + r < M) {
+            rs[r] = pack_row(m0 + r, la + r * lda);
+          } else {
+            std::memset(la + r * lda, 0, lda);
+            rs[r] = 0;
+          }
+        }
+        for (int64_t p0 = 0; p0 < P; p0 += NCP) {
+          compute(la, rs.data(), m0, mrows, p0, std::min(NCP, P - p0), cbuf.data(), wd);
+        }
       }
+    });
+    return;
+  }
+  // Few rows: pack all of A once, then parallelize over (row block, channel block) tasks.
+  std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * lda]);
+  std::vector<int32_t> rowsum(Mpad, 0);
+  std::memset(abuf.get() + M * lda, 0, (Mpad - M) * lda);
+  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) rowsum[m] = pack_row(m, abuf.get() + m * lda);
+  });
+  at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> cbuf(MC * ldc);
+    std::unique_ptr<uint8_t[]> wbuf;
+    uint8_t* wd = aligned(wbuf, KC * kDecStep);
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t m0 = (t / nb) * MC, p0 = (t % nb) * NCP;
+      compute(abuf.get() + m0 * lda, rowsum.data() + m0, m0, std::min(MC, Mpad - m0), p0,
+              std::min(NCP, P - p0), cbuf.data(), wd);
     }
   });
 }
