@@ -82,6 +82,7 @@ def tune(
     max_size_mb: float | None = typer.Option(None),
     max_gbops: float | None = typer.Option(None),
     w_bits: str = typer.Option("2,4,8", help="weight-bit candidates"),
+    a_bit_sets: str = typer.Option("8;4,8", help="activation-bit candidate sets to try, ';'-separated"),
     proxy_fraction: float = typer.Option(0.04, help="share of the training data used as proxy"),
     trials: int = typer.Option(12, help="knob settings sampled from the grid"),
     metric: str = typer.Option("margin", help="proxy score: margin | kl | acc"),
@@ -96,7 +97,7 @@ def tune(
     from lcpaq.data import get_dataset
     from lcpaq.errors import ConfigError
     from lcpaq.graph import trace_named
-    from lcpaq.proxy import ProxyEvaluator, proxy_subset
+    from lcpaq.proxy import DEFAULT_SPACE, ProxyEvaluator, proxy_subset
     from lcpaq.proxy import tune as run
     from lcpaq.search import Budgets
     from lcpaq.sensitivity import SensitivityReport
@@ -106,11 +107,15 @@ def tune(
     rep.check_layers(inv.names)
     latency = None
     wb = tuple(int(b) for b in w_bits.split(","))
+    try:
+        a_sets = tuple(tuple(sorted(int(b) for b in grp.split(","))) for grp in a_bit_sets.split(";") if grp.strip())
+    except ValueError:
+        raise ConfigError(f"--a-bit-sets '{a_bit_sets}': write e.g. '8;4,8'") from None
+    space = dict(DEFAULT_SPACE) | {"a_bits": a_sets}
     if table is not None:
         from lcpaq.profiler.predict import latency_model
-        from lcpaq.proxy import DEFAULT_SPACE
 
-        a_all = sorted({a for s in DEFAULT_SPACE["a_bits"] for a in s})
+        a_all = sorted({a for s in a_sets for a in s})
         latency = latency_model(table, inv, [(w, a) for w in wb for a in a_all])
     elif max_latency_ms is not None:
         raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
@@ -120,7 +125,7 @@ def tune(
     with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
         task = prog.add_task("tune", total=None, last="")
-        res = run(m, inv, rep, ev, budgets=budgets, latency=latency, trials=trials, metric=metric, eta=eta,
+        res = run(m, inv, rep, ev, budgets=budgets, latency=latency, trials=trials, metric=metric, eta=eta, space=space,
                   seed=seed, w_bits=wb, progress=lambda t: prog.update(
                       task, advance=1, last=f"{t.knobs.label()} n={t.n} {metric}={t.scores[metric]:.4f}"))
     best = res.best

@@ -129,6 +129,7 @@ class PolicyMaker:
 
 def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: Any = None, latency: Any = None,
          configs: Sequence[Knobs] | None = None, trials: int = 12, metric: str = "margin", eta: int = 2,
+         space: Mapping[str, Sequence[Any]] = DEFAULT_SPACE,
          min_samples: int = 40, seed: int = 0, w_bits: Sequence[int] = (2, 4, 8),
          progress: Callable[[Trial], None] | None = None) -> TuneResult:
     """Successive halving over knob settings, each scored by ``evaluator`` (a ProxyEvaluator).
@@ -146,7 +147,7 @@ def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: An
         raise ConfigError(f"eta={eta}: successive halving needs eta >= 2")
     t0 = time.perf_counter()
     make = PolicyMaker(inventory, report, budgets=budgets, latency=latency, w_bits=w_bits)
-    configs = list(configs) if configs is not None else candidate_configs(trials, seed=seed)
+    configs = list(configs) if configs is not None else candidate_configs(trials, space=space, seed=seed)
     done: dict[Knobs, Trial] = {}
     alive: list[tuple[Knobs, Policy]] = []
     for k in configs:
