@@ -103,7 +103,7 @@ def main(quick: bool = False, only: str | None = None) -> list[dict]:
             "cbc_status": getattr(res["cbc"], "status", "timeout/" + type(res["cbc"]).__name__),
             "highs_s": min(t["highs"]), "highs_spread_s": max(t["highs"]) - min(t["highs"]),
             "highs_status": getattr(res["highs"], "status", "timeout/" + type(res["highs"]).__name__),
-            "auto": default_solver(n),
+            "auto": default_solver(n, transitions=pw is not False),
             "mckp_s": min(t["mckp"]), "mckp_gap_pct": gap,
             "loadavg_1min": os.getloadavg()[0],  # the VM is shared: read times against this
         }

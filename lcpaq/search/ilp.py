@@ -19,7 +19,8 @@ from lcpaq.search.problem import BUDGET_COSTS, COST_UNITS, Budgets, Problem, Sea
 SOLVERS = ("cbc", "highs")
 # "Optimal" means proven within this relative MIP gap (both solvers' convention; HiGHS's default).
 MIP_GAP = 1e-4
-AUTO_HIGHS_LAYERS = 100
+AUTO_HIGHS_LAYERS = 500  # without transition terms
+AUTO_HIGHS_LAYERS_TRANSITIONS = 100
 
 
 def _solver(name: str, time_limit_s: float | None):
@@ -35,15 +36,16 @@ def _solver(name: str, time_limit_s: float | None):
     raise ConfigError(f"unknown ILP solver '{name}'; use one of {SOLVERS}")
 
 
-def default_solver(n_layers: int | None = None) -> str:
-    """CBC for small problems, HiGHS (if installed) from ``AUTO_HIGHS_LAYERS`` layers on.
+def default_solver(n_layers: int | None = None, *, transitions: bool = False) -> str:
+    """CBC for small problems, HiGHS (if installed) for large ones.
 
-    Measured in benchmarks/bench_search.py: CBC solved the 21- and 54-layer problems 2-4x
-    faster than HiGHS (HiGHS spends its time in sub-MIP heuristics); HiGHS was 2-10x faster
-    at 200-1,000 layers and with transition terms. Process startup of CBC is ~10 ms, not the
-    bottleneck.
+    Measured in benchmarks/bench_search.py (notes/search.md): CBC was 2-4x faster than HiGHS at
+    21-54 layers (HiGHS spends its time in sub-MIP heuristics) and ~2x at 200 layers without
+    transition terms; HiGHS was ~2x faster at 200 layers with transitions and 5-10x at 1,000
+    layers. CBC's process startup (~10 ms) is not the bottleneck.
     """
-    if n_layers is not None and n_layers < AUTO_HIGHS_LAYERS:
+    limit = AUTO_HIGHS_LAYERS_TRANSITIONS if transitions else AUTO_HIGHS_LAYERS
+    if n_layers is not None and n_layers < limit:
         return "cbc"
     try:
         import pulp
@@ -257,7 +259,9 @@ def solve_ilp(problem: Problem, *, solver: str | None = None, time_limit_s: floa
 
     >>> # res = solve_ilp(problem, solver="cbc", time_limit_s=10); res.policy, res.costs
     """
-    solver = solver or default_solver(len(problem.layers))
+    trans = "max_latency_ms" in dict(problem.budgets.items()) and any(
+        any(t.values()) for t in problem.pairwise.values())
+    solver = solver or default_solver(len(problem.layers), transitions=trans)
     status, ok, bits, dt = _solve(problem, "omega", problem.budgets, solver, time_limit_s)
     if not ok:
         if status in ("Infeasible", "Undefined"):  # CBC may say Undefined for an infeasible MIP
