@@ -372,6 +372,53 @@ def calibrate_to_references(lm: LatencyModel, refs: Mapping[BitPair, float], *,
     return LatencyModel(unary, pairwise, lm.constant_ms, meta=meta)
 
 
+def profile_context(
+    model: Any,
+    input_shape: tuple[int, ...],
+    candidates: Sequence[BitPair],
+    *,
+    train: int = 6,
+    settings: Any = None,
+    seed: int = 1000,
+    calib: Any = None,
+) -> tuple[ContextTable, LatencyModel]:
+    """Measure cut units of 2 uniform + ``train`` random-class policies on ORT (in-process) and
+    return the context table and its calibrated additive LatencyModel.
+
+    >>> # ct, lm = profile_context(get_model("resnet18"), (1, 3, 224, 224), [(32, 32), (4, 8), (8, 8)])
+    """
+    from lcpaq.profiler.backend import MeasureSettings, Unit
+    from lcpaq.profiler.backends.ort import OrtBackend
+    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+    from lcpaq.profiler.units import overhead_unit
+
+    st = settings or MeasureSettings(warmup=3, number=3, repeat=5)
+    be = OrtBackend()
+    x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
+
+    def timed(onnx_bytes: bytes, feeds: Mapping[str, np.ndarray]) -> float:
+        m = be.measure(Unit("u", onnx_bytes, feeds), st)
+        if m.error:
+            from lcpaq.errors import BackendUnavailableError
+
+            raise BackendUnavailableError(f"ORT failed on a cut unit: {m.error}")
+        return m.median_ms
+
+    ov = timed(*overhead_unit())
+    names = quantizable_names(model)
+    rng = np.random.default_rng(seed)
+    ints = [tuple(c) for c in candidates if precision_class(c) == "int8"] or [(8, 8)]
+    pols = [Policy.uniform(names, 32, 32), Policy.uniform(names, *ints[-1])]
+    pols += [random_class_policy(names, rng, candidates) for _ in range(train)]
+    ct, refs = ContextTable(), {}
+    for i, pol in enumerate(pols):
+        b = export_qdq(model, pol, input_shape, calib=calib if calib is not None else [x])
+        ct.add(cut_units(b, model, pol), pol, lambda u: timed(u.onnx, u.feeds) - ov)
+        if i < 2:
+            refs[tuple(pol[names[0]])] = min(timed(b, {"input": x}) for _ in range(2))
+    return ct, calibrate_to_references(fit_latency_model(ct, candidates), refs)
+
+
 def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidates: Sequence[BitPair],
                         p_fp32: float = 0.5) -> Policy:
     """A random mixed policy: each layer fp32 with probability ``p_fp32``, else a random int pair."""
@@ -380,4 +427,4 @@ def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidat
     return Policy({n: (fps[0] if rng.random() < p_fp32 else ints[rng.integers(len(ints))]) for n in names})
 
 
-__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid"]
+__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid", "profile_context"]
