@@ -253,6 +253,8 @@ def run_demo(out: str | Path = "lcpaq-demo-report", *, quick: bool = False, back
 
     >>> # run_demo("lcpaq-demo-report", quick=True)
     """
+    import warnings
+
     import torch
 
     from lcpaq.costs import policy_costs
@@ -260,6 +262,8 @@ def run_demo(out: str | Path = "lcpaq-demo-report", *, quick: bool = False, back
     from lcpaq.models import accuracy, get_model
     from lcpaq.profiler.predict import latency_model
 
+    # lcpaq.quant's act_qparams reads a learnable scale with float(); harmless, but it floods the bars
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
