@@ -17,29 +17,23 @@ MIXED = [(8, 8), (4, 8), (32, 32), (2, 8), (8, 4), (6, 8), (4, 8), (8, 8), (32, 
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(0)
     from lcpaq.data import get_loader
 
     cal = next(iter(get_loader("mnist5k", "train", batch_size=64)))[0]
     xs = next(iter(get_loader("mnist5k", "val", batch_size=128)))[0]
-    del g
     return cal, xs
 
 
-def _fq(bits):
+def _fq(bits, cal):
     m = get_model("mnist_resnet")
     names = quantizable_names(m)
     pol = Policy(dict(zip(names, bits, strict=True)))
-    return apply_policy(m, pol, calib_loader=[DATA_CACHE["cal"]], calib_batches=1), pol
-
-
-DATA_CACHE: dict = {}
+    return apply_policy(m, pol, calib_loader=[cal], calib_batches=1), pol
 
 
 @pytest.mark.parametrize("bits", [[(4, 8)] * 10, [(8, 8)] * 10, MIXED], ids=["w4a8", "w8a8", "mixed"])
 def test_qdq_export_matches_fake_quant(data, bits):
-    DATA_CACHE["cal"] = data[0]
-    fq, _ = _fq(bits)
+    fq, _ = _fq(bits, data[0])
     dep = deploy(fq, "ort", (1, 1, 28, 28), calib_inputs=[data[0].numpy()])
     res = check_outputs(dep, fq, data[1].numpy())
     # logits reach ~15; 8-bit weights go on a 7-bit grid for ORT and int8 layers get an 8-bit output
@@ -49,8 +43,7 @@ def test_qdq_export_matches_fake_quant(data, bits):
 
 
 def test_exact_qdq_without_output_quant_is_near_exact(data):
-    DATA_CACHE["cal"] = data[0]
-    fq, _ = _fq([(4, 8)] * 10)
+    fq, _ = _fq([(4, 8)] * 10, data[0])
     import onnxruntime as ort
 
     b = export_qdq(fq, (1, 1, 28, 28), quantize_outputs=False)
@@ -67,8 +60,7 @@ def test_kernels_deploy_matches_fake_quant(data):
 
     if not status().loaded:
         pytest.skip(f"kernels extension not built: {status().reason}")
-    DATA_CACHE["cal"] = data[0]
-    fq, _ = _fq([(4, 8)] * 9 + [(8, 8)])
+    fq, _ = _fq([(4, 8)] * 9 + [(8, 8)], data[0])
     res = check_outputs(deploy(fq, "lcpaq-kernels", (1, 1, 28, 28)), fq, data[1].numpy())
     assert res["max_abs_err"] < 0.02 * res["ref_abs_max"], res
     assert res["top1_agreement"] >= 0.99
