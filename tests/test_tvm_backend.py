@@ -81,4 +81,5 @@ def test_tuning_database_is_kept_and_reused(tmp_path):
     assert first.extra["tuned"] and first.extra["tasks"] >= 1 and first.extra["tuned_now"] >= 1
     assert (tmp_path / "tvm_db" / "database_tuning_record.json").stat().st_size > 0
     again = get_backend("tvm", _profile(tmp_path, trials=1)).measure(unit, SETTINGS)
-    assert again.ok and again.extra["tuned_now"] == 0  # fast path: database applied, no tuning
+    assert again.ok and again.extra["tuned_now"] == 0  # fast path: kept build / database, no tuning
+    assert again.extra.get("cached_lib") and again.kernel == first.kernel

@@ -119,18 +119,48 @@ class TvmBackend:
         from lcpaq.profiler.tvm_lower import kernel_label, lower_qdq
         from lcpaq.profiler.tvm_tune import compile_tuned
 
+        t0 = time.perf_counter()
+        cached = self._lib_path(unit)
+        if cached is not None and cached.exists() and cached.with_suffix(".kernel").exists():
+            # Re-profiling fast path: the tuned build of this exact unit is kept beside the database.
+            import tvm
+
+            kernel = cached.with_suffix(".kernel").read_text()
+            return tvm.runtime.load_module(str(cached)), kernel, {
+                "tuned": True, "tasks": -1, "tuned_now": 0, "cached_lib": str(cached),
+                "compile_s": round(time.perf_counter() - t0, 3)}
         mod = from_onnx(onnx.load_from_string(unit.onnx), keep_params_in_input=False)
         mod, kinds = lower_qdq(mod)
-        t0 = time.perf_counter()
         ex, info = compile_tuned(mod, self.target(), self.work_dir, self.trials, rpc=self.rpc)
+        kernel = kernel_label(kinds, mod)
+        if cached is not None and info.get("tuned"):
+            from lcpaq.policy import atomic_write_text
+
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(cached.stem + f".{os.getpid()}.tmp.so")
+            ex.export_library(str(tmp))
+            os.replace(tmp, cached)
+            atomic_write_text(cached.with_suffix(".kernel"), kernel)
         info["compile_s"] = round(time.perf_counter() - t0, 3)
-        return ex, kernel_label(kinds, mod), info
+        return ex, kernel, info
+
+    def _lib_path(self, unit: Unit) -> Path | None:
+        """Where the tuned build of ``unit`` is kept: <work_dir>/libs/<hash of onnx+target+trials>.so."""
+        if self.work_dir is None or self.trials <= 0:
+            return None
+        import hashlib
+
+        import tvm
+
+        h = hashlib.sha256(unit.onnx)
+        h.update(f"{sorted(self.target_dict.items())}|{self.trials}|{tvm.__version__}".encode())
+        return self.work_dir / "libs" / f"{h.hexdigest()[:32]}.so"
 
     def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
         try:
             ex, kernel, info = self.compile(unit)
             if self.rpc is not None:
-                secs = self._run_remote(ex, unit, settings)
+                secs = self._run_remote(ex, unit, settings, info.get("cached_lib"))
             else:
                 secs = self._run_local(ex, unit, settings)
             ms = np.asarray(secs, dtype=np.float64) * 1e3
@@ -159,16 +189,17 @@ class TvmBackend:
         args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in unit.inputs.values()]
         return self._time(vm, dev, args, settings)
 
-    def _run_remote(self, ex: Any, unit: Unit, settings: MeasureSettings) -> list[float]:
+    def _run_remote(self, ex: Any, unit: Unit, settings: MeasureSettings, lib: str | None = None) -> list[float]:
         import tvm
         from tvm import relax, rpc
 
         tracker = rpc.connect_tracker(self.rpc.host, self.rpc.port)
         remote = tracker.request(self.rpc.key, priority=1, session_timeout=int(settings.timeout_s))
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "unit.so")
-            ex.export_library(path)
-            remote.upload(path)
+            path = lib or os.path.join(d, "unit.so")  # a kept tuned build is uploaded as is
+            if lib is None:
+                ex.export_library(path)
+            remote.upload(path, target="unit.so")
         rlib = remote.load_module("unit.so")
         dev = remote.cpu()
         vm = relax.VirtualMachine(rlib, dev)
