@@ -13,11 +13,10 @@ from lcpaq.cli._app import app, emit_json, entry, main
 # One entry per command module. Add yours here.
 COMMAND_MODULES = (
     "lcpaq.cli.foundation",  # models, inspect, cost
-    "lcpaq.cli.analysis",  # sensitivity, search
     "lcpaq.cli.proxy",  # finetune, tune
     "lcpaq.cli.profiler",  # profile, tables, predict
-    "lcpaq.cli.search",  # search (registered last: supersedes analysis.search)
-    "lcpaq.cli.sensitivity",  # sensitivity (after analysis: supersedes analysis.sensitivity)
+    "lcpaq.cli.search",  # search
+    "lcpaq.cli.sensitivity",  # sensitivity
     "lcpaq.cli.deploy",  # validate, export, demo
 )
 
