@@ -23,7 +23,14 @@ def profile(
     repair: bool = typer.Option(False, help="drop a torn trailing line left by an interrupted run"),
 ) -> None:
     """Measure every layer of MODEL at every candidate on the device into a latency table (resumable)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from lcpaq.graph import trace_named
     from lcpaq.policy import parse_bits_list

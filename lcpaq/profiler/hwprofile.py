@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from lcpaq.errors import ProfileError
 from lcpaq.policy import BitPair, PolicyError, parse_bits

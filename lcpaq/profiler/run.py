@@ -23,7 +23,14 @@ from lcpaq.profiler import worker
 from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, get_backend
 from lcpaq.profiler.hwprofile import HwProfile
 from lcpaq.profiler.table import TableWriter, host_cpu
-from lcpaq.profiler.units import build_unit, kernel_name, layer_spec, overhead_unit, precision_class, unit_key
+from lcpaq.profiler.units import (
+    build_unit,
+    kernel_name,
+    layer_spec,
+    overhead_unit,
+    precision_class,
+    unit_key,
+)
 
 log = logging.getLogger(__name__)
 OVERHEAD_KEY = "__overhead__"

@@ -74,7 +74,6 @@ def unit_key(layer: LayerInfo, pair: BitPair, in_class: str) -> str:
 
 def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0) -> tuple[bytes, dict[str, np.ndarray]]:
     """ONNX bytes and feed dict of one unit variant."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
