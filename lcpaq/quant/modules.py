@@ -50,30 +50,10 @@ class _QuantMixin:
     def bits(self) -> tuple[int, int]:
         return self.w_bits, self.a_bits
 
-
-class QuantConv2d(_QuantMixin, nn.Conv2d):
     @classmethod
-    def from_float(cls, m: nn.Conv2d, w_bits: int, a_bits: int, *, symmetric_act: bool = False,
-                   method: str = "minmax") -> QuantConv2d:
-        q = cls.__new__(cls)
-        q.__dict__.update(m.__dict__)  # shares parameters/buffers with the float module
-        q._parameters = dict(m._parameters)
-        q._buffers = dict(m._buffers)
-        q._modules = dict(m._modules)
-        q._setup(w_bits, a_bits, symmetric_act=symmetric_act, method=method)
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
-
-
-class QuantLinear(_QuantMixin, nn.Linear):
-    @classmethod
-    def from_float(cls, m: nn.Linear, w_bits: int, a_bits: int, *, symmetric_act: bool = False,
-                   method: str = "minmax") -> QuantLinear:
+    def from_float(cls, m: nn.Module, w_bits: int, a_bits: int, *, symmetric_act: bool = False,
+                   method: str = "minmax"):
+        """A quantized twin of float layer ``m`` that shares its parameters and buffers."""
         q = cls.__new__(cls)
         q.__dict__.update(m.__dict__)
         q._parameters = dict(m._parameters)
@@ -82,11 +62,18 @@ class QuantLinear(_QuantMixin, nn.Linear):
         q._setup(w_bits, a_bits, symmetric_act=symmetric_act, method=method)
         return q
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"  # type: ignore[misc]
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.qinput(x), self.qweight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
 
 
 QUANT_TYPES = (QuantConv2d, QuantLinear)
