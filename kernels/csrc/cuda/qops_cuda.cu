@@ -1,16 +1,28 @@
 // CUDA implementations of the lcpaq ops on the same packed-weight blob as the CPU (cpu/qgemm.h).
 //
-// Int8 path: activations are shifted to int8 (a = x - 128 for uint8) and 4 of them are packed in
-// one 32-bit word; weights of every width (8-bit bytes, 4-bit nibbles, 2-bit crumbs) are decoded
-// to int8 words and multiplied with __dp4a (sm_61+), exact int32 accumulation. A 16x16 tile of
-// outputs per block stages activations and decoded weights in shared memory.
-// Only c10/cuda headers are used (the local toolkit has no cuBLAS/cuSPARSE headers).
+// Tensor-core path (sm_80+, the default where the device has it): the packed 8/4/2-bit weights
+// are decoded once per call into a plain int8 [N][Kp] matrix (Kp = K rounded up to 16, zero
+// padded), activations are used as stored (uint8 or int8, row stride a multiple of 16 bytes;
+// im2col writes that layout), and a 128xBN block tile is computed with
+// mma.sync.m16n8k32 (u8 x s8 or s8 x s8 -> s32, exact) from a two-stage cp.async pipeline.
+// The int32 accumulators never overflow: |x*q| <= 255*128 and K <= 65536.
+// dp4a path (any sm_61+ device, or LCPAQ_CUDA_KERNEL=dp4a): activations are shifted to int8
+// (a = x - 128 for uint8), 4 per 32-bit word, weights decoded on the fly, __dp4a, 16x16 tiles.
+// Both paths share one epilogue (bias, ReLU, dequantize or requantize to uint8), written with
+// explicit round-to-nearest intrinsics so that it matches the CPU kernels bit for bit.
+// Only c10/cuda headers and the CUDA runtime are used (the local toolkit has no cuBLAS headers).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <utility>
 
 #include "qgemm.h"
 
@@ -54,6 +66,26 @@ __device__ __forceinline__ int decode_w(const uint8_t* panels, int bits, int64_t
   return int((b >> shift) & 3) - 2;
 }
 
+// Epilogue for one output: raw = exact sum_k x*q.
+__device__ __forceinline__ void store_out(const EpiParams& ep, int64_t m, int64_t n, int64_t raw,
+                                          const int32_t* colsum) {
+  if (ep.mode == 0) {
+    static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = int32_t(raw);
+    return;
+  }
+  const int64_t corr = raw - ep.zx * colsum[n];
+  float y = __fmul_rn(__ll2float_rn(corr), ep.scale[n]);  // no FMA contraction: match the CPU
+  if (ep.bias != nullptr) y = __fadd_rn(y, ep.bias[n]);
+  if (ep.relu) y = y < 0.f ? 0.f : y;
+  if (ep.mode == 1) {
+    static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+  } else {
+    float q = __fadd_rn(rintf(__fmul_rn(y, ep.inv_out)), ep.out_zp);
+    q = fminf(fmaxf(q, 0.f), 255.f);
+    static_cast<uint8_t*>(ep.out)[m * ep.ldo + n] = uint8_t(q);
+  }
+}
+
 __global__ void qgemm_kernel(const uint8_t* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
                              bool xs8, const uint8_t* __restrict__ blob, int64_t N, int bits,
                              EpiParams ep) {
@@ -92,34 +124,203 @@ __global__ void qgemm_kernel(const uint8_t* __restrict__ x, int64_t M, int64_t K
     __syncthreads();
   }
   if (m >= M || n >= N) return;
-  const int64_t raw = int64_t(acc) + int64_t(xs8 ? 0 : 128) * colsum[n];
-  if (ep.mode == 0) {
-    static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = int32_t(raw);
-    return;
-  }
-  const int64_t corr = raw - ep.zx * colsum[n];
-  float y = __fmul_rn(__ll2float_rn(corr), ep.scale[n]);  // no FMA contraction: match the CPU
-  if (ep.bias != nullptr) y = __fadd_rn(y, ep.bias[n]);
-  if (ep.relu) y = y < 0.f ? 0.f : y;
-  if (ep.mode == 1) {
-    static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+  store_out(ep, m, n, int64_t(acc) + int64_t(xs8 ? 0 : 128) * colsum[n], colsum);
+}
+
+
+// ---------------------------------------------------------------- tensor-core (IMMA) path
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// c += a (16x32, row) * b (32x8, col); a uint8 (XS8 false) or int8, b int8; exact s32.
+template <bool XS8>
+__device__ __forceinline__ void mma_16832(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (XS8) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   } else {
-    float q = __fadd_rn(rintf(__fmul_rn(y, ep.inv_out)), ep.out_zp);
-    q = fminf(fmaxf(q, 0.f), 255.f);
-    static_cast<uint8_t*>(ep.out)[m * ep.ldo + n] = uint8_t(q);
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  __trap();  // built without sm_80+ code: the host never selects this path then (see imma_ok)
+#endif
+}
+
+// C[M, N] = A[M, Kp] (row stride lda, 16-byte aligned rows) x B[N, Kp]^T, both int8/uint8,
+// BM x BN outputs per block, WM x WN warps, BK = 64 k per stage, two-stage cp.async pipeline.
+// Shared rows are padded to 80 bytes: the fragment loads (8 rows x 4 words per warp) then hit
+// 32 distinct banks.
+template <int BM, int BN, int WM, int WN, bool XS8>
+__global__ void __launch_bounds__(WM* WN * 32)
+    imma_gemm_kernel(const uint8_t* __restrict__ A, int64_t M, int64_t Kp, int64_t lda,
+                     const int8_t* __restrict__ B, int64_t N, const int32_t* __restrict__ colsum,
+                     EpiParams ep) {
+  constexpr int BK = 64, LDS = BK + 16, THREADS = WM * WN * 32;
+  constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NT = WTN / 8;
+  __shared__ __align__(16) uint8_t As[2][BM][LDS];
+  __shared__ __align__(16) int8_t Bs[2][BN][LDS];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WN, wn = warp % WN, g = lane >> 2, t = lane & 3;
+  const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
+  int acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
+  const int ktiles = int((Kp + BK - 1) / BK);
+
+  auto load = [&](int st, int kt) {
+    const int64_t k0 = int64_t(kt) * BK;
+#pragma unroll
+    for (int i = tid; i < BM * 4; i += THREADS) {
+      const int r = i >> 2, ch = i & 3;
+      const int64_t gm = m0 + r, gk = k0 + ch * 16;
+      const bool ok = gm < M && gk < Kp;
+      cp_async16(&As[st][r][ch * 16], ok ? A + gm * lda + gk : A, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = tid; i < BN * 4; i += THREADS) {
+      const int r = i >> 2, ch = i & 3;
+      const int64_t gn = n0 + r, gk = k0 + ch * 16;
+      const bool ok = gn < N && gk < Kp;
+      cp_async16(&Bs[st][r][ch * 16], ok ? B + gn * Kp + gk : B, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
+  load(0, 0);
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int st = kt & 1;
+    if (kt + 1 < ktiles) {
+      load(st ^ 1, kt + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 32) {
+      uint32_t af[MT][4], bf[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const int r = wm * WTM + i * 16 + g;
+        af[i][0] = *reinterpret_cast<const uint32_t*>(&As[st][r][kk + t * 4]);
+        af[i][1] = *reinterpret_cast<const uint32_t*>(&As[st][r + 8][kk + t * 4]);
+        af[i][2] = *reinterpret_cast<const uint32_t*>(&As[st][r][kk + 16 + t * 4]);
+        af[i][3] = *reinterpret_cast<const uint32_t*>(&As[st][r + 8][kk + 16 + t * 4]);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int c = wn * WTN + j * 8 + g;
+        bf[j][0] = *reinterpret_cast<const uint32_t*>(&Bs[st][c][kk + t * 4]);
+        bf[j][1] = *reinterpret_cast<const uint32_t*>(&Bs[st][c][kk + 16 + t * 4]);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_16832<XS8>(acc[i][j], af[i], bf[j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = m0 + wm * WTM + i * 16 + g + h * 8;
+          const int64_t n = n0 + wn * WTN + j * 8 + t * 2 + e;
+          if (m < M && n < N) store_out(ep, m, n, int64_t(acc[i][j][h * 2 + e]), colsum);
+        }
+}
+
+// The packed blobs of G groups (gb bytes each) as plain int8 [G][N][Kp] (zero beyond K), and
+// their column sums gathered into int32 [G][N].
+__global__ void decode_weights_kernel(const uint8_t* __restrict__ blobs, int bits, int64_t G,
+                                      int64_t N, int64_t K, int64_t Kp, int64_t gb,
+                                      int8_t* __restrict__ out, int32_t* __restrict__ colsum) {
+  const int64_t npad = pad_n(N), ksteps = num_ksteps(bits, K);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < G * N * Kp;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t g = i / (N * Kp), r = i % (N * Kp), n = r / Kp, k = r % Kp;
+    const uint8_t* blob = blobs + g * gb;
+    out[i] = k < K ? int8_t(decode_w(blob + 4 * npad, bits, ksteps, n, k)) : int8_t(0);
+    if (k == 0) colsum[g * N + n] = reinterpret_cast<const int32_t*>(blob)[n];
   }
 }
 
-// NHWC im2col rows in (kh, kw, c) order for one group, padded with the zero point.
+// Depthwise conv (groups == C, one output channel per group), NHWC in and out, one thread per
+// output: exact int32 sum over the KH*KW taps (padding = the zero point), then the epilogue.
+template <bool XS8>
+__global__ void depthwise_kernel(const uint8_t* __restrict__ x, int64_t Nb, int64_t H, int64_t W,
+                                 int64_t C, int64_t OH, int64_t OW, int64_t KH, int64_t KW,
+                                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                                 int64_t dw, const int8_t* __restrict__ wd, int64_t Kp,
+                                 uint8_t pad, const int32_t* __restrict__ colsum, EpiParams ep) {
+  const int64_t total = Nb * OH * OW * C;
+  const int padv = XS8 ? int(int8_t(pad)) : int(pad);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % C, m = i / C;
+    const int64_t n = m / (OH * OW), r = m % (OH * OW), oh = r / OW, ow = r % OW;
+    int acc = 0;
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const int64_t ih = oh * sh - ph + kh * dh;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const int64_t iw = ow * sw - pw + kw * dw;
+        int xv = padv;
+        if (ih >= 0 && ih < H && iw >= 0 && iw < W) {
+          const uint8_t b = x[((n * H + ih) * W + iw) * C + c];
+          xv = XS8 ? int(int8_t(b)) : int(b);
+        }
+        acc += xv * int(wd[c * Kp + kh * KW + kw]);
+      }
+    }
+    store_out(ep, m, c, int64_t(acc), colsum);
+  }
+}
+
+// NHWC im2col rows in (kh, kw, c) order for one group, padded with the zero point; row stride
+// Kp >= K bytes, the tail k in [K, Kp) zero (it meets zero weights).
 __global__ void im2col_kernel(const uint8_t* __restrict__ x, uint8_t* __restrict__ cols,
                               int64_t Nb, int64_t H, int64_t W, int64_t C, int64_t OH, int64_t OW,
                               int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
                               int64_t pw, int64_t dh, int64_t dw, int64_t c0, int64_t cg,
-                              uint8_t pad) {
-  const int64_t K = KH * KW * cg, total = Nb * OH * OW * K;
+                              int64_t Kp, uint8_t pad) {
+  const int64_t K = KH * KW * cg, total = Nb * OH * OW * Kp;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / K, k = i % K;
+    const int64_t m = i / Kp, k = i % Kp;
+    if (k >= K) {
+      cols[i] = 0;
+      continue;
+    }
     const int64_t c = k % cg, kw = (k / cg) % KW, kh = k / (cg * KW);
     const int64_t n = m / (OH * OW), r = m % (OH * OW), oh = r / OW, ow = r % OW;
     const int64_t ih = oh * sh - ph + kh * dh, iw = ow * sw - pw + kw * dw;
@@ -138,13 +339,111 @@ __global__ void quantize_kernel(const float* __restrict__ s, uint8_t* __restrict
   }
 }
 
-void launch_gemm(const uint8_t* x, int64_t M, int64_t K, int64_t ldx, bool xs8,
+int64_t round16(int64_t k) { return (k + 15) / 16 * 16; }
+
+int grid_for(int64_t n, int threads) {
+  return int(std::min<int64_t>((n + threads - 1) / threads, 65535));
+}
+
+// The tensor-core path runs when the device is sm_80+, the extension holds sm_80+ code for it,
+// and LCPAQ_CUDA_KERNEL is not "dp4a".
+bool imma_ok(int device) {
+  const char* e = std::getenv("LCPAQ_CUDA_KERNEL");
+  if (e != nullptr && std::strcmp(e, "dp4a") == 0) return false;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (major < 8) return false;
+  cudaFuncAttributes fa{};
+  if (cudaFuncGetAttributes(&fa, imma_gemm_kernel<128, 64, 4, 2, false>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return fa.binaryVersion >= 80;
+}
+
+int num_sms(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return n;
+}
+
+template <int BM, int BN, int WM, int WN>
+void launch_imma_cfg(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8,
+                     const int8_t* Wd, int64_t N, const int32_t* colsum, const EpiParams& ep,
+                     cudaStream_t stream) {
+  dim3 grid(unsigned((N + BN - 1) / BN), unsigned((M + BM - 1) / BM));
+  if (xs8)
+    imma_gemm_kernel<BM, BN, WM, WN, true><<<grid, WM * WN * 32, 0, stream>>>(A, M, Kp, lda, Wd, N, colsum, ep);
+  else
+    imma_gemm_kernel<BM, BN, WM, WN, false><<<grid, WM * WN * 32, 0, stream>>>(A, M, Kp, lda, Wd, N, colsum, ep);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A: [M, Kp] rows of lda bytes (lda % 16 == 0, 16-byte aligned, columns K..Kp-1 zero),
+// Wd: int8 [N, Kp]. Tile shape by problem size: 128x128 when that still fills two waves of
+// the SMs, else 128x64, or 64x64 for short M (linear layers at small batch).
+void launch_imma(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8, const int8_t* Wd,
+                 int64_t N, const int32_t* colsum, const EpiParams& ep, int device) {
+  if (M == 0 || N == 0) return;
+  TORCH_CHECK(M / 128 < 65535, "lcpaq: too many rows for one CUDA launch");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t big = ((M + 127) / 128) * ((N + 127) / 128);
+  if (N > 64 && big >= 2 * num_sms(device))
+    launch_imma_cfg<128, 128, 2, 4>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, stream);
+  else if (M <= 64)
+    launch_imma_cfg<64, 64, 2, 2>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, stream);
+  else
+    launch_imma_cfg<128, 64, 4, 2>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, stream);
+}
+
+// Decoded weights of G groups: int8 [G, N, Kp] and int32 column sums [G, N].
+std::pair<at::Tensor, at::Tensor> decode_weights(const at::Tensor& w, int bits, int64_t G,
+                                                 int64_t N, int64_t K, int64_t Kp) {
+  auto wd = at::empty({G, N, Kp}, w.options().dtype(at::kChar));
+  auto cs = at::empty({G, N}, w.options().dtype(at::kInt));
+  const int64_t n = G * N * Kp;
+  if (n == 0) return {wd, cs};
+  decode_weights_kernel<<<grid_for(n, 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      w.data_ptr<uint8_t>(), bits, G, N, K, Kp, blob_bytes(bits, N, K), wd.data_ptr<int8_t>(),
+      cs.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {wd, cs};
+}
+
+void launch_dp4a(const uint8_t* x, int64_t M, int64_t K, int64_t ldx, bool xs8,
                  const uint8_t* blob, int64_t N, int bits, const EpiParams& ep) {
   if (M == 0 || N == 0) return;
   dim3 block(TILE, TILE), grid((N + TILE - 1) / TILE, (M + TILE - 1) / TILE);
   auto stream = c10::cuda::getCurrentCUDAStream();
   qgemm_kernel<<<grid, block, 0, stream>>>(x, M, K, ldx, xs8, blob, N, bits, ep);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// GEMM of a contiguous [M, K] activation matrix against one packed blob, by either path.
+void gemm_any(const at::Tensor& x2d, bool xs8, const at::Tensor& w, int bits, int64_t N,
+              const EpiParams& ep) {
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  const int dev = x2d.get_device();
+  if (!imma_ok(dev)) {
+    launch_dp4a(static_cast<const uint8_t*>(x2d.data_ptr()), M, K, K, xs8, w.data_ptr<uint8_t>(),
+                N, bits, ep);
+    return;
+  }
+  const int64_t Kp = round16(K);
+  at::Tensor a = x2d;
+  if (Kp != K || reinterpret_cast<uintptr_t>(x2d.data_ptr()) % 16 != 0) {
+    a = at::zeros({M, Kp}, x2d.options());
+    a.narrow(1, 0, K).copy_(x2d);
+  }
+  auto [wd, cs] = decode_weights(w, bits, 1, N, K, Kp);
+  launch_imma(static_cast<const uint8_t*>(a.data_ptr()), M, Kp, Kp, xs8, wd.data_ptr<int8_t>(), N,
+              cs.data_ptr<int32_t>(), ep, dev);
 }
 
 EpiParams epi(const at::Tensor& comb, const c10::optional<at::Tensor>& fb, int64_t zx,
@@ -187,8 +486,7 @@ at::Tensor qgemm_i32_cuda(const at::Tensor& x, const at::Tensor& w, int64_t bits
   ep.mode = 0;
   ep.out = out.data_ptr();
   ep.ldo = n;
-  launch_gemm(static_cast<const uint8_t*>(xc.data_ptr()), M, K, K, x.scalar_type() == at::kChar,
-              w.data_ptr<uint8_t>(), n, int(bits), ep);
+  gemm_any(xc, x.scalar_type() == at::kChar, w, int(bits), n, ep);
   return out;
 }
 
@@ -209,8 +507,7 @@ at::Tensor qlinear_cuda(const at::Tensor& x, const at::Tensor& w, int64_t bits, 
   EpiParams ep = epi(comb, fb, x_zp, out_scale, out_zp, relu);
   ep.out = out.data_ptr();
   ep.ldo = n;
-  launch_gemm(static_cast<const uint8_t*>(xc.data_ptr()), M, K, K, x.scalar_type() == at::kChar,
-              w.data_ptr<uint8_t>(), n, int(bits), ep);
+  gemm_any(xc.view({M, K}), x.scalar_type() == at::kChar, w, int(bits), n, ep);
   return out;
 }
 
@@ -235,26 +532,62 @@ at::Tensor qconv2d_cuda(const at::Tensor& x, const at::Tensor& w, int64_t bits,
                                               .dtype(out_scale > 0 ? at::kByte : at::kFloat)
                                               .memory_format(at::MemoryFormat::ChannelsLast));
   auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  auto cols = at::empty({M, K}, x.options());
   auto comb = (w_scale.to(at::kFloat).contiguous() * float(x_scale)).contiguous();
   auto fb = fbias(bias, Cout);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool xs8 = x.scalar_type() == at::kChar;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((M * K + threads - 1) / threads, 65535);
-    im2col_kernel<<<blocks, threads, 0, stream>>>(
-        static_cast<const uint8_t*>(xc.data_ptr()), cols.data_ptr<uint8_t>(), N, H, W, C, OH,
-        OW, KH, KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        g * cg, cg, uint8_t(x_zp & 0xFF));
+  const auto* xp = static_cast<const uint8_t*>(xc.data_ptr());
+  const uint8_t pad = uint8_t(x_zp & 0xFF);
+  const size_t osz = out_scale > 0 ? 1 : 4;
+  if (M == 0 || Cout == 0) return out;
+  const int dev = x.get_device();
+  if (groups == C && cg == 1 && coutg == 1) {  // depthwise
+    const int64_t Kp = KH * KW;
+    auto [wd, cs] = decode_weights(w, int(bits), groups, 1, K, Kp);
+    EpiParams ep = epi(comb, fb, x_zp, out_scale, out_zp, relu);
+    ep.ldo = Cout;
+    ep.out = out.data_ptr();
+    const int64_t total = M * Cout;
+    if (xs8)
+      depthwise_kernel<true><<<grid_for(total, 256), 256, 0, stream>>>(
+          xp, N, H, W, C, OH, OW, KH, KW, stride[0], stride[1], padding[0], padding[1],
+          dilation[0], dilation[1], wd.data_ptr<int8_t>(), Kp, pad, cs.data_ptr<int32_t>(), ep);
+    else
+      depthwise_kernel<false><<<grid_for(total, 256), 256, 0, stream>>>(
+          xp, N, H, W, C, OH, OW, KH, KW, stride[0], stride[1], padding[0], padding[1],
+          dilation[0], dilation[1], wd.data_ptr<int8_t>(), Kp, pad, cs.data_ptr<int32_t>(), ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+  const bool imma = imma_ok(dev);
+  const int64_t Kp = imma ? round16(K) : K;
+  // a 1x1, stride-1, unpadded, ungrouped conv reads the NHWC input as its GEMM operand
+  const bool direct = imma && groups == 1 && KH == 1 && KW == 1 && stride[0] == 1 &&
+                      stride[1] == 1 && padding[0] == 0 && padding[1] == 0 && C % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(xp) % 16 == 0;
+  at::Tensor wd, cs;
+  if (imma) std::tie(wd, cs) = decode_weights(w, int(bits), groups, coutg, K, Kp);
+  at::Tensor cols;
+  if (!direct) cols = at::empty({M, Kp}, x.options());
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* A = xp;
+    if (!direct) {
+      im2col_kernel<<<grid_for(M * Kp, 256), 256, 0, stream>>>(
+          xp, static_cast<uint8_t*>(cols.data_ptr()), N, H, W, C, OH, OW, KH, KW, stride[0],
+          stride[1], padding[0], padding[1], dilation[0], dilation[1], g * cg, cg, Kp, pad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      A = static_cast<const uint8_t*>(cols.data_ptr());
+    }
     EpiParams ep = epi(comb, fb, x_zp, out_scale, out_zp, relu);
     ep.scale += g * coutg;
     if (ep.bias != nullptr) ep.bias += g * coutg;
     ep.ldo = Cout;
-    ep.out = static_cast<uint8_t*>(out.data_ptr()) + g * coutg * (out_scale > 0 ? 1 : 4);
-    launch_gemm(cols.data_ptr<uint8_t>(), M, K, K, xs8, w.data_ptr<uint8_t>() + g * gb, coutg,
-                int(bits), ep);
+    ep.out = static_cast<uint8_t*>(out.data_ptr()) + g * coutg * osz;
+    if (imma)
+      launch_imma(A, M, Kp, Kp, xs8, wd.data_ptr<int8_t>() + g * coutg * Kp, coutg,
+                  cs.data_ptr<int32_t>() + g * coutg, ep, dev);
+    else
+      launch_dp4a(A, M, K, K, xs8, w.data_ptr<uint8_t>() + g * gb, coutg, int(bits), ep);
   }
   return out;
 }
