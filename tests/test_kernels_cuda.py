@@ -117,6 +117,8 @@ CONVS = [
     pytest.param(dict(c=24, co=40, h=9, w=7, k=1, s=2, p=0, d=1, g=1), id="1x1s2"),
     pytest.param(dict(c=3, co=8, h=15, w=15, k=7, s=2, p=3, d=1, g=1), id="7x7s2"),
     pytest.param(dict(c=6, co=4, h=7, w=6, k=3, s=2, p=1, d=2, g=2), id="grouped-dil"),
+    pytest.param(dict(c=32, co=48, h=11, w=9, k=3, s=2, p=2, d=2, g=2), id="grouped16-s2-dil"),
+    pytest.param(dict(c=32, co=20, h=13, w=10, k=3, s=2, p=1, d=1, g=1), id="3x3s2-32"),
     pytest.param(dict(c=32, co=32, h=10, w=10, k=3, s=1, p=1, d=1, g=32), id="depthwise"),
     pytest.param(dict(c=24, co=24, h=9, w=9, k=5, s=2, p=2, d=1, g=24), id="depthwise5x5s2"),
 ]

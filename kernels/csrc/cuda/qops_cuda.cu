@@ -170,17 +170,27 @@ __device__ __forceinline__ void mma_16832(int (&c)[4], const uint32_t (&a)[4], c
 #endif
 }
 
-// C[M, N] = A[M, Kp] (row stride lda, 16-byte aligned rows) x B[N, Kp]^T, both int8/uint8,
-// BM x BN outputs per block, WM x WN warps, BK = 64 k per stage, two-stage cp.async pipeline.
-// Shared rows are padded to 80 bytes: the fragment loads (8 rows x 4 words per warp) then hit
-// 32 distinct banks.
-template <int BM, int BN, int WM, int WN, bool XS8>
+// Implicit-GEMM view of an NHWC conv input for one group (cg % 16 == 0): row m = (n, oh, ow),
+// k = (kh, kw, c); every 16-byte chunk of a row lies in one tap. Taps outside the image read
+// `padbuf`, 16 bytes of the zero point.
+struct ConvGeo {
+  const uint8_t* padbuf;
+  int64_t H, W, C, OH, OW, KW, sh, sw, ph, pw, dh, dw, c0, cg;
+};
+
+// C[M, N] = A[M, Kp] x B[N, Kp]^T, A uint8/int8, B int8, exact int32. A is either a matrix
+// (rows of lda bytes, 16-byte aligned, columns K..Kp-1 zero) or, with IMPLICIT, gathered from
+// the conv input `A` through `geo` (no im2col buffer). BM x BN outputs per block, WM x WN warps,
+// BK = 64 k per stage, two-stage cp.async pipeline. Shared rows are padded to 80 bytes: the
+// fragment loads (8 rows x 4 words per warp) then hit 32 distinct banks.
+template <int BM, int BN, int WM, int WN, bool XS8, bool IMPLICIT>
 __global__ void __launch_bounds__(WM* WN * 32)
     imma_gemm_kernel(const uint8_t* __restrict__ A, int64_t M, int64_t Kp, int64_t lda,
                      const int8_t* __restrict__ B, int64_t N, const int32_t* __restrict__ colsum,
-                     EpiParams ep) {
+                     EpiParams ep, ConvGeo geo) {
   constexpr int BK = 64, LDS = BK + 16, THREADS = WM * WN * 32;
   constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NT = WTN / 8;
+  constexpr int AIT = (BM * 4 + THREADS - 1) / THREADS;
   __shared__ __align__(16) uint8_t As[2][BM][LDS];
   __shared__ __align__(16) int8_t Bs[2][BN][LDS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -192,15 +202,43 @@ __global__ void __launch_bounds__(WM* WN * 32)
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
   const int ktiles = int((Kp + BK - 1) / BK);
+  // per A chunk this thread loads: the row's image base and top-left input coordinate
+  int64_t rbase[AIT];
+  int ih0[AIT], iw0[AIT];
+  if constexpr (IMPLICIT) {
+#pragma unroll
+    for (int j = 0; j < AIT; ++j) {
+      const int64_t gm = m0 + ((tid + j * THREADS) >> 2);
+      const int64_t n = gm / (geo.OH * geo.OW), r = gm % (geo.OH * geo.OW);
+      rbase[j] = n * geo.H * geo.W * geo.C + geo.c0;
+      ih0[j] = int((r / geo.OW) * geo.sh - geo.ph);
+      iw0[j] = int((r % geo.OW) * geo.sw - geo.pw);
+    }
+  }
 
   auto load = [&](int st, int kt) {
     const int64_t k0 = int64_t(kt) * BK;
 #pragma unroll
-    for (int i = tid; i < BM * 4; i += THREADS) {
+    for (int j = 0; j < AIT; ++j) {
+      const int i = tid + j * THREADS;
+      if (i >= BM * 4) break;
       const int r = i >> 2, ch = i & 3;
       const int64_t gm = m0 + r, gk = k0 + ch * 16;
       const bool ok = gm < M && gk < Kp;
-      cp_async16(&As[st][r][ch * 16], ok ? A + gm * lda + gk : A, ok ? 16 : 0);
+      const uint8_t* src = A;
+      if constexpr (IMPLICIT) {
+        if (ok) {
+          const int64_t tap = gk / geo.cg, c = gk - tap * geo.cg;
+          const int64_t kh = tap / geo.KW, kw = tap - kh * geo.KW;
+          const int64_t ih = ih0[j] + kh * geo.dh, iw = iw0[j] + kw * geo.dw;
+          src = (ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W)
+                    ? A + rbase[j] + (ih * geo.W + iw) * geo.C + c
+                    : geo.padbuf;
+        }
+      } else {
+        if (ok) src = A + gm * lda + gk;
+      }
+      cp_async16(&As[st][r][ch * 16], src, ok ? 16 : 0);
     }
 #pragma unroll
     for (int i = tid; i < BN * 4; i += THREADS) {
@@ -307,25 +345,34 @@ __global__ void depthwise_kernel(const uint8_t* __restrict__ x, int64_t Nb, int6
 }
 
 // NHWC im2col rows in (kh, kw, c) order for one group, padded with the zero point; row stride
-// Kp >= K bytes, the tail k in [K, Kp) zero (it meets zero weights).
+// Kp >= K bytes, the tail k in [K, Kp) zero (it meets zero weights). One thread per (row, tap)
+// copies the tap's cg contiguous channels, 16 bytes at a time where both sides are aligned.
 __global__ void im2col_kernel(const uint8_t* __restrict__ x, uint8_t* __restrict__ cols,
                               int64_t Nb, int64_t H, int64_t W, int64_t C, int64_t OH, int64_t OW,
                               int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
                               int64_t pw, int64_t dh, int64_t dw, int64_t c0, int64_t cg,
                               int64_t Kp, uint8_t pad) {
-  const int64_t K = KH * KW * cg, total = Nb * OH * OW * Kp;
+  const int64_t taps = KH * KW, K = taps * cg, total = Nb * OH * OW * taps;
+  const bool vec = cg % 16 == 0 && c0 % 16 == 0 && C % 16 == 0 && Kp % 16 == 0;
+  const uint32_t p4 = 0x01010101u * pad;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t m = i / Kp, k = i % Kp;
-    if (k >= K) {
-      cols[i] = 0;
-      continue;
-    }
-    const int64_t c = k % cg, kw = (k / cg) % KW, kh = k / (cg * KW);
+    const int64_t m = i / taps, tap = i % taps, kh = tap / KW, kw = tap % KW;
     const int64_t n = m / (OH * OW), r = m % (OH * OW), oh = r / OW, ow = r % OW;
     const int64_t ih = oh * sh - ph + kh * dh, iw = ow * sw - pw + kw * dw;
-    cols[i] = (ih < 0 || ih >= H || iw < 0 || iw >= W) ? pad
-                                                       : x[((n * H + ih) * W + iw) * C + c0 + c];
+    uint8_t* dst = cols + m * Kp + tap * cg;
+    const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+    const uint8_t* src = inside ? x + ((n * H + ih) * W + iw) * C + c0 : nullptr;
+    if (vec) {
+      const uint4 padv = make_uint4(p4, p4, p4, p4);
+      for (int64_t c = 0; c < cg; c += 16)
+        *reinterpret_cast<uint4*>(dst + c) =
+            inside ? *reinterpret_cast<const uint4*>(src + c) : padv;
+    } else {
+      for (int64_t c = 0; c < cg; ++c) dst[c] = inside ? src[c] : pad;
+    }
+    if (tap == taps - 1)
+      for (int64_t k = K; k < Kp; ++k) cols[m * Kp + k] = 0;
   }
 }
 
@@ -357,7 +404,7 @@ bool imma_ok(int device) {
   }
   if (major < 8) return false;
   cudaFuncAttributes fa{};
-  if (cudaFuncGetAttributes(&fa, imma_gemm_kernel<128, 64, 4, 2, false>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&fa, imma_gemm_kernel<128, 64, 4, 2, false, false>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -373,33 +420,47 @@ int num_sms(int device) {
   return n;
 }
 
-template <int BM, int BN, int WM, int WN>
+template <int BM, int BN, int WM, int WN, bool IMPLICIT>
 void launch_imma_cfg(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8,
                      const int8_t* Wd, int64_t N, const int32_t* colsum, const EpiParams& ep,
-                     cudaStream_t stream) {
+                     const ConvGeo& geo, cudaStream_t stream) {
   dim3 grid(unsigned((N + BN - 1) / BN), unsigned((M + BM - 1) / BM));
   if (xs8)
-    imma_gemm_kernel<BM, BN, WM, WN, true><<<grid, WM * WN * 32, 0, stream>>>(A, M, Kp, lda, Wd, N, colsum, ep);
+    imma_gemm_kernel<BM, BN, WM, WN, true, IMPLICIT>
+        <<<grid, WM * WN * 32, 0, stream>>>(A, M, Kp, lda, Wd, N, colsum, ep, geo);
   else
-    imma_gemm_kernel<BM, BN, WM, WN, false><<<grid, WM * WN * 32, 0, stream>>>(A, M, Kp, lda, Wd, N, colsum, ep);
+    imma_gemm_kernel<BM, BN, WM, WN, false, IMPLICIT>
+        <<<grid, WM * WN * 32, 0, stream>>>(A, M, Kp, lda, Wd, N, colsum, ep, geo);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A: [M, Kp] rows of lda bytes (lda % 16 == 0, 16-byte aligned, columns K..Kp-1 zero),
-// Wd: int8 [N, Kp]. Tile shape by problem size: 128x128 when that still fills two waves of
-// the SMs, else 128x64, or 64x64 for short M (linear layers at small batch).
-void launch_imma(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8, const int8_t* Wd,
-                 int64_t N, const int32_t* colsum, const EpiParams& ep, int device) {
-  if (M == 0 || N == 0) return;
-  TORCH_CHECK(M / 128 < 65535, "lcpaq: too many rows for one CUDA launch");
+template <bool IMPLICIT>
+void launch_imma_t(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8,
+                   const int8_t* Wd, int64_t N, const int32_t* colsum, const EpiParams& ep,
+                   const ConvGeo& geo, int device) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t big = ((M + 127) / 128) * ((N + 127) / 128);
   if (N > 64 && big >= 2 * num_sms(device))
-    launch_imma_cfg<128, 128, 2, 4>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, stream);
+    launch_imma_cfg<128, 128, 2, 4, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
   else if (M <= 64)
-    launch_imma_cfg<64, 64, 2, 2>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, stream);
+    launch_imma_cfg<64, 64, 2, 2, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
   else
-    launch_imma_cfg<128, 64, 4, 2>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, stream);
+    launch_imma_cfg<128, 64, 4, 2, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
+}
+
+// A: [M, Kp] rows of lda bytes (lda % 16 == 0, 16-byte aligned, columns K..Kp-1 zero), or the
+// conv input through geo (geo.padbuf set). Wd: int8 [N, Kp]. Tile shape by problem size:
+// 128x128 when that still fills two waves of the SMs, else 128x64, or 64x64 for short M
+// (linear layers at small batch).
+void launch_imma(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8, const int8_t* Wd,
+                 int64_t N, const int32_t* colsum, const EpiParams& ep, int device,
+                 const ConvGeo* geo = nullptr) {
+  if (M == 0 || N == 0) return;
+  TORCH_CHECK(M / 64 < 65535, "lcpaq: too many rows for one CUDA launch");
+  if (geo != nullptr)
+    launch_imma_t<true>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, *geo, device);
+  else
+    launch_imma_t<false>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, ConvGeo{}, device);
 }
 
 // Decoded weights of G groups: int8 [G, N, Kp] and int32 column sums [G, N].
@@ -561,28 +622,33 @@ at::Tensor qconv2d_cuda(const at::Tensor& x, const at::Tensor& w, int64_t bits,
   }
   const bool imma = imma_ok(dev);
   const int64_t Kp = imma ? round16(K) : K;
-  // a 1x1, stride-1, unpadded, ungrouped conv reads the NHWC input as its GEMM operand
-  const bool direct = imma && groups == 1 && KH == 1 && KW == 1 && stride[0] == 1 &&
-                      stride[1] == 1 && padding[0] == 0 && padding[1] == 0 && C % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(xp) % 16 == 0;
-  at::Tensor wd, cs;
+  // implicit GEMM (no im2col buffer) when every 16-byte chunk of a row lies in one tap
+  const bool implicit = imma && cg % 16 == 0 && C % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(xp) % 16 == 0;
+  at::Tensor wd, cs, cols, padbuf;
   if (imma) std::tie(wd, cs) = decode_weights(w, int(bits), groups, coutg, K, Kp);
-  at::Tensor cols;
-  if (!direct) cols = at::empty({M, Kp}, x.options());
+  if (implicit)
+    padbuf = at::full({16}, int64_t(pad), x.options().dtype(at::kByte));
+  else
+    cols = at::empty({M, Kp}, x.options());
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* A = xp;
-    if (!direct) {
-      im2col_kernel<<<grid_for(M * Kp, 256), 256, 0, stream>>>(
-          xp, static_cast<uint8_t*>(cols.data_ptr()), N, H, W, C, OH, OW, KH, KW, stride[0],
-          stride[1], padding[0], padding[1], dilation[0], dilation[1], g * cg, cg, Kp, pad);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      A = static_cast<const uint8_t*>(cols.data_ptr());
-    }
     EpiParams ep = epi(comb, fb, x_zp, out_scale, out_zp, relu);
     ep.scale += g * coutg;
     if (ep.bias != nullptr) ep.bias += g * coutg;
     ep.ldo = Cout;
     ep.out = static_cast<uint8_t*>(out.data_ptr()) + g * coutg * osz;
+    if (implicit) {
+      const ConvGeo geo{padbuf.data_ptr<uint8_t>(), H, W, C, OH, OW, KW, stride[0], stride[1],
+                        padding[0], padding[1], dilation[0], dilation[1], g * cg, cg};
+      launch_imma(xp, M, Kp, 0, xs8, wd.data_ptr<int8_t>() + g * coutg * Kp, coutg,
+                  cs.data_ptr<int32_t>() + g * coutg, ep, dev, &geo);
+      continue;
+    }
+    im2col_kernel<<<grid_for(M * KH * KW, 256), 256, 0, stream>>>(
+        xp, static_cast<uint8_t*>(cols.data_ptr()), N, H, W, C, OH, OW, KH, KW, stride[0],
+        stride[1], padding[0], padding[1], dilation[0], dilation[1], g * cg, cg, Kp, pad);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto* A = static_cast<const uint8_t*>(cols.data_ptr());
     if (imma)
       launch_imma(A, M, Kp, Kp, xs8, wd.data_ptr<int8_t>() + g * coutg * Kp, coutg,
                   cs.data_ptr<int32_t>() + g * coutg, ep, dev);
