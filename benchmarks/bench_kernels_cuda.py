@@ -1,7 +1,7 @@
 """Benchmark lcpaq's CUDA integer kernels on a GPU (runs only where one exists).
 
-GEMM shapes: ResNet-18 convs as GEMMs at batch ``--batch`` (M = batch*OH*OW, N = Cout,
-K = Cin*KH*KW) and two linear shapes. Contestants, all on the GPU, inputs resident:
+GEMM shapes: the CPU benchmark's (bench_kernels.py): ResNet-18 convs as GEMMs at batch
+``--batch`` (M = batch*OH*OW, N = Cout, K = Cin*KH*KW) and two linear shapes. Contestants, all on the GPU, inputs resident:
   torch-fp32 (cuBLAS SGEMM, TF32 off), torch-fp16 (cuBLAS tensor cores), torch-int8-mm
   (``torch._int_mm``: cuBLASLt int8 IMMA, int32 out, exact), lcpaq-w8/w4/w2 (``qgemm_i32``: exact
   int32 GEMM from the packed 8/4/2-bit blob, the same blob the CPU kernels read).
@@ -29,16 +29,14 @@ import torch
 from lcpaq.kernels import pack_weight, qgemm_i32, status
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name, rows per image (OH*OW, or 1 for linear), N, K
-SHAPES = [
-    ("r18.conv1-7x7", 12544, 64, 147),
-    ("r18.layer1-3x3", 3136, 64, 576),
-    ("r18.layer2-3x3", 784, 128, 1152),
-    ("r18.layer3-3x3", 196, 256, 2304),
-    ("r18.layer4-3x3", 49, 512, 4608),
-    ("linear-fc", 1, 1000, 512),
-    ("linear-768x3072", 4, 3072, 768),
-]
+
+
+def shapes(batch: int) -> list[tuple[str, int, int, int]]:
+    """The CPU benchmark's GEMM shapes (bench_kernels.SHAPES, batch 1): conv rows scaled by
+    ``batch``, linear shapes as they are."""
+    from bench_kernels import SHAPES
+
+    return [(name, m * batch if name.startswith("r18.") else m, n, k) for name, m, n, k in SHAPES]
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, dict]:
@@ -123,8 +121,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     rows = []
-    for name, per_img, n, k in SHAPES:
-        m = per_img * args.batch
+    for name, m, n, k in shapes(args.batch):
         res = time_interleaved(gemm_contestants(m, n, k), args.rounds, args.reps)
         gop = 2.0 * m * n * k / 1e9
         for cname, r in res.items():
