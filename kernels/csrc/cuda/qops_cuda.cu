@@ -439,19 +439,21 @@ void launch_imma_t(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs
                    const int8_t* Wd, int64_t N, const int32_t* colsum, const EpiParams& ep,
                    const ConvGeo& geo, int device) {
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t sms = num_sms(device);
   const int64_t big = ((M + 127) / 128) * ((N + 127) / 128);
-  if (N > 64 && big >= 2 * num_sms(device))
+  const int64_t mid = ((M + 127) / 128) * ((N + 63) / 64);
+  if (N > 64 && big >= 2 * sms)
     launch_imma_cfg<128, 128, 2, 4, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
-  else if (M <= 64)
-    launch_imma_cfg<64, 64, 2, 2, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
-  else
+  else if (mid >= sms)
     launch_imma_cfg<128, 64, 4, 2, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
+  else  // fewer blocks than SMs at 128x64 (short M or few channels): smaller tiles, more blocks
+    launch_imma_cfg<64, 64, 2, 2, IMPLICIT>(A, M, Kp, lda, xs8, Wd, N, colsum, ep, geo, stream);
 }
 
 // A: [M, Kp] rows of lda bytes (lda % 16 == 0, 16-byte aligned, columns K..Kp-1 zero), or the
 // conv input through geo (geo.padbuf set). Wd: int8 [N, Kp]. Tile shape by problem size:
-// 128x128 when that still fills two waves of the SMs, else 128x64, or 64x64 for short M
-// (linear layers at small batch).
+// 128x128 when that still fills two waves of the SMs, else 128x64 when that fills one, else
+// 64x64 (short M: deep layers and linear layers at small batch).
 void launch_imma(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8, const int8_t* Wd,
                  int64_t N, const int32_t* colsum, const EpiParams& ep, int device,
                  const ConvGeo* geo = nullptr) {
