@@ -65,6 +65,21 @@ def test_tune_scores_only_feasible_policies_and_halves(tiny_setup):
     assert res.meta["rungs"][-1] == len(ev.y) and res.meta["rungs"][0] >= 16
 
 
+def test_tune_shares_a_given_policy_maker(tiny_setup):
+    """A baseline that precomputed the candidate set hands its PolicyMaker to tune(): the same
+    policy objects are scored, and no policy is solved twice."""
+    m, inv, rep, ev = tiny_setup
+    w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))
+    budgets = Budgets(max_size_mb=w4.total_size_mb * 1.0001)
+    configs = candidate_configs(4, seed=1)
+    make = PolicyMaker(inv, rep, budgets=budgets)
+    pre = {k: make(k) for k in configs}
+    n_cached = len(make._cache)
+    res = tune(m, inv, rep, ev, budgets=budgets, configs=configs, maker=make, min_samples=16)
+    assert len(make._cache) == n_cached
+    assert all(t.policy is pre[t.knobs] for t in res.trials)
+
+
 def test_tune_raises_when_no_setting_fits(tiny_setup):
     m, inv, rep, ev = tiny_setup
     with pytest.raises(InfeasibleBudgetError):

@@ -131,11 +131,13 @@ def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: An
          configs: Sequence[Knobs] | None = None, trials: int = 12, metric: str = "margin", eta: int = 2,
          space: Mapping[str, Sequence[Any]] = DEFAULT_SPACE,
          min_samples: int = 40, seed: int = 0, w_bits: Sequence[int] = (2, 4, 8),
-         progress: Callable[[Trial], None] | None = None) -> TuneResult:
+         progress: Callable[[Trial], None] | None = None, maker: PolicyMaker | None = None) -> TuneResult:
     """Successive halving over knob settings, each scored by ``evaluator`` (a ProxyEvaluator).
 
     Rung r scores the survivors on n_r proxy samples (n_last = all, n_{r-1} = n_r / eta, at least
     ``min_samples``) and keeps the best 1/eta. Knobs whose budgets admit no policy are dropped.
+    ``maker`` (a PolicyMaker for the same inventory, report and budgets) shares its cache of
+    policies with the caller, e.g. with a full-search baseline over the same candidate set.
 
     >>> # tune(m, inv, rep, ev, budgets=Budgets(max_size_mb=0.1), trials=12).best.knobs
     """
@@ -146,7 +148,7 @@ def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: An
     if eta < 2:
         raise ConfigError(f"eta={eta}: successive halving needs eta >= 2")
     t0 = time.perf_counter()
-    make = PolicyMaker(inventory, report, budgets=budgets, latency=latency, w_bits=w_bits)
+    make = maker or PolicyMaker(inventory, report, budgets=budgets, latency=latency, w_bits=w_bits)
     configs = list(configs) if configs is not None else candidate_configs(trials, space=space, seed=seed)
     done: dict[Knobs, Trial] = {}
     alive: list[tuple[Knobs, Policy]] = []
