@@ -43,12 +43,25 @@ void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen_r
 void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
-int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
+// sum of int8 a: vpsadbw of the offset-binary bytes (a ^ 0x80 = a + 128) against zero
+int32_t sum_row_avx2(const int8_t* d, int64_t n) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), z = _mm256_setzero_si256();
+  __m256i acc = z;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + i));
+    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_xor_si256(v, flip), z));
+  }
+  alignas(32) int64_t t[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+  int64_t r = t[0] + t[1] + t[2] + t[3] - 128 * i;
+  for (; i < n; ++i) r += d[i];
+  return static_cast<int32_t>(r);
+}
 void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                   float hi) {
   quantize_row_impl(s, d, n, sc, zp, lo, hi);
 }
-
 
 void decode_w8_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
   for (int64_t s = 0; s < steps; ++s) {
@@ -81,6 +94,25 @@ void decode_w2_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
   }
 }
 
+#define LCPAQ_AI inline __attribute__((always_inline))
+
+// One W8 k-step (2 k-values) of the 6x16 tile. Row pointers: rows 0-2 at a0 + {0,1,2}*lda, rows
+// 3-5 at a3 + {0,1,2}*lda, so every broadcast is base + index*scale + displacement (no address
+// arithmetic in the unrolled loop: on this core the 6-wide dispatch, not the multipliers, was the
+// limit of the rolled loop).
+static LCPAQ_AI void w8_step(__m256i (&c)[kMR][2], const uint8_t* a0, const uint8_t* a3,
+                             int64_t lda, const uint8_t* w) {
+  const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    const __m256i a = bcast32((r < 3 ? a0 : a3) + (r % 3) * lda);
+    c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(a, w0));
+    c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(a, w1));
+    __asm__("" : "+x"(c[r][0]), "+x"(c[r][1]));  // no reassociation across steps
+  }
+}
+
 void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
   __m256i c[kMR][2];
@@ -89,17 +121,14 @@ void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t ste
     c[r][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc));
     c[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc + 8));
   }
-  for (int64_t s = 0; s < steps; ++s) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep));
-    const __m256i w1 =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep + 32));
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR; ++r) {
-      const __m256i a = bcast32(A + r * lda + 4 * s);
-      c[r][0] = _mm256_add_epi32(c[r][0], _mm256_madd_epi16(a, w0));
-      c[r][1] = _mm256_add_epi32(c[r][1], _mm256_madd_epi16(a, w1));
-    }
+  const uint8_t* a0 = A;
+  const uint8_t* a3 = A + 3 * lda;
+  int64_t s = 0;
+  for (; s + 4 <= steps; s += 4) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) w8_step(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, Wd + (s + j) * kDecStep);
   }
+  for (; s < steps; ++s) w8_step(c, a0 + 4 * s, a3 + 4 * s, lda, Wd + s * kDecStep);
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc), c[r][0]);
@@ -107,7 +136,8 @@ void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t ste
   }
 }
 
-static inline void flush16(__m256i (&acc)[kMR][2], int32_t* C, int64_t ldc) {
+// C += acc widened (vpmaddwd with ones sums each column's two int16 partial sums)
+static LCPAQ_AI void flush16(const __m256i (&acc)[kMR][2], int32_t* C, int64_t ldc) {
   const __m256i ones = _mm256_set1_epi16(1);
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
@@ -116,8 +146,30 @@ static inline void flush16(__m256i (&acc)[kMR][2], int32_t* C, int64_t ldc) {
       __m256i* p = reinterpret_cast<__m256i*>(C + r * ldc + 8 * j);
       _mm256_storeu_si256(
           p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_madd_epi16(acc[r][j], ones)));
-      acc[r][j] = _mm256_setzero_si256();
     }
+  }
+}
+
+// One W4/W2 k-step (4 k-values); FIRST starts a new int16 accumulation (no zeroing, no add).
+template <bool FIRST>
+static LCPAQ_AI void u8_step(__m256i (&acc)[kMR][2], const uint8_t* a0, const uint8_t* a3,
+                             int64_t lda, const uint8_t* w) {
+  const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    const __m256i a = bcast32((r < 3 ? a0 : a3) + (r % 3) * lda);
+    const __m256i p0 = _mm256_maddubs_epi16(w0, a), p1 = _mm256_maddubs_epi16(w1, a);
+    if (FIRST) {
+      acc[r][0] = p0;
+      acc[r][1] = p1;
+    } else {
+      acc[r][0] = _mm256_add_epi16(acc[r][0], p0);
+      acc[r][1] = _mm256_add_epi16(acc[r][1], p1);
+    }
+    // keep the per-step chain: without this GCC reassociates the unrolled adds into a tree,
+    // computes all products first and spills them
+    __asm__("" : "+x"(acc[r][0]), "+x"(acc[r][1]));
   }
 }
 
@@ -126,20 +178,25 @@ template <int T>
 static inline void micro_u8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd,
                                  int64_t steps, int32_t* C, int64_t ldc) {
   __m256i acc[kMR][2];
-  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t s0 = 0; s0 < steps; s0 += T) {
-    const int64_t s1 = s0 + T < steps ? s0 + T : steps;
-    for (int64_t s = s0; s < s1; ++s) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep));
-      const __m256i w1 =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wd + s * kDecStep + 32));
-#pragma GCC unroll 6
-      for (int r = 0; r < kMR; ++r) {
-        const __m256i a = bcast32(A + r * lda + 4 * s);
-        acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(w0, a));
-        acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(w1, a));
-      }
+  const uint8_t* a0 = A;
+  const uint8_t* a3 = A + 3 * lda;
+  int64_t s = 0;
+  for (; s + T <= steps; s += T) {  // full blocks, unrolled by 8
+    u8_step<true>(acc, a0 + 4 * s, a3 + 4 * s, lda, Wd + s * kDecStep);
+#pragma GCC unroll 7
+    for (int j = 1; j < 8; ++j)
+      u8_step<false>(acc, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, Wd + (s + j) * kDecStep);
+    for (int64_t b = s + 8; b < s + T; b += 8) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+        u8_step<false>(acc, a0 + 4 * (b + j), a3 + 4 * (b + j), lda, Wd + (b + j) * kDecStep);
     }
+    flush16(acc, C, ldc);
+  }
+  if (s < steps) {  // tail: fewer than T steps
+    u8_step<true>(acc, a0 + 4 * s, a3 + 4 * s, lda, Wd + s * kDecStep);
+    for (int64_t t = s + 1; t < steps; ++t)
+      u8_step<false>(acc, a0 + 4 * t, a3 + 4 * t, lda, Wd + t * kDecStep);
     flush16(acc, C, ldc);
   }
 }
