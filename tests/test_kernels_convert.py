@@ -47,6 +47,16 @@ def test_convert_mixed_model_end_to_end(symmetric: bool) -> None:
         y_fq, y_int = fq(x), intm(x)
     # within fake-quant tolerance: same integers up to float rounding order
     assert torch.allclose(y_int, y_fq, rtol=1e-3, atol=1e-3 * float(y_fq.abs().max()) + 1e-5)
+    # fusion: BN folded, ReLU in the epilogue, conv1 requantizes onto conv2's uint8 input grid
+    # (symmetric activations are int8: no requantization then); the stem's output also feeds
+    # the residual add, so it stays float
+    assert all(isinstance(getattr(intm, b), torch.nn.Identity) for b in ("bn0", "bn1", "bn2"))
+    assert intm.stem.relu and intm.conv1.relu and not intm.conv2.relu and intm.stem.out_scale == 0
+    assert (intm.conv1.out_scale > 0) == (not symmetric) == intm.conv2.takes_u8
+    unfused = convert(copy.deepcopy(fq), pol, fuse=False)
+    assert isinstance(unfused.bn1, torch.nn.BatchNorm2d) and not unfused.conv1.relu
+    with torch.no_grad():
+        assert torch.allclose(unfused(x), y_fq, rtol=1e-3, atol=1e-3 * float(y_fq.abs().max()) + 1e-5)
 
 
 @pytest.mark.skipif(not available(), reason="lcpaq/_C extension not built")

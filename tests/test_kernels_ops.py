@@ -93,7 +93,7 @@ def test_qgemm_extreme_values(bits: int, xdt: torch.dtype) -> None:
 @needs_ext
 @pytest.mark.parametrize("xdt", XDT)
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("mode", ["f32", "u8-relu"])
+@pytest.mark.parametrize("mode", ["f32", "u8-relu", "u8-negscale-nobias"])
 def test_qlinear_epilogue_matches_reference(bits: int, xdt: torch.dtype, mode: str, threads: int) -> None:
     g = torch.Generator().manual_seed(bits)
     m, n, k = 13, 45, 200
@@ -101,13 +101,15 @@ def test_qlinear_epilogue_matches_reference(bits: int, xdt: torch.dtype, mode: s
     ws, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
     zx = 17 if xdt == torch.uint8 else -3
     osc, ozp, relu = (0.0, 0, False) if mode == "f32" else (0.07, 11, True)
+    if mode == "u8-negscale-nobias":  # BN folded by convert() can flip a channel's scale sign
+        ws, bias, relu = ws * (torch.rand(n, generator=g) - 0.5).sign(), None, False
     blob = pack_weight(q, bits)
     args = (x, blob, bits, n, ws, 0.031, zx, bias, osc, ozp, relu)
     got, want = qlinear(*args), ref.qlinear(*args)
     assert got.dtype == (torch.float32 if mode == "f32" else torch.uint8)
     assert torch.equal(got, want)
     if mode == "f32":  # and it is the real-valued product of the dequantized operands
-        real = ((x.double() - zx) * 0.031) @ (q.double() * ws.double()[:, None]).T + bias.double()
+        real = ((x.double() - zx) * 0.031) @ (q.double() * ws.double()[:, None]).T + bias.double()  # type: ignore[union-attr]
         assert torch.allclose(got.double(), real, rtol=1e-5, atol=1e-3)
 
 

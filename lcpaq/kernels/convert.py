@@ -8,6 +8,14 @@ packed at the kernel width for its ``w_bits`` (2 -> 2, 3..4 -> 4, 5..8 -> 8 bits
 int32 GEMM's epilogue dequantizes to float32 and adds the bias. Layers with a float side stay
 fake-quant. Outputs match the fake-quant model within float rounding (one activation step at most
 where x / scale lands on a rounding tie).
+
+Fusion (``fuse=True``, needs a torch.fx-traceable model; skipped with a log line otherwise): along a
+single-consumer chain conv -> [BatchNorm2d] -> [ReLU] -> next int layer, the BN is folded into the
+conv's per-channel scale and bias (the BN module becomes ``nn.Identity`` when it is called only
+there), the ReLU runs in the conv's epilogue, and when the next layer's input is 8-bit uint8 the
+epilogue requantizes straight to that layer's (scale, zero point): the next layer takes the uint8
+tensor without a quantize pass. A ReLU module that is also used elsewhere (torchvision's
+BasicBlock.relu) stays in place; on the fused output it is a no-op.
 """
 
 from __future__ import annotations
@@ -55,8 +63,25 @@ class _IntBase(nn.Module):
         self.register_buffer("bias", None if b is None else b.detach().float().contiguous())
         return q
 
+    # fused epilogue (set by convert's fusion pass): ReLU, uint8 output on the consumer's grid
+    relu: bool = False
+    out_scale: float = 0.0
+    out_zp: int = 0
+    takes_u8: bool = False  # the producer already quantized the input to this layer's grid
+
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.takes_u8 and x.dtype == torch.uint8:
+            return x
         return quantize_act(x.float(), self.x_scale, self.x_zp, self.qmin, self.qmax)
+
+    def fold_bn(self, bn: nn.BatchNorm2d) -> None:
+        """Fold an eval-mode BatchNorm that follows this layer into its scale and bias."""
+        g = (bn.weight.detach().float() if bn.weight is not None else torch.ones_like(bn.running_var)) \
+            / torch.sqrt(bn.running_var.float() + bn.eps)
+        beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(g)
+        b = self.bias if self.bias is not None else torch.zeros_like(g)
+        self.w_scale = (self.w_scale * g).contiguous()
+        self.bias = ((b - bn.running_mean.float()) * g + beta).contiguous()
 
 
 class IntConv2d(_IntBase):
@@ -75,11 +100,12 @@ class IntConv2d(_IntBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qconv2d(self._quant(x), self.w_packed, self.kbits, self.weight_shape, self.stride,
                        self.padding, self.dilation, self.groups, self.w_scale, self.x_scale,
-                       self.x_zp, self.bias)
+                       self.x_zp, self.bias, self.out_scale, self.out_zp, self.relu)
 
     def extra_repr(self) -> str:
+        fused = ("+relu" if self.relu else "") + ("+requant" if self.out_scale > 0 else "")
         return (f"{self.weight_shape}, stride={self.stride}, w_bits={self.w_bits} "
-                f"(kernel {self.kbits}), a_bits={self.a_bits}")
+                f"(kernel {self.kbits}), a_bits={self.a_bits}" + (f", fused{fused}" if fused else ""))
 
 
 class IntLinear(_IntBase):
@@ -93,18 +119,96 @@ class IntLinear(_IntBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qlinear(self._quant(x), self.w_packed, self.kbits, self.out_features, self.w_scale,
-                       self.x_scale, self.x_zp, self.bias)
+                       self.x_scale, self.x_zp, self.bias, self.out_scale, self.out_zp, self.relu)
 
     def extra_repr(self) -> str:
         return f"out={self.out_features}, w_bits={self.w_bits} (kernel {self.kbits}), a_bits={self.a_bits}"
 
 
-def convert(model: nn.Module, policy: Policy | None = None, *, inplace: bool = True) -> nn.Module:
+def _fuse(model: nn.Module, converted: set[str]) -> int:
+    """Fusion pass over the fx graph (see the module docstring); returns the number of fusions."""
+    from torch import fx
+
+    from lcpaq.quant.modules import QuantConv2d, QuantLinear
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, (_IntBase, QuantConv2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - untraceable models run unfused
+        log.info("convert: no fusion (torch.fx cannot trace the model: %s: %s)", type(e).__name__, e)
+        return 0
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+
+    def mod_of(node: fx.Node) -> nn.Module | None:
+        return modules.get(str(node.target)) if node.op == "call_module" else None
+
+    def single_user(node: fx.Node) -> fx.Node | None:
+        while True:
+            users = list(node.users)
+            if len(users) != 1:
+                return None
+            u = users[0]
+            if isinstance(mod_of(u), nn.Identity):
+                node = u
+                continue
+            return u
+
+    def is_relu(node: fx.Node) -> bool:
+        if isinstance(mod_of(node), nn.ReLU):
+            return True
+        return node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu) \
+            and len(node.args) == 1
+
+    def replace(name: str) -> None:
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, nn.Identity())
+
+    n = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or str(node.target) not in converted or calls[str(node.target)] != 1:
+            continue
+        layer = mod_of(node)
+        assert isinstance(layer, _IntBase)
+        cur = node
+        u = single_user(cur)
+        bn = mod_of(u) if u is not None else None
+        if isinstance(layer, IntConv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training \
+                and bn.track_running_stats and calls[str(u.target)] == 1:
+            layer.fold_bn(bn)
+            replace(str(u.target))
+            n += 1
+            cur, u = u, single_user(u)
+        if u is None or not is_relu(u):
+            continue
+        layer.relu = True
+        if isinstance(mod_of(u), nn.ReLU) and calls[str(u.target)] == 1:
+            replace(str(u.target))
+        n += 1
+        nxt = single_user(u)
+        consumer = mod_of(nxt) if nxt is not None else None
+        if isinstance(consumer, _IntBase) and calls[str(nxt.target)] == 1 \
+                and (consumer.qmin, consumer.qmax) == (0, 255):
+            layer.out_scale, layer.out_zp = float(consumer.x_scale), int(consumer.x_zp)
+            consumer.takes_u8 = True
+            n += 1
+    return n
+
+
+def convert(model: nn.Module, policy: Policy | None = None, *, inplace: bool = True,
+            fuse: bool = True) -> nn.Module:
     """Run every quantized layer of a calibrated fake-quant ``model`` on the integer kernels.
 
     ``policy`` (optional) is checked against the model: every layer it quantizes must already be a
-    calibrated QuantConv2d/QuantLinear at those bits. Returns the model (a deep copy unless
-    ``inplace``).
+    calibrated QuantConv2d/QuantLinear at those bits. ``fuse``: fold BN, ReLU and the next layer's
+    input quantization into the epilogues (module docstring). Returns the model (a deep copy
+    unless ``inplace``).
 
     >>> from lcpaq.testing.models import TinyResNet
     >>> from lcpaq.quant import apply_policy, quantizable_names
@@ -129,13 +233,14 @@ def convert(model: nn.Module, policy: Policy | None = None, *, inplace: bool = T
                 raise KernelError(
                     f"layer '{name}' is not quantized at w{w}a{a} in the model; call "
                     "lcpaq.quant.apply_policy(model, policy, calib_loader=...) before convert()")
-    n = 0
+    done: set[str] = set()
     for name, mod in list(modules.items()):
         if not isinstance(mod, (QuantConv2d, QuantLinear)) or 32 in mod.bits:
             continue
         new: nn.Module = IntConv2d(mod, name) if isinstance(mod, QuantConv2d) else IntLinear(mod, name)
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, new)
-        n += 1
-    log.info("convert: %d layers on integer kernels", n)
+        done.add(name)
+    fused = _fuse(model, done) if fuse and done else 0
+    log.info("convert: %d layers on integer kernels, %d fusions", len(done), fused)
     return model

@@ -212,8 +212,46 @@ void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t ste
 }
 
 #else  // not x86/GCC: route to the scalar kernels
+// uint8 requantizing epilogue, 8 outputs per iteration: same operations in the same order as
+// epilogue_loop<2> (mul, add, max, mul, round-half-even, add, clamp), so bit-identical to it
+template <bool BIAS, bool RELU>
+static void epilogue_u8_avx2(const int32_t* c, int64_t n, const RowEpi& e, uint8_t* o) {
+  const __m256i cm = _mm256_set1_epi32(e.colmul), rc = _mm256_set1_epi32(e.rowcorr);
+  const __m256 inv = _mm256_set1_ps(e.inv_out), zp = _mm256_set1_ps(e.out_zp);
+  const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i ci = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i));
+    const __m256i cs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.colsum + i));
+    const __m256i corr = _mm256_sub_epi32(_mm256_add_epi32(ci, _mm256_mullo_epi32(cm, cs)), rc);
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(corr), _mm256_loadu_ps(e.scale + i));
+    if (BIAS) y = _mm256_add_ps(y, _mm256_loadu_ps(e.bias + i));
+    if (RELU) y = _mm256_max_ps(y, lo);
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(y, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, zp), lo), hi);
+    const __m256i qi = _mm256_cvtps_epi32(q);  // integral already: exact
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(o + i), _mm_packus_epi16(w, w));
+  }
+  if (i < n) {
+    RowEpi t = e;
+    t.colsum += i;
+    t.scale += i;
+    if (t.bias != nullptr) t.bias += i;
+    epilogue_row_impl(c + i, n - i, t, o + i);
+  }
+}
+
 void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
-  epilogue_row_impl(c, n, e, out);
+  if (e.mode != 2) return epilogue_row_impl(c, n, e, out);
+  uint8_t* o = static_cast<uint8_t*>(out);
+  if (e.bias != nullptr) {
+    if (e.relu) epilogue_u8_avx2<true, true>(c, n, e, o);
+    else epilogue_u8_avx2<true, false>(c, n, e, o);
+  } else {
+    if (e.relu) epilogue_u8_avx2<false, true>(c, n, e, o);
+    else epilogue_u8_avx2<false, false>(c, n, e, o);
+  }
 }
 void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen_row_impl(d, s, n, xs8); }
 void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
