@@ -60,7 +60,7 @@ class _IntBase(nn.Module):
         q, scale = layer.int_weight()  # type: ignore[operator]
         self.register_buffer("w_scale", scale.detach().to(torch.float32).contiguous())
         b = layer.bias  # type: ignore[union-attr]
-        self.register_buffer("bias", None if b is None else b.detach().float().contiguous())
+        self.register_buffer("bias", None if b is None else b.detach().float().contiguous())  # type: ignore[operator]
         return q
 
     # fused epilogue (set by convert's fusion pass): ReLU, uint8 output on the consumer's grid
@@ -76,12 +76,14 @@ class _IntBase(nn.Module):
 
     def fold_bn(self, bn: nn.BatchNorm2d) -> None:
         """Fold an eval-mode BatchNorm that follows this layer into its scale and bias."""
-        g = (bn.weight.detach().float() if bn.weight is not None else torch.ones_like(bn.running_var)) \
-            / torch.sqrt(bn.running_var.float() + bn.eps)
+        mean, var = bn.running_mean, bn.running_var
+        assert mean is not None and var is not None  # convert checks track_running_stats
+        g = (bn.weight.detach().float() if bn.weight is not None else torch.ones_like(var)) \
+            / torch.sqrt(var.float() + bn.eps)
         beta = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(g)
         b = self.bias if self.bias is not None else torch.zeros_like(g)
         self.w_scale = (self.w_scale * g).contiguous()
-        self.bias = ((b - bn.running_mean.float()) * g + beta).contiguous()
+        self.bias = ((b - mean.float()) * g + beta).contiguous()
 
 
 class IntConv2d(_IntBase):
@@ -176,15 +178,14 @@ def _fuse(model: nn.Module, converted: set[str]) -> int:
             continue
         layer = mod_of(node)
         assert isinstance(layer, _IntBase)
-        cur = node
-        u = single_user(cur)
+        u = single_user(node)
         bn = mod_of(u) if u is not None else None
-        if isinstance(layer, IntConv2d) and isinstance(bn, nn.BatchNorm2d) and not bn.training \
-                and bn.track_running_stats and calls[str(u.target)] == 1:
+        if u is not None and isinstance(layer, IntConv2d) and isinstance(bn, nn.BatchNorm2d) \
+                and not bn.training and bn.track_running_stats and calls[str(u.target)] == 1:
             layer.fold_bn(bn)
             replace(str(u.target))
             n += 1
-            cur, u = u, single_user(u)
+            u = single_user(u)
         if u is None or not is_relu(u):
             continue
         layer.relu = True
@@ -193,7 +194,7 @@ def _fuse(model: nn.Module, converted: set[str]) -> int:
         n += 1
         nxt = single_user(u)
         consumer = mod_of(nxt) if nxt is not None else None
-        if isinstance(consumer, _IntBase) and calls[str(nxt.target)] == 1 \
+        if nxt is not None and isinstance(consumer, _IntBase) and calls[str(nxt.target)] == 1 \
                 and (consumer.qmin, consumer.qmax) == (0, 255):
             layer.out_scale, layer.out_zp = float(consumer.x_scale), int(consumer.x_zp)
             consumer.takes_u8 = True
