@@ -4,7 +4,13 @@ The unit's ``layer`` spec (an :class:`lcpaq.inventory.LayerInfo` dict) and ``bit
 build: a quantized layer (both sides < 32 bits) runs exactly what :class:`lcpaq.kernels.IntConv2d`
 / ``IntLinear`` run (activation quantization + packed integer GEMM with fused dequantize epilogue)
 with random integer weights at the kernel width for ``w_bits``; a layer with a float side runs
-torch fp32 (what the converted model keeps). The ONNX bytes of the unit are not used.
+torch fp32 (what the converted model keeps). The ops that follow the layer in the traced graph
+(``LayerInfo.fused``: bn, relu, add) are timed as :func:`lcpaq.kernels.convert` runs them: on the
+integer path BN is folded into the epilogue and a ReLU right after the layer (or its BN) runs in
+the epilogue, a residual add (+ ReLU) runs in torch; on the float path BN, ReLU and add run in
+torch. (The uint8 requantization that convert fuses when the next layer is an 8-bit integer
+layer depends on the next layer's bits; the unit keeps the float output and its own quantize
+pass.) The ONNX bytes of the unit are not used.
 Failures come back as ``Measurement(error=...)``.
 """
 
@@ -41,6 +47,45 @@ def _build(layer: Mapping[str, Any], bits: tuple[int, int]) -> tuple[Callable[[]
     x = torch.randn(in_shape, generator=g)
     bias = torch.randn(cout, generator=g) if has_bias else None
     w_bits, a_bits = bits
+    fused = tuple(str(f) for f in layer.get("fused", ()))
+    chain = fused[:fused.index("add") + 2] if "add" in fused else fused[:2]
+    out_shape = tuple(int(v) for v in layer.get("out_shape", ())) or None
+    integer = 32 not in bits
+    # epilogue ReLU: right after the layer or after its (folded) BN, as convert() fuses it
+    epi_relu = integer and (chain[:1] == ("relu",) or chain[:2] == ("bn", "relu"))
+    post: list[Callable[[Any], Any]] = []
+    if "add" in chain and out_shape is not None:
+        other = torch.randn(out_shape, generator=g)
+        if kind == "conv":
+            other = other.contiguous(memory_format=torch.channels_last)
+    first_relu = chain.index("relu") if "relu" in chain else -1
+    for i, op in enumerate(chain):
+        if op == "bn" and not integer:
+            mean, var = torch.randn(cout, generator=g), torch.rand(cout, generator=g) + 0.5
+
+            def bn(y: Any, m: Any = mean, v: Any = var) -> Any:
+                return F.batch_norm(y, m, v, None, None, False, 0.0, 1e-5)
+            post.append(bn)
+        elif op == "relu" and not (epi_relu and i == first_relu):
+            post.append(torch.relu)
+        elif op == "add" and out_shape is not None:
+            def add(y: Any, o: Any = other) -> Any:
+                return y + o
+            post.append(add)
+        elif op not in ("bn", "relu", "add"):
+            break  # pools etc. are not part of the layer's unit
+
+    def finish(fn: Callable[[], Any]) -> Callable[[], Any]:
+        if not post:
+            return fn
+
+        def run() -> Any:
+            y = fn()
+            for p in post:
+                y = p(y)
+            return y
+        return run
+
     if kind == "conv":
         kh, kw = (int(v) for v in layer.get("kernel_size", (1, 1)))
         stride = [int(v) for v in layer.get("stride", (1, 1))]
@@ -55,8 +100,8 @@ def _build(layer: Mapping[str, Any], bits: tuple[int, int]) -> tuple[Callable[[]
         w = torch.randn(wshape, generator=g)
         if kind == "conv":
             xc = x.contiguous(memory_format=torch.channels_last)
-            return (lambda: F.conv2d(xc, w, bias, stride, padding, dilation, groups)), "torch:conv2d-fp32"
-        return (lambda: F.linear(x, w, bias)), "torch:linear-fp32"
+            return finish(lambda: F.conv2d(xc, w, bias, stride, padding, dilation, groups)), "torch:conv2d-fp32"
+        return finish(lambda: F.linear(x, w, bias)), "torch:linear-fp32"
     kb = kernel_bits(w_bits)
     q = torch.randint(-(2 ** (kb - 1)) + 1, 2 ** (kb - 1), wshape, generator=g)
     ws = torch.rand(cout, generator=g) * 0.01 + 1e-3
@@ -66,14 +111,15 @@ def _build(layer: Mapping[str, Any], bits: tuple[int, int]) -> tuple[Callable[[]
         blob = pack_conv_weight(q, kb, groups)
         xc = x.contiguous(memory_format=torch.channels_last)
 
-        def run() -> Any:
+        def conv() -> Any:
             xq = quantize_act(xc, sx, zx, 0, qmax)
-            return qconv2d(xq, blob, kb, wshape, stride, padding, dilation, groups, ws, sx, zx, bias)
+            return qconv2d(xq, blob, kb, wshape, stride, padding, dilation, groups, ws, sx, zx, bias,
+                           0.0, 0, epi_relu)
 
-        return run, f"lcpaq:qconv2d-w{kb}a8"
+        return finish(conv), f"lcpaq:qconv2d-w{kb}a8"
     blob = pack_weight(q, kb)
-    return (lambda: qlinear(quantize_act(x, sx, zx, 0, qmax), blob, kb, cout, ws, sx, zx, bias)), \
-        f"lcpaq:qlinear-w{kb}a8"
+    return finish(lambda: qlinear(quantize_act(x, sx, zx, 0, qmax), blob, kb, cout, ws, sx, zx, bias,
+                                  0.0, 0, epi_relu)), f"lcpaq:qlinear-w{kb}a8"
 
 
 class KernelsBackend:
