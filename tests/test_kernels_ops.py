@@ -20,7 +20,7 @@ from lcpaq.kernels import reference as ref
 
 needs_ext = pytest.mark.skipif(not available(), reason="lcpaq/_C extension not built")
 
-BITS = [pytest.param(b, id=f"w{b}") for b in (8, 4, 2)]
+BITS = [pytest.param(b, id=f"w{b}") for b in (8, 7, 4, 2)]
 XDT = [pytest.param(torch.uint8, id="u8"), pytest.param(torch.int8, id="s8")]
 SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(1, 1, 1), (7, 13, 37), (13, 1000, 100), (50, 33, 777), (400, 20, 70)]]
 

@@ -16,6 +16,11 @@ def _use_ext(x: torch.Tensor) -> bool:
     return st.loaded and (x.device.type == "cpu" or (x.device.type == "cuda" and st.cuda))
 
 
+def _ext_bits(x: torch.Tensor, w_bits: int) -> int:
+    # 7-bit blobs use the 8-bit layout: the CUDA kernels run them as 8-bit (CPU has a 7-bit kernel)
+    return 8 if w_bits == 7 and x.device.type == "cuda" else int(w_bits)
+
+
 def qgemm_i32(x: torch.Tensor, w_packed: torch.Tensor, w_bits: int, n: int) -> torch.Tensor:
     """Raw exact int32 sums ``x @ q.T`` (x uint8/int8 [M, K], q from the packed blob).
 
@@ -25,7 +30,7 @@ def qgemm_i32(x: torch.Tensor, w_packed: torch.Tensor, w_bits: int, n: int) -> t
     [[-2033]]
     """
     if _use_ext(x):
-        return torch.ops.lcpaq.qgemm_i32(x, w_packed, w_bits, n)
+        return torch.ops.lcpaq.qgemm_i32(x, w_packed, _ext_bits(x, w_bits), n)
     return reference.qgemm_i32(x, w_packed, w_bits, n)
 
 
@@ -38,7 +43,7 @@ def qlinear(
     args = (x, w_packed, w_bits, n, w_scale, float(x_scale), int(x_zero_point), bias,
             float(out_scale), int(out_zero_point), bool(relu))
     if _use_ext(x):
-        return torch.ops.lcpaq.qlinear(*args)
+        return torch.ops.lcpaq.qlinear(x, w_packed, _ext_bits(x, w_bits), *args[3:])
     return reference.qlinear(*args)
 
 
@@ -53,7 +58,7 @@ def qconv2d(
             int(groups), w_scale, float(x_scale), int(x_zero_point), bias, float(out_scale),
             int(out_zero_point), bool(relu))
     if _use_ext(x):
-        return torch.ops.lcpaq.qconv2d(*args)
+        return torch.ops.lcpaq.qconv2d(x, w_packed, _ext_bits(x, w_bits), *args[3:])
     return reference.qconv2d(*args)
 
 

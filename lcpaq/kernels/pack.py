@@ -1,9 +1,11 @@
-"""Pack / unpack integer weights into the kernels' blob format (8, 4 or 2 bits per weight).
+"""Pack / unpack integer weights into the kernels' blob format (8, 7, 4 or 2 bits per weight).
 
 The blob is what every ``torch.ops.lcpaq`` op takes as ``w_packed`` (layout documented in
 ``kernels/csrc/cpu/qgemm.h``): an int32 column-sum header (for zero-point corrections) followed
 by panels of 16 output channels, 2 (8-bit) or 4 (4/2-bit) reduction values per step, bit-packed
-(4-bit: two weights per byte, 2-bit: four). Pure PyTorch, so the reference path needs no build.
+(4-bit: two weights per byte, 2-bit: four). The 7-bit width uses the 8-bit layout with values in
+[-64, 63]: the CPU runs it on a faster exact kernel (u8 x s7 pairs fit int16 in vpmaddubsw; see
+qgemm_avx2.cpp). Pure PyTorch, so the reference path needs no build.
 """
 
 from __future__ import annotations
@@ -13,21 +15,26 @@ import torch
 from lcpaq.errors import KernelError
 
 NR = 16
-KERNEL_BITS = (2, 4, 8)
+KERNEL_BITS = (2, 4, 7, 8)
 
 
 def kernel_bits(w_bits: int) -> int:
-    """Smallest kernel width that holds ``w_bits``-bit weights: 2 -> 2, 3..4 -> 4, 5..8 -> 8.
+    """Smallest kernel width that holds ``w_bits``-bit weights: 2 -> 2, 3..4 -> 4, 5..7 -> 7, 8 -> 8.
 
     >>> kernel_bits(3)
     4
     """
     if not 2 <= w_bits <= 8:
         raise KernelError(f"no integer kernel for {w_bits}-bit weights; use 2..8 (32 stays fp32)")
-    return 2 if w_bits == 2 else (4 if w_bits <= 4 else 8)
+    return 2 if w_bits == 2 else (4 if w_bits <= 4 else (7 if w_bits <= 7 else 8))
+
+
+def _layout(bits: int) -> int:
+    return 8 if bits == 7 else bits  # 7-bit weights are stored in the 8-bit layout
 
 
 def _ksteps(bits: int, k: int) -> int:
+    bits = _layout(bits)
     kk = 2 if bits == 8 else 4
     s = (k + kk - 1) // kk
     return s + (s % 2) if bits == 2 else s
@@ -39,6 +46,7 @@ def _pad_n(n: int) -> int:
 
 def blob_bytes(bits: int, n: int, k: int) -> int:
     """Size in bytes of the blob for an ``n x k`` weight at ``bits``."""
+    bits = _layout(bits)
     return 4 * _pad_n(n) + (_pad_n(n) // NR) * _ksteps(bits, k) * (16 if bits == 2 else 32)
 
 
@@ -66,6 +74,7 @@ def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
             " quantize with lcpaq.quant.quantize_weight(w, bits) first"
         )
     n, k = q.shape
+    bits = _layout(bits)
     ks, kk = _ksteps(bits, k), (2 if bits == 8 else 4)
     npad, p = _pad_n(n), _pad_n(n) // NR
     full = torch.zeros(npad, ks * kk, dtype=torch.int32)
@@ -93,6 +102,7 @@ def unpack_weight(blob: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor
             f"w_packed must be a 1-D uint8 blob of {blob_bytes(bits, n, k)} bytes for "
             f"n={n} k={k} bits={bits}; got {tuple(blob.shape)} {blob.dtype}"
         )
+    bits = _layout(bits)
     ks, kk = _ksteps(bits, k), (2 if bits == 8 else 4)
     npad, p = _pad_n(n), _pad_n(n) // NR
     b = blob.to("cpu")[4 * npad :].to(torch.int32)

@@ -61,6 +61,11 @@ void micro_u8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*,
 void micro_w8_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w4_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w2_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+// 7-bit weights (8-bit blob layout, values in [-64, 63]), CPU/AVX2 only: 4-k steps of uint8
+// activations (int8 ones flipped by +128) against int8 weights decoded as [2][8 cols][4 k];
+// `avail` = 8-bit blob steps present (the last 4-k step may have only one).
+void decode_w7_avx2(const uint8_t* W, int64_t steps, int64_t avail, uint8_t* out);
+void micro_w7_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 
 bool cpu_has_avx2_fma();
 

@@ -81,17 +81,24 @@ struct RowSource {
   }
 };
 
+int64_t layout_bits(int64_t bits) { return bits == 7 ? 8 : bits; }  // 7-bit: 8-bit blob layout
+
 void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const RowSource& src,
           const Epilogue& ep) {
   const int64_t K = src.K;
-  const int64_t ksteps = num_ksteps(bits, K), Kpad = ksteps * kstep_k(bits);
+  const bool avx2 = use_avx2();
+  if (bits == 7 && !avx2) bits = 8;  // same blob, exact either way
+  const bool w7 = bits == 7;
+  const int lbits = int(layout_bits(bits));
+  // W7: 4-k steps over the 8-bit blob's 2-k steps (bsteps per panel)
+  const int64_t bsteps = num_ksteps(lbits, K);
+  const int64_t ksteps = w7 ? (K + 3) / 4 : bsteps, Kpad = ksteps * (w7 ? 4 : kstep_k(bits));
   const int64_t Mpad = (M + kMR - 1) / kMR * kMR, Npad = pad_n(N), P = Npad / kNR;
   const bool w8 = bits == 8;
   const int64_t esize = w8 ? 2 : 1;
   // activations row-major (layout in qgemm.h); pad the stride off multiples of 1 KiB
   int64_t lda = Kpad * esize;
   if (lda % 1024 == 0) lda += 64;
-  const bool avx2 = use_avx2();
   const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
   const auto flipr = avx2 ? flip_row_avx2 : flip_row_scalar;
   const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;
@@ -107,32 +114,35 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
       std::fill(d + K, d + Kpad, int16_t(0));
       return 0;
     }
-    // a = x - 128 for uint8 (flip the top bit), a = x for int8
+    // W4/W2: a = x - 128 for uint8 (flip the top bit), a = x for int8;
+    // W7: uint8 as is, int8 + 128 (flip) for the unsigned slot
     int8_t* d = reinterpret_cast<int8_t*>(row);
-    const uint8_t flip = xs8 ? 0 : 0x80;
+    const uint8_t flip = (xs8 != w7) ? 0 : 0x80;
     const int8_t padv = int8_t(src.pad ^ flip);
     src.row(
         m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, flip); },
         [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
     std::fill(d + K, d + Kpad, int8_t(0));
-    return sumr(d, K);
+    return w7 ? 0 : sumr(d, K);  // W7 needs no row sums (weights are not offset)
   };
 
   const int32_t* colsum = reinterpret_cast<const int32_t*>(blob);
   const uint8_t* panels = blob + 4 * Npad;
-  const int64_t sb = step_bytes(bits);
+  const int64_t sb = step_bytes(lbits);
   const int64_t KC = 128;               // k-steps per block (256 or 512 k values)
   const int64_t MC = 16 * kMR, NCP = 4;  // 96 rows x 64 output channels per task
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
-  const Micro micro = bits == 8   ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
+  const Micro micro = w7          ? micro_w7_avx2
+                      : bits == 8 ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
                       : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_u8_scalar)
                                   : (avx2 ? micro_w2_avx2 : micro_u8_scalar);
   const Decode decode = bits == 8   ? (avx2 ? decode_w8_avx2 : decode_w8_scalar)
                         : bits == 4 ? (avx2 ? decode_w4_avx2 : decode_w4_scalar)
                                     : (avx2 ? decode_w2_avx2 : decode_w2_scalar);
-  const int64_t h = bits == 8 ? 0 : (int64_t(1) << (bits - 1));
-  const int64_t offx = (xs8 || w8) ? 0 : 128;  // W4/W2 shift uint8 activations by -128
+  const int64_t h = (bits == 8 || w7) ? 0 : (int64_t(1) << (bits - 1));
+  // W4/W2 shift uint8 activations by -128; W7 shifts int8 ones by +128
+  const int64_t offx = w7 ? (xs8 ? -128 : 0) : ((xs8 || w8) ? 0 : 128);
 
   // rows [m0, m0 + mrows) (A points at row m0, rs at its row sums) x panels [p0, p0 + np)
   auto compute = [&](const uint8_t* A, const int32_t* rs, int64_t m0, int64_t mrows, int64_t p0,
@@ -141,7 +151,12 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
     for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
       const int64_t ks = std::min(KC, ksteps - k0);
       for (int64_t p = 0; p < np; ++p) {
-        decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, wd);
+        if (w7) {
+          decode_w7_avx2(panels + ((p0 + p) * bsteps + 2 * k0) * sb, ks,
+                         std::min(2 * ks, bsteps - 2 * k0), wd);
+        } else {
+          decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, wd);
+        }
         for (int64_t r = 0; r < mrows; r += kMR) {
           micro(A + r * lda + k0 * 4, lda, wd, ks, cbuf + r * ldc + p * kNR, ldc);
         }
@@ -220,7 +235,8 @@ void check_common(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_
               "; quantize them first (lcpaq.kernels.quantize_act)");
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 1 && w.is_contiguous(),
               "lcpaq: w_packed must be a contiguous 1-D uint8 blob from lcpaq.kernels.pack_weight");
-  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "lcpaq: w_bits must be 8, 4 or 2, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 7 || bits == 4 || bits == 2,
+              "lcpaq: w_bits must be 8, 7, 4 or 2, got ", bits);
   TORCH_CHECK(K >= 1 && K <= 65536, "lcpaq: reduction size K=", K,
               " out of range [1, 65536] (int32 accumulation must not overflow)");
 }
@@ -255,8 +271,8 @@ at::Tensor qgemm_i32_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_
   TORCH_CHECK(x.dim() == 2, "lcpaq::qgemm_i32: x must be 2-D [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   check_common(x, w_packed, bits, K);
-  TORCH_CHECK(w_packed.numel() == blob_bytes(bits, n, K), "lcpaq: w_packed has ",
-              w_packed.numel(), " bytes, expected ", blob_bytes(bits, n, K), " for N=", n,
+  TORCH_CHECK(w_packed.numel() == blob_bytes(layout_bits(bits), n, K), "lcpaq: w_packed has ",
+              w_packed.numel(), " bytes, expected ", blob_bytes(layout_bits(bits), n, K), " for N=", n,
               " K=", K, " bits=", bits);
   auto xc = x.contiguous();
   auto out = at::empty({M, n}, x.options().dtype(at::kInt));
@@ -279,8 +295,8 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t 
   TORCH_CHECK(x.dim() >= 1, "lcpaq::qlinear: x must have a last dimension K");
   const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1);
   check_common(x, w_packed, bits, K);
-  TORCH_CHECK(w_packed.numel() == blob_bytes(bits, n, K), "lcpaq: w_packed has ",
-              w_packed.numel(), " bytes, expected ", blob_bytes(bits, n, K));
+  TORCH_CHECK(w_packed.numel() == blob_bytes(layout_bits(bits), n, K), "lcpaq: w_packed has ",
+              w_packed.numel(), " bytes, expected ", blob_bytes(layout_bits(bits), n, K));
   auto shape = x.sizes().vec();
   shape.back() = n;
   auto out = at::empty(shape, x.options().dtype(out_scale > 0 ? at::kByte : at::kFloat));
@@ -317,7 +333,7 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t 
   TORCH_CHECK(OH > 0 && OW > 0, "lcpaq::qconv2d: empty output");
   const int64_t K = cg * KH * KW, coutg = Cout / groups;
   check_common(x, w_packed, bits, K);
-  const int64_t gb = blob_bytes(bits, coutg, K);
+  const int64_t gb = blob_bytes(layout_bits(bits), coutg, K);
   TORCH_CHECK(w_packed.numel() == gb * groups, "lcpaq: w_packed has ", w_packed.numel(),
               " bytes, expected ", gb * groups, " (", groups, " groups)");
   auto out = at::empty({N, Cout, OH, OW}, x.options()
