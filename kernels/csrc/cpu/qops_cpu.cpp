@@ -130,7 +130,12 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const uint8_t* panels = blob + 4 * Npad;
   const int64_t sb = step_bytes(lbits);
   const int64_t KC = 128;               // k-steps per block (256 or 512 k values)
-  const int64_t MC = 16 * kMR, NCP = 4;  // 96 rows x 64 output channels per task
+  // tasks of up to 96 rows x 64 output channels; the row blocks are made equal (a multiple of
+  // kMR each) so that the threads' contiguous task ranges carry equal work (M=128 as 96+36 rows
+  // gave 2 threads only 1.4x)
+  const int64_t NCP = 4, MC0 = 16 * kMR;
+  const int64_t mb0 = (Mpad + MC0 - 1) / MC0;
+  const int64_t MC = ((Mpad + mb0 - 1) / mb0 + kMR - 1) / kMR * kMR;
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
   const Micro micro = w7          ? micro_w7_avx2
@@ -214,9 +219,14 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * lda]);
   std::vector<int32_t> rowsum(Mpad, 0);
   std::memset(abuf.get() + M * lda, 0, (Mpad - M) * lda);
-  at::parallel_for(0, M, 16, [&](int64_t b, int64_t e) {
+  auto pack = [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) rowsum[m] = pack_row(m, abuf.get() + m * lda);
-  });
+  };
+  if (M * K < (int64_t(1) << 20)) {
+    pack(0, M);  // small: one parallel region fewer (each costs a fork/join)
+  } else {
+    at::parallel_for(0, M, 16, pack);
+  }
   at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> cbuf(MC * ldc);
     std::unique_ptr<uint8_t[]> wbuf;
