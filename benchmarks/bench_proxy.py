@@ -7,8 +7,9 @@ For each dataset (mnist5k with the embedded model; digits with a MnistResNet tra
     training data + val accuracy;
   * the candidate policies (ILP/Pareto solves) are computed once and shared by both searches;
   * Kendall tau between proxy scores (margin, -KL, acc) and full scores; wall-time ratio;
-  * the policy each side chose, fine-tuned with the same KD recipe: final val accuracy (mean over
-    --final-seeds seeds).
+  * the policy each side chose, fine-tuned with the same KD recipe: final accuracy (mean over
+    --final-seeds seeds) on the held-out half of the val split (the full search selects on the
+    other half).
 Timings interleave proxy and full per setting (A B A B). The machine is shared (2 cores).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_proxy.py [--trials 10] [--datasets mnist5k,digits]
@@ -50,9 +51,10 @@ def digits_model(seed: int = 0):
 def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fraction: float, final_seeds: int = 3,
             calibration: str = "fp32") -> dict:
     from scipy.stats import kendalltau
+    from torch.utils.data import DataLoader, Subset
 
     from lcpaq.costs import policy_costs
-    from lcpaq.data import get_dataset, get_loader
+    from lcpaq.data import _stratified_split, get_dataset, get_loader
     from lcpaq.errors import InfeasibleBudgetError, SolverError
     from lcpaq.finetune import finetune
     from lcpaq.graph import trace
@@ -75,7 +77,13 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
         model, shape = digits_model(), (1, 1, 8, 8)
     inv = trace(model, shape, name=f"mnist_resnet@{data}")
     train = get_loader(data, "train", batch_size=64, shuffle=True)
-    val = get_loader(data, "val", batch_size=500)
+    # The full search selects on one half of the validation split; both sides' choices are
+    # reported on the other half (held out from every selection), so the full baseline's winner
+    # is not scored on the images it was picked with.
+    vds = get_dataset(data, "val")
+    sel_idx, test_idx = _stratified_split(vds.tensors[1].numpy(), 0.5, 0)
+    val = DataLoader(Subset(vds, sel_idx.tolist()), batch_size=500)
+    test = DataLoader(Subset(vds, test_idx.tolist()), batch_size=500)
     cands = [(w, a) for w in (2, 4, 8) for a in (4, 8)]
     rep = estimate_sensitivity(model, get_loader(data, "train", batch_size=32), candidates=cands, probes=20, tol=0.2)
     w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))  # W4A8-average budget
@@ -130,7 +138,7 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
     #    is 0.28 pt on digits: a single fine-tune is too noisy to compare two policies at 0.3 pt)
     final = {}
     for side, (k, pol) in chosen.items():
-        runs = [finetune(copy.deepcopy(model), pol, train, val, epochs=final_epochs, kd_temp=k.kd_temp,
+        runs = [finetune(copy.deepcopy(model), pol, train, test, epochs=final_epochs, kd_temp=k.kd_temp,
                          kd_alpha=k.kd_alpha, calib_method=k.calib_method, seed=sd) for sd in range(final_seeds)]
         final[side] = {"knobs": k.label(), "policy": pol.summary(), "fp32": runs[0].fp32_acc,
                        "ptq": runs[0].ptq_acc, "qat": sum(r.qat_acc for r in runs) / len(runs),
@@ -148,7 +156,8 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
             "ratio_full_vs_proxy_scoring": t_full / max(t_proxy, 1e-9),
             "same_choice": same, "kendall_tau": tau, "final": final, "rows": rows, "calibration": calibration,
             "sensitivity_probes": rep.probes, "full_epochs": full_epochs, "final_epochs": final_epochs,
-            "final_seeds": final_seeds, "loadavg_1min": os.getloadavg()[0]}
+            "final_seeds": final_seeds, "select_val_images": len(sel_idx), "test_val_images": len(test_idx),
+            "loadavg_1min": os.getloadavg()[0]}
 
 
 def main() -> None:
