@@ -5,7 +5,8 @@ linear shapes. Contestants (activation quantization excluded everywhere, outputs
   torch-fp32 (MKL sgemm), ort-mmi-u8u8 / ort-mmi-u8s8 (MatMulInteger, int32 out; u8s8 is inexact
   for full-range u8 on AVX2), ort-nbits4 (MatMulNBits 4-bit, accuracy_level 4, fp32 in/out),
   torchao-qlinear (fbgemm quantized::linear, u8 out), lcpaq-w8/w4/w2 (qlinear: exact int32 GEMM +
-  fp32 dequant epilogue).
+  fp32 dequant epilogue), lcpaq-w7a8 (8-bit weights on the 7-bit grid [-63, 63], what the QDQ
+  exporter emits for W8 and what 5..7-bit layers run on: a separate exact kernel, not full-range W8).
 End to end: torchvision resnet18 (random weights, BN folded into convs for both sides) in a mixed
 policy on lcpaq kernels vs the same fp32 model in torch.
 Rounds are interleaved (A B C ... A B C ...); per contestant the fastest round's median and the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -107,7 +109,7 @@ def gemm_contestants(m: int, n: int, k: int, threads: int) -> dict[str, Callable
     except Exception as e:  # noqa: BLE001
         print(f"  torch.ao quantized linear unavailable: {e}")
     ws = torch.rand(n, generator=g) * 0.01
-    for bits in (8, 4, 2):
+    for bits in (8, 7, 4, 2):
         q = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (n, k), generator=g)
         blob = pack_weight(q, bits)
         out[f"lcpaq-w{bits}a8"] = (lambda b=blob, bb=bits: qlinear(xu8, b, bb, n, ws, 0.05, 128))
@@ -189,7 +191,9 @@ def main() -> None:
     print("lcpaq kernels:", status())
     rows = []
     shapes = SHAPES[1:3] if args.quick else SHAPES
+    loadavg: dict[str, list[float]] = {}
     for t in threads:
+        loadavg[f"gemm_t{t}_start"] = [round(v, 2) for v in os.getloadavg()]
         for name, m, n, k in shapes:
             res = interleaved(gemm_contestants(m, n, k, t), args.rounds, args.reps, t)
             base = res["torch-fp32"]["ms"]
@@ -207,6 +211,7 @@ def main() -> None:
             x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
             err = float((fp32(x) - intm(x)).abs().max())
             for t in threads:
+                loadavg[f"e2e_t{t}_start"] = [round(v, 2) for v in os.getloadavg()]
                 res = interleaved({"torch-fp32": lambda: fp32(x), "lcpaq-mixed": lambda: intm(x)},
                                   args.rounds, 3, t)
                 sp = res["torch-fp32"]["ms"] / res["lcpaq-mixed"]["ms"]
@@ -225,10 +230,13 @@ def main() -> None:
     df.to_csv(RESULTS / f"{tag}.csv", index=False)
     table = df.pivot_table(index=["threads", "shape"], columns="contestant", values="gops")
     print("\nGOP/s (higher is better):\n" + table.round(0).to_string())
+    print("load average:", loadavg, "end", os.getloadavg())
     meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
             "kernels": str(status()), "gemm": rows, "resnet18_e2e": e2e,
-            "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded)",
-            "note": "shared 2-core VM, other helpers loading it; fastest-round medians; 1 thread = thread CPU time, 2 threads = wall"}
+            "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded; convert fuses ReLU + "
+                      "the next conv's uint8 quantization into the epilogue)",
+            "loadavg": loadavg | {"end": [round(v, 2) for v in os.getloadavg()]},
+            "note": "shared 2-core VM; fastest-round medians; 1 thread = thread CPU time, 2 threads = wall"}
     (RESULTS / f"{tag}.json").write_text(json.dumps(meta, indent=1))
 
 
