@@ -34,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--train", type=int, default=6)
+    ap.add_argument("--method", choices=["cut", "whole"], default="cut",
+                    help="cut: cut-unit context table (default); whole: additive model fitted on whole-model "
+                         "times of uniform + single-flip + --train random policies (fidelity.profile_whole)")
     ap.add_argument("--compare-tables", action="store_true",
                     help="only re-score saved results with the per-layer tables in latency_tables/host-cpu-ort")
     args = ap.parse_args(argv)
     if args.compare_tables:
         return compare_tables(args)
+    if args.method == "whole":
+        return bench_whole(args)
 
     import torch
 
@@ -150,6 +155,75 @@ def main(argv: list[str] | None = None) -> int:
         print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
               f"  {s['within_5pct']:3d}/{s['policies']}     {s['median_abs_err_uncal_pct']:.2f}%"
               f"   {s['median_abs_err_hybrid_pct']:.2f}% / {s['max_abs_err_hybrid_pct']:.2f}%")
+    return 0
+
+
+def bench_whole(args: argparse.Namespace) -> int:
+    """Whole-model regression (fidelity.profile_whole) scored on the same 20 test policies."""
+    import torch
+
+    torch.set_num_threads(1)
+    from lcpaq.models import default_input_shape, get_model
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.backend import MeasureSettings, Unit
+    from lcpaq.profiler.backends.ort import OrtBackend
+    from lcpaq.profiler.fidelity import profile_whole, random_class_policy
+    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+
+    cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
+    be = OrtBackend()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for model_name in args.models.split(","):
+            t0 = time.perf_counter()
+            small = model_name == "mnist_resnet"
+            st = MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=threads,
+                                 metric="thread_cpu" if threads == 1 else "wall")
+            model, shape = get_model(model_name), default_input_shape(model_name)
+            names = quantizable_names(model)
+            x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+            load0 = os.getloadavg()
+            lm, train_rows = profile_whole(model, shape, cands, n_random=args.train, settings=st, calib=[x])
+            t_fit = time.perf_counter() - t0
+            ref_b = export_qdq(model, Policy.uniform(names, 8, 8), shape, calib=[x])
+
+            def timed(b: bytes, st=st, x=x) -> float:
+                m = be.measure(Unit("b", b, {"input": x}), st)
+                if m.error:
+                    raise RuntimeError(m.error)
+                return m.median_ms
+
+            rows = []
+            for k in range(args.policies):
+                pol = random_class_policy(names, np.random.default_rng(k), cands)
+                b = export_qdq(model, pol, shape, calib=[x])
+                ms_pol, ms_ref = [], []
+                for _ in range(2):
+                    ms_ref.append(timed(ref_b))
+                    ms_pol.append(timed(b))
+                meas, drift = min(ms_pol), min(ms_ref) / lm.meta["ref_ms"]
+                pred = lm.predict(pol) * drift
+                rows.append({"threads": threads, "model": model_name, "policy": k, "measured_ms": meas,
+                             "predicted_ms": pred, "error_pct": 100 * (pred / meas - 1), "drift": drift,
+                             "fp32_layers": sum(1 for n in names if pol[n] == (32, 32)), "layers": len(names),
+                             "metric": st.metric})
+                print(f"{threads}t {model_name:13s} #{k:2d} meas {meas:8.3f} pred {pred:8.3f} "
+                      f"err {rows[-1]['error_pct']:+6.1f}% drift {drift:.3f}", flush=True)
+            errs = [abs(r["error_pct"]) for r in rows]
+            summ = {"method": "whole", "threads": threads, "model": model_name, "policies": len(rows),
+                    "train_policies": len(train_rows), "fit_rms_rel": lm.meta["fit_rms_rel"],
+                    "fit_s": round(t_fit, 1), "median_abs_err_pct": statistics.median(errs),
+                    "max_abs_err_pct": max(errs), "within_5pct": sum(e <= 5 for e in errs),
+                    "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": os.getloadavg()}
+            print(json.dumps(summ), flush=True)
+            table.append(summ)
+            (RESULTS / f"bench_predict_whole_{model_name}_{threads}t.json").write_text(
+                json.dumps({"summary": summ, "rows": rows, "train": train_rows}, indent=1))
+    print("\n model           thr  median|err|  max|err|  within±5%  train  load")
+    for s in table:
+        print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
+              f"  {s['within_5pct']:3d}/{s['policies']}   {s['train_policies']:4d}  {s['load_end'][0]:.1f}")
     return 0
 
 

@@ -185,3 +185,40 @@ def test_profile_context_predicts_uniform_references_on_ort(model):
     assert lm.predict(pol) > 0
     # 4-bit and 8-bit weights share ORT's int8 kernel: one unary cost per class
     assert all(lm.unary[n][(4, 8)] == lm.unary[n][(8, 8)] for n in names)
+
+
+def test_fit_whole_model_recovers_layer_and_edge_costs():
+    from lcpaq.profiler.fidelity import fit_whole_model, whole_training_policies
+
+    names = ["a", "b", "c", "d"]
+    edges = [("a", "b"), ("b", "c"), ("b", "d"), ("c", "d")]
+    cands = [(32, 32), (4, 8), (8, 8)]
+    c0, gain, cost = 10.0, {"a": -2.0, "b": -3.0, "c": -1.0, "d": -0.5}, dict(zip(edges, [0.5, 0.7, 0.0, 0.2]))
+
+    def truth(pol):
+        i8 = {n: pol[n] != (32, 32) for n in names}
+        return c0 + sum(gain[n] for n in names if i8[n]) + sum(v for (p, q), v in cost.items() if i8[p] != i8[q])
+
+    pols = whole_training_policies(names, cands, np.random.default_rng(0), 3)
+    assert len(pols) == 2 + 2 * len(names) + 3
+    lm = fit_whole_model(pols, [truth(p) / 2.0 for p in pols], edges, cands, ref_ms=2.0)  # times relative to a 2 ms ref
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        pol = random_class_policy(names, rng, cands)
+        assert lm.predict(pol) == pytest.approx(truth(pol), abs=1e-3)
+    assert lm.unary["b"][(4, 8)] == pytest.approx(-3.0, abs=1e-3) and lm.unary["b"][(32, 32)] == 0.0
+    assert lm.pairwise[("a", "b")][((32, 32), (8, 8))] == pytest.approx(0.5, abs=1e-3)
+    assert all(v >= 0 for tab in lm.pairwise.values() for v in tab.values())  # convert ops never save time
+
+
+def test_profile_whole_on_ort_predicts_its_training_references(model):
+    from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.fidelity import profile_whole
+
+    cands = [(32, 32), (8, 8)]
+    lm, rows = profile_whole(model, SHAPE, cands, n_random=1, settings=MeasureSettings(warmup=1, number=3, repeat=3))
+    names = quantizable_names(model)
+    assert len(rows) == 3 + 2 * len(names) and all(r["ms"] > 0 and r["ref_ms"] > 0 for r in rows)
+    assert set(lm.unary) == set(names) and lm.pairwise
+    fp32 = Policy.uniform(names, 32, 32)
+    assert lm.predict(fp32) == pytest.approx(rows[0]["ms"], rel=0.5)  # fit through noisy data, same order

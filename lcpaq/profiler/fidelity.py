@@ -419,6 +419,120 @@ def profile_context(
     return ct, calibrate_to_references(fit_latency_model(ct, candidates), refs)
 
 
+def class_edges(model: Any, input_shape: tuple[int, ...], *, calib: Any = None) -> list[tuple[str, str]]:
+    """Undirected edges between quantizable layers whose units exchange a tensor (the cut units' neighbours)."""
+    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+
+    names = quantizable_names(model)
+    x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
+    pol = Policy.uniform(names, 8, 8)
+    units = cut_units(export_qdq(model, pol, input_shape, calib=calib if calib is not None else [x]), model, pol)
+    return sorted({tuple(sorted((a, b))) for a, u in units.items() for b in u.neighbours if b in units})  # type: ignore[misc]
+
+
+def whole_training_policies(names: Sequence[str], candidates: Sequence[BitPair], rng: np.random.Generator,
+                            n_random: int) -> list[Policy]:
+    """Uniform fp32 and int8, every single-layer flip from both, and ``n_random`` random class mixes.
+
+    A flip to fp32 in the int8 model costs -a_l + sum of l's boundary edges; the flip to int8 in the
+    fp32 model costs +a_l + the same edges: together they separate a layer's own cost from its edges."""
+    ints = [tuple(c) for c in candidates if precision_class(c) == "int8"] or [(8, 8)]
+    i8, f32 = ints[-1], (32, 32)
+    pols = [Policy.uniform(names, *f32), Policy.uniform(names, *i8)]
+    for n in names:
+        pols.append(Policy({k: (f32 if k == n else i8) for k in names}))
+        pols.append(Policy({k: (i8 if k == n else f32) for k in names}))
+    pols += [random_class_policy(names, rng, candidates) for _ in range(n_random)]
+    return pols
+
+
+def fit_whole_model(policies: Sequence[Policy], rel_times: Sequence[float], edges: Sequence[tuple[str, str]],
+                    candidates: Sequence[BitPair], *, ref_ms: float) -> LatencyModel:
+    """Additive model fitted on whole-model times: T = c + sum_l int8_l * a_l + sum_e boundary_e * b_e.
+
+    ``rel_times``: each policy's whole-model time divided by an interleaved reference (drift-free);
+    ``ref_ms`` turns the fit back into ms. Transition costs b_e >= 0 (a convert op never saves time).
+    Nothing is measured in isolation, so no isolation overhead or layout change at cut edges enters."""
+    from scipy.optimize import lsq_linear
+
+    names = list(policies[0])
+    idx = {n: i for i, n in enumerate(names)}
+    L, E = len(names), len(edges)
+    X = np.zeros((len(policies), 1 + L + E))
+    for r, pol in enumerate(policies):
+        c = np.array([precision_class(pol[n]) == "int8" for n in names], dtype=float)
+        X[r, 0] = 1.0
+        X[r, 1:1 + L] = c
+        for j, (a, b) in enumerate(edges):
+            X[r, 1 + L + j] = float(c[idx[a]] != c[idx[b]])
+    lb = np.r_[np.full(1 + L, -np.inf), np.zeros(E)]
+    coef = lsq_linear(X, np.asarray(rel_times, float), bounds=(lb, np.full(1 + L + E, np.inf))).x * ref_ms
+    rms = float(np.sqrt(np.mean((X @ coef / ref_ms - np.asarray(rel_times)) ** 2)))
+    unary = {n: {tuple(p): (float(coef[1 + idx[n]]) if precision_class(p) == "int8" else 0.0) for p in candidates}
+             for n in names}
+    pairwise = {}
+    for j, (a, b) in enumerate(edges):
+        pairwise[(a, b)] = {(tuple(pa), tuple(pb)): float(coef[1 + L + j]) for pa in candidates for pb in candidates
+                            if precision_class(pa) != precision_class(pb)}
+    return LatencyModel(unary, pairwise, float(coef[0]),  # type: ignore[arg-type]
+                        meta={"source": "lcpaq.profiler.fidelity.fit_whole_model", "fit_rms_rel": rms,
+                              "policies": len(policies), "ref_ms": ref_ms})
+
+
+def profile_whole(
+    model: Any,
+    input_shape: tuple[int, ...],
+    candidates: Sequence[BitPair],
+    *,
+    n_random: int = 10,
+    settings: Any = None,
+    seed: int = 1000,
+    calib: Any = None,
+    progress: Any = None,
+) -> tuple[LatencyModel, list[dict[str, Any]]]:
+    """Measure whole QDQ models (:func:`whole_training_policies`) on ORT in-process and fit
+    :func:`fit_whole_model`. Each policy is timed A B A B against the uniform int8 model; the fastest
+    round of each is kept. Returns the model and one record per training policy.
+
+    >>> # lm, rows = profile_whole(get_model("mnist_resnet"), (1, 1, 28, 28), [(32, 32), (8, 8)])
+    """
+    from lcpaq.profiler.backend import MeasureSettings, Unit
+    from lcpaq.profiler.backends.ort import OrtBackend
+    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+
+    st = settings or MeasureSettings(warmup=3, number=3, repeat=5)
+    be = OrtBackend()
+    x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
+    cal = calib if calib is not None else [x]
+    names = quantizable_names(model)
+    pols = whole_training_policies(names, candidates, np.random.default_rng(seed), n_random)
+
+    def timed(b: bytes) -> float:
+        m = be.measure(Unit("w", b, {"input": x}), st)
+        if m.error:
+            from lcpaq.errors import BackendUnavailableError
+
+            raise BackendUnavailableError(f"ORT failed on a whole model: {m.error}")
+        return m.median_ms
+
+    ref_b = export_qdq(model, pols[1], input_shape, calib=cal)
+    rows, rel = [], []
+    for i, pol in enumerate(pols):
+        b = export_qdq(model, pol, input_shape, calib=cal)
+        r, p = [], []
+        for _ in range(2):
+            r.append(timed(ref_b))
+            p.append(timed(b))
+        rows.append({"policy": {n: list(pb) for n, pb in pol.items()},
+                     "ms": min(p), "ref_ms": min(r)})
+        rel.append(min(p) / min(r))
+        if progress:
+            progress(i + 1, len(pols))
+    ref_ms = float(np.median([r["ref_ms"] for r in rows]))
+    edges = class_edges(model, input_shape, calib=cal)
+    return fit_whole_model(pols, rel, edges, candidates, ref_ms=ref_ms), rows
+
+
 def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidates: Sequence[BitPair],
                         p_fp32: float = 0.5) -> Policy:
     """A random mixed policy: each layer fp32 with probability ``p_fp32``, else a random int pair."""
@@ -427,4 +541,5 @@ def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidat
     return Policy({n: (fps[0] if rng.random() < p_fp32 else ints[rng.integers(len(ints))]) for n in names})
 
 
-__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid", "profile_context"]
+__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid", "profile_context",
+           "class_edges", "whole_training_policies", "fit_whole_model", "profile_whole"]
