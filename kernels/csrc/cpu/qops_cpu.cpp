@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -239,6 +241,11 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   });
 }
 
+// Integers in error messages go through std::to_string, not c10::str's ostream: on one GPU
+// machine (gcc 13.3, torch 2.11) formatting an integer through the stream crashed the process
+// instead of raising (numeric stream facets of two C++ runtimes), while strings formatted fine.
+std::string num(int64_t v) { return std::to_string(v); }
+
 void check_common(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_t K) {
   TORCH_CHECK(x.scalar_type() == at::kByte || x.scalar_type() == at::kChar,
               "lcpaq: activations must be uint8 or int8, got ", x.scalar_type(),
@@ -246,8 +253,8 @@ void check_common(const at::Tensor& x, const at::Tensor& w, int64_t bits, int64_
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 1 && w.is_contiguous(),
               "lcpaq: w_packed must be a contiguous 1-D uint8 blob from lcpaq.kernels.pack_weight");
   TORCH_CHECK(bits == 8 || bits == 7 || bits == 4 || bits == 2,
-              "lcpaq: w_bits must be 8, 7, 4 or 2, got ", bits);
-  TORCH_CHECK(K >= 1 && K <= 65536, "lcpaq: reduction size K=", K,
+              "lcpaq: w_bits must be 8, 7, 4 or 2, got ", num(bits));
+  TORCH_CHECK(K >= 1 && K <= 65536, "lcpaq: reduction size K=", num(K),
               " out of range [1, 65536] (int32 accumulation must not overflow)");
 }
 
@@ -265,14 +272,14 @@ Epilogue make_epilogue(const at::Tensor& comb, const c10::optional<at::Tensor>& 
 }
 
 at::Tensor combined_scale(const at::Tensor& w_scale, double x_scale, int64_t n) {
-  TORCH_CHECK(w_scale.numel() == n, "lcpaq: w_scale has ", w_scale.numel(), " values, expected ",
-              n, " (one per output channel)");
+  TORCH_CHECK(w_scale.numel() == n, "lcpaq: w_scale has ", num(w_scale.numel()), " values, expected ",
+              num(n), " (one per output channel)");
   return (w_scale.to(at::kFloat).contiguous() * static_cast<float>(x_scale)).contiguous();
 }
 
 c10::optional<at::Tensor> float_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value() || !bias->defined()) return c10::nullopt;
-  TORCH_CHECK(bias->numel() == n, "lcpaq: bias has ", bias->numel(), " values, expected ", n);
+  TORCH_CHECK(bias->numel() == n, "lcpaq: bias has ", num(bias->numel()), " values, expected ", num(n));
   return bias->to(at::kFloat).contiguous();
 }
 
@@ -282,8 +289,8 @@ at::Tensor qgemm_i32_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_
   const int64_t M = x.size(0), K = x.size(1);
   check_common(x, w_packed, bits, K);
   TORCH_CHECK(w_packed.numel() == blob_bytes(layout_bits(bits), n, K), "lcpaq: w_packed has ",
-              w_packed.numel(), " bytes, expected ", blob_bytes(layout_bits(bits), n, K), " for N=", n,
-              " K=", K, " bits=", bits);
+              num(w_packed.numel()), " bytes, expected ", num(blob_bytes(layout_bits(bits), n, K)),
+              " for N=", num(n), " K=", num(K), " bits=", num(bits));
   auto xc = x.contiguous();
   auto out = at::empty({M, n}, x.options().dtype(at::kInt));
   if (M == 0 || n == 0) return out;
@@ -306,7 +313,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t 
   const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1);
   check_common(x, w_packed, bits, K);
   TORCH_CHECK(w_packed.numel() == blob_bytes(layout_bits(bits), n, K), "lcpaq: w_packed has ",
-              w_packed.numel(), " bytes, expected ", blob_bytes(layout_bits(bits), n, K));
+              num(w_packed.numel()), " bytes, expected ", num(blob_bytes(layout_bits(bits), n, K)));
   auto shape = x.sizes().vec();
   shape.back() = n;
   auto out = at::empty(shape, x.options().dtype(out_scale > 0 ? at::kByte : at::kFloat));
@@ -336,16 +343,16 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t 
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = wshape[0], cg = wshape[1], KH = wshape[2], KW = wshape[3];
   TORCH_CHECK(groups >= 1 && C == cg * groups && Cout % groups == 0,
-              "lcpaq::qconv2d: channels do not match: x has ", C, " channels, weight expects ",
-              cg, " x groups ", groups, ", Cout ", Cout);
+              "lcpaq::qconv2d: channels do not match: x has ", num(C), " channels, weight expects ",
+              num(cg), " x groups ", num(groups), ", Cout ", num(Cout));
   const int64_t OH = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
   const int64_t OW = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(OH > 0 && OW > 0, "lcpaq::qconv2d: empty output");
   const int64_t K = cg * KH * KW, coutg = Cout / groups;
   check_common(x, w_packed, bits, K);
   const int64_t gb = blob_bytes(layout_bits(bits), coutg, K);
-  TORCH_CHECK(w_packed.numel() == gb * groups, "lcpaq: w_packed has ", w_packed.numel(),
-              " bytes, expected ", gb * groups, " (", groups, " groups)");
+  TORCH_CHECK(w_packed.numel() == gb * groups, "lcpaq: w_packed has ", num(w_packed.numel()),
+              " bytes, expected ", num(gb * groups), " (", num(groups), " groups)");
   auto out = at::empty({N, Cout, OH, OW}, x.options()
                                               .dtype(out_scale > 0 ? at::kByte : at::kFloat)
                                               .memory_format(at::MemoryFormat::ChannelsLast));

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -524,7 +525,8 @@ EpiParams epi(const at::Tensor& comb, const c10::optional<at::Tensor>& fb, int64
 
 c10::optional<at::Tensor> fbias(const c10::optional<at::Tensor>& b, int64_t n) {
   if (!b.has_value() || !b->defined()) return c10::nullopt;
-  TORCH_CHECK(b->numel() == n, "lcpaq: bias has ", b->numel(), " values, expected ", n);
+  TORCH_CHECK(b->numel() == n, "lcpaq: bias has ", std::to_string(b->numel()), " values, expected ",
+              std::to_string(n));
   return b->to(at::kFloat).contiguous();
 }
 
