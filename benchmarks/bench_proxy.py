@@ -29,6 +29,12 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (the ILP solver runs as one)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def digits_model(seed: int = 0):
     from lcpaq.data import get_loader
     from lcpaq.models import MnistResNet
@@ -49,7 +55,7 @@ def digits_model(seed: int = 0):
 
 
 def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fraction: float, final_seeds: int = 3,
-            calibration: str = "fp32") -> dict:
+            calibration: str = "fp32", lock: str | None = None) -> dict:
     from scipy.stats import kendalltau
     from torch.utils.data import DataLoader, Subset
 
@@ -92,42 +98,58 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
     configs = candidate_configs(trials, seed=0)
     make = PolicyMaker(inv, rep, budgets=budgets)
 
+    # Steps 1-3 are the timings: run under an exclusive flock on `lock` (the shared machine's
+    # benchmark lock) so no other benchmark runs beside them; model training, sensitivity and the
+    # final fine-tunes (accuracies, not timings) run outside it.
+    lock_f = open(lock, "a") if lock else None
+    if lock_f is not None:
+        import fcntl
+
+        fcntl.flock(lock_f, fcntl.LOCK_EX)
+    load_before = open("/proc/loadavg").read().split()[:3]
     # 1. the candidate set both searches choose from: one feasible policy per knob setting (the ILP
     #    and Pareto solves), computed once and shared; timed on its own.
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu()
     errors = {}
     for k in configs:
         try:
             make(k)
         except (InfeasibleBudgetError, SolverError) as e:
             errors[k] = str(e).splitlines()[0]
-    t_policy = time.perf_counter() - t
+    t_policy, c_policy = time.perf_counter() - t, _cpu() - c
 
     # 2. the proxy search (successive halving, PTQ on the proxy subset), evaluator setup included
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     ev = ProxyEvaluator(model, *sub.tensors(), calibration=calibration)
     res = tune(model, inv, rep, ev, budgets=budgets, configs=configs, maker=make)
-    t_tune = time.perf_counter() - t0
+    t_tune, c_tune = time.perf_counter() - t0, _cpu() - c0
+    ev.clear_cache()  # the scoring pass below times cold evaluations (fp32 cache kept: built once)
 
     # 3. every setting scored both ways, interleaved (proxy, full, proxy, full, ...)
     rows, t_proxy, t_full, full_cache, proxy_cache = [], 0.0, 0.0, {}, {}
+    c_proxy = c_full = 0.0
     for k in configs:
         if k in errors:  # infeasible knobs are data
             rows.append({"knobs": k.label(), "error": errors[k]})
             continue
         pol = make(k)
         key = (pol, k.calib_method)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), _cpu()
         if key not in proxy_cache:
             proxy_cache[key] = ev.evaluate(pol, calib_method=k.calib_method)
         t_proxy += time.perf_counter() - t
-        t = time.perf_counter()
+        c_proxy += _cpu() - c
+        t, c = time.perf_counter(), _cpu()
         if key not in full_cache:
             full_cache[key] = full_score(model, pol, k, train, val, epochs=full_epochs)
         t_full += time.perf_counter() - t
+        c_full += _cpu() - c
         s = proxy_cache[key]
         rows.append({"knobs": k.label(), "policy": pol.summary(), "margin": s.margin, "kl": s.kl, "proxy_acc": s.acc,
                      "full_acc": full_cache[key]})
+    load_after = open("/proc/loadavg").read().split()[:3]
+    if lock_f is not None:
+        lock_f.close()  # releases the flock
     ok = [r for r in rows if "full_acc" in r]
     full = [r["full_acc"] for r in ok]
     tau = {m: float(kendalltau([r[m] for r in ok], full).statistic) for m in ("margin", "kl", "proxy_acc")}
@@ -136,17 +158,24 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
               "full": next((k, make(k)) for k in configs if k.label() == best_full["knobs"])}
     # 4. each side's choice fine-tuned with the same KD recipe, averaged over seeds (one val image
     #    is 0.28 pt on digits: a single fine-tune is too noisy to compare two policies at 0.3 pt)
+    same = chosen["proxy"][1] == chosen["full"][1] and chosen["proxy"][0].calib_method == chosen["full"][0].calib_method
     final = {}
     for side, (k, pol) in chosen.items():
+        if side == "full" and same:  # same policy and calibration: fine-tunes are deterministic per seed
+            final[side] = dict(final["proxy"], knobs=k.label())
+            continue
         runs = [finetune(copy.deepcopy(model), pol, train, test, epochs=final_epochs, kd_temp=k.kd_temp,
                          kd_alpha=k.kd_alpha, calib_method=k.calib_method, seed=sd) for sd in range(final_seeds)]
         final[side] = {"knobs": k.label(), "policy": pol.summary(), "fp32": runs[0].fp32_acc,
                        "ptq": runs[0].ptq_acc, "qat": sum(r.qat_acc for r in runs) / len(runs),
                        "qat_per_seed": [r.qat_acc for r in runs]}
-    same = chosen["proxy"][1] == chosen["full"][1] and chosen["proxy"][0].calib_method == chosen["full"][0].calib_method
     return {"data": data, "proxy_share": sub.share, "proxy_samples": len(sub.indices), "configs": len(configs),
             "unique_evals": len(full_cache), "tune_s": t_tune, "proxy_score_s": t_proxy, "full_s": t_full,
             "policy_s": t_policy,
+            "cpu": {"tune_s": c_tune, "proxy_score_s": c_proxy, "full_s": c_full, "policy_s": c_policy,
+                    "ratio_full_vs_tune": c_full / max(c_tune, 1e-9),
+                    "ratio_with_policies": (c_full + c_policy) / max(c_tune + c_policy, 1e-9),
+                    "ratio_full_vs_proxy_scoring": c_full / max(c_proxy, 1e-9)},
             # the issue's ratio: full search (every setting KD-fine-tuned) vs the proxy search, both
             # over the same precomputed candidate set
             "ratio_full_vs_tune": t_full / t_tune,
@@ -157,7 +186,7 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
             "same_choice": same, "kendall_tau": tau, "final": final, "rows": rows, "calibration": calibration,
             "sensitivity_probes": rep.probes, "full_epochs": full_epochs, "final_epochs": final_epochs,
             "final_seeds": final_seeds, "select_val_images": len(sel_idx), "test_val_images": len(test_idx),
-            "loadavg_1min": os.getloadavg()[0]}
+            "loadavg_1min": os.getloadavg()[0], "loadavg_timed": [load_before, load_after], "locked": bool(lock)}
 
 
 def main() -> None:
@@ -165,16 +194,17 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--datasets", default="digits,mnist5k")
     ap.add_argument("--full-epochs", type=int, default=3, help="KD epochs per setting in the full baseline")
-    ap.add_argument("--final-seeds", type=int, default=3, help="fine-tune seeds averaged for the final accuracy")
+    ap.add_argument("--final-seeds", type=int, default=5, help="fine-tune seeds averaged for the final accuracy")
     ap.add_argument("--calibration", default="fp32", help="proxy calibration: fp32 (cached ranges) | sequential")
     ap.add_argument("--final-epochs", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.04)
+    ap.add_argument("--lock", default=None, help="flock this file around the timed steps (e.g. /tmp/lcpaq-bench.lock)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = []
     for d in a.datasets.split(","):
-        r = run_one(d, a.trials, a.full_epochs, a.final_epochs, a.fraction, a.final_seeds, a.calibration)
+        r = run_one(d, a.trials, a.full_epochs, a.final_epochs, a.fraction, a.final_seeds, a.calibration, a.lock)
         out.append(r)
         (RESULTS / "bench_proxy.json").write_text(json.dumps(out, indent=1, default=str))
         print(f"\n== {d}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
@@ -185,16 +215,22 @@ def main() -> None:
               f"full {r['full_s']:.1f}s  shared policies {r['policy_s']:.2f}s  ratio full/tune {r['ratio_full_vs_tune']:.0f}x  "
               f"(with policies {r['ratio_with_policies']:.0f}x)  full/proxy-scoring {r['ratio_full_vs_proxy_scoring']:.0f}x  "
               f"load {r['loadavg_1min']:.1f}")
+        cp = r["cpu"]
+        print(f"  CPU time: tune {cp['tune_s']:.2f}s  proxy-scoring {cp['proxy_score_s']:.2f}s  full {cp['full_s']:.1f}s  "
+              f"policies {cp['policy_s']:.2f}s  ratios {cp['ratio_full_vs_tune']:.0f}x / {cp['ratio_with_policies']:.0f}x / "
+              f"{cp['ratio_full_vs_proxy_scoring']:.0f}x")
         for side, f in r["final"].items():
             print(f"  chosen by {side}: {f}")
     with (RESULTS / "bench_proxy.csv").open("w") as f:
         f.write("data,proxy_share,configs,tau_margin,tau_kl,tau_acc,tune_s,full_s,policy_s,ratio,ratio_with_policies,"
-                "ratio_scoring,final_proxy_qat,final_full_qat,fp32,loadavg\n")
+                "ratio_scoring,cpu_ratio,cpu_ratio_with_policies,cpu_ratio_scoring,final_proxy_qat,final_full_qat,fp32,loadavg\n")
         for r in out:
             t, fi = r["kendall_tau"], r["final"]
             f.write(f"{r['data']},{r['proxy_share']:.4f},{r['configs']},{t['margin']:.3f},{t['kl']:.3f},"
                     f"{t['proxy_acc']:.3f},{r['tune_s']:.2f},{r['full_s']:.1f},{r['policy_s']:.2f},"
                     f"{r['ratio_full_vs_tune']:.1f},{r['ratio_with_policies']:.1f},{r['ratio_full_vs_proxy_scoring']:.1f},"
+                    f"{r['cpu']['ratio_full_vs_tune']:.1f},{r['cpu']['ratio_with_policies']:.1f},"
+                    f"{r['cpu']['ratio_full_vs_proxy_scoring']:.1f},"
                     f"{fi['proxy']['qat']:.2f},{fi['full']['qat']:.2f},{fi['proxy']['fp32']:.2f},{r['loadavg_1min']:.1f}\n")
 
 

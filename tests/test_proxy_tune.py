@@ -47,6 +47,28 @@ def tiny_setup():
     return m, inv, rep, ProxyEvaluator(m, x, y, calib_samples=32)
 
 
+def test_evaluator_model_cache_is_bounded_and_matches_cold_scores(tiny_setup):
+    """A cached quantized model (reused across halving rungs) scores exactly like a cold one."""
+    m, inv, _, _ = tiny_setup
+    ev = ProxyEvaluator(m, tiny_setup[3].x, tiny_setup[3].y, calib_samples=32, calibration="fp32", cache_models=2)
+    pols = [Policy.uniform(inv.names, w, 8) for w in (2, 4, 8)]
+    warm_small = ev.evaluate(pols[1], calib_method="mse", n=16)
+    warm = ev.evaluate(pols[1], calib_method="mse")
+    for p in pols:
+        ev.evaluate(p)
+    assert len(ev._models) == 2  # LRU bound
+    ev.clear_cache()
+    assert not ev._models
+    cold = ev.evaluate(pols[1], calib_method="mse")
+    assert (warm.margin, warm.kl, warm.acc) == (cold.margin, cold.kl, cold.acc)
+    assert warm_small.n == 16 and cold.n == len(ev.y)
+    # per-policy models share the fp32 weights but never alter the evaluator's fp32 model
+    from lcpaq.quant import QUANT_TYPES
+
+    assert not any(isinstance(x, QUANT_TYPES) or x._forward_hooks for x in ev.model.modules())
+    assert ev.evaluate(pols[1], calib_method="mse").margin == cold.margin
+
+
 def test_tune_scores_only_feasible_policies_and_halves(tiny_setup):
     m, inv, rep, ev = tiny_setup
     w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))
