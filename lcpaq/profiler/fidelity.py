@@ -468,13 +468,16 @@ def fit_whole_model(policies: Sequence[Policy], rel_times: Sequence[float], edge
     lb = np.r_[np.full(1 + L, -np.inf), np.zeros(E)]
     coef = lsq_linear(X, np.asarray(rel_times, float), bounds=(lb, np.full(1 + L + E, np.inf))).x * ref_ms
     rms = float(np.sqrt(np.mean((X @ coef / ref_ms - np.asarray(rel_times)) ** 2)))
-    unary = {n: {tuple(p): (float(coef[1 + idx[n]]) if precision_class(p) == "int8" else 0.0) for p in candidates}
-             for n in names}
+    # The fp32 whole model (c) is spread evenly over the layers so that breakdowns read as layer
+    # costs; int8 adds a_l (usually negative) to that share. Only sums are measured.
+    share = float(coef[0]) / max(L, 1)
+    unary = {n: {tuple(p): share + (float(coef[1 + idx[n]]) if precision_class(p) == "int8" else 0.0)
+                 for p in candidates} for n in names}
     pairwise = {}
     for j, (a, b) in enumerate(edges):
         pairwise[(a, b)] = {(tuple(pa), tuple(pb)): float(coef[1 + L + j]) for pa in candidates for pb in candidates
                             if precision_class(pa) != precision_class(pb)}
-    return LatencyModel(unary, pairwise, float(coef[0]),  # type: ignore[arg-type]
+    return LatencyModel(unary, pairwise, 0.0,  # type: ignore[arg-type]
                         meta={"source": "lcpaq.profiler.fidelity.fit_whole_model", "fit_rms_rel": rms,
                               "policies": len(policies), "ref_ms": ref_ms})
 
