@@ -31,8 +31,8 @@ def test_kd_finetune_recovers_w4a8_embedded(tmp_path):
     model = get_model("mnist_resnet")
     policy = Policy.uniform(quantizable_names(model), 4, 8)
     train = get_loader("mnist5k", "train", batch_size=64, shuffle=True)
-    val = get_loader("mnist5k", "val", batch_size=250, subset=500)
-    res = finetune(model, policy, train, val, epochs=1, max_steps_per_epoch=20, lr=5e-4)
+    val = get_loader("mnist5k", "val", batch_size=300, subset=300)
+    res = finetune(model, policy, train, val, epochs=1, max_steps_per_epoch=10, lr=5e-4)
     assert res.fp32_acc >= 98.0
     assert res.qat_acc >= res.fp32_acc - 1.0
     assert res.qat_acc >= res.ptq_acc - 0.5

@@ -52,21 +52,21 @@ def test_evaluator_model_cache_is_bounded_and_matches_cold_scores(tiny_setup):
     m, inv, _, _ = tiny_setup
     ev = ProxyEvaluator(m, tiny_setup[3].x, tiny_setup[3].y, calib_samples=32, calibration="fp32", cache_models=2)
     pols = [Policy.uniform(inv.names, w, 8) for w in (2, 4, 8)]
-    warm_small = ev.evaluate(pols[1], calib_method="mse", n=16)
-    warm = ev.evaluate(pols[1], calib_method="mse")
+    warm_small = ev.evaluate(pols[1], calib_method="percentile", n=16)
+    warm = ev.evaluate(pols[1], calib_method="percentile")
     for p in pols:
         ev.evaluate(p)
     assert len(ev._models) == 2  # LRU bound
     ev.clear_cache()
     assert not ev._models
-    cold = ev.evaluate(pols[1], calib_method="mse")
+    cold = ev.evaluate(pols[1], calib_method="percentile")
     assert (warm.margin, warm.kl, warm.acc) == (cold.margin, cold.kl, cold.acc)
     assert warm_small.n == 16 and cold.n == len(ev.y)
     # per-policy models share the fp32 weights but never alter the evaluator's fp32 model
     from lcpaq.quant import QUANT_TYPES
 
     assert not any(isinstance(x, QUANT_TYPES) or x._forward_hooks for x in ev.model.modules())
-    assert ev.evaluate(pols[1], calib_method="mse").margin == cold.margin
+    assert ev.evaluate(pols[1], calib_method="percentile").margin == cold.margin
 
 
 def test_tune_scores_only_feasible_policies_and_halves(tiny_setup):
