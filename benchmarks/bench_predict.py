@@ -28,6 +28,16 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+
+def _settings(model_name: str, threads: int):
+    """Frozen measurement settings: the 0.2 ms embedded model needs more calls per round; 1 thread
+    times the calling thread's CPU, 2 threads wall time."""
+    from lcpaq.profiler.backend import MeasureSettings
+
+    small = model_name == "mnist_resnet"
+    return MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=threads,
+                           metric="thread_cpu" if threads == 1 else "wall")
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,mobilenet_v2,mnist_resnet")
@@ -50,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from lcpaq.models import default_input_shape, get_model
     from lcpaq.policy import Policy
-    from lcpaq.profiler.backend import MeasureSettings, Unit
+    from lcpaq.profiler.backend import Unit
     from lcpaq.profiler.backends.ort import OrtBackend
     from lcpaq.profiler.fidelity import (
         ContextTable,
@@ -70,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads in [int(t) for t in args.threads.split(",")]:
         for model_name in args.models.split(","):
             t0 = time.perf_counter()
-            small = model_name == "mnist_resnet"
-            st = MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=threads,
-                                 metric="thread_cpu" if threads == 1 else "wall")
+            st = _settings(model_name, threads)
             model = get_model(model_name)
             names = quantizable_names(model)
             shape = default_input_shape(model_name)
@@ -165,7 +173,7 @@ def bench_whole(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     from lcpaq.models import default_input_shape, get_model
     from lcpaq.policy import Policy
-    from lcpaq.profiler.backend import MeasureSettings, Unit
+    from lcpaq.profiler.backend import Unit
     from lcpaq.profiler.backends.ort import OrtBackend
     from lcpaq.profiler.fidelity import profile_whole, random_class_policy
     from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
@@ -177,9 +185,7 @@ def bench_whole(args: argparse.Namespace) -> int:
     for threads in [int(t) for t in args.threads.split(",")]:
         for model_name in args.models.split(","):
             t0 = time.perf_counter()
-            small = model_name == "mnist_resnet"
-            st = MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=threads,
-                                 metric="thread_cpu" if threads == 1 else "wall")
+            st = _settings(model_name, threads)
             model, shape = get_model(model_name), default_input_shape(model_name)
             names = quantizable_names(model)
             x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
