@@ -18,6 +18,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -393,26 +394,28 @@ int grid_for(int64_t n, int threads) {
   return int(std::min<int64_t>((n + threads - 1) / threads, 65535));
 }
 
-// The tensor-core path runs when the device is sm_80+, the extension holds sm_80+ code for it,
-// and LCPAQ_CUDA_KERNEL is not "dp4a".
-bool imma_ok(int device) {
-  const char* e = std::getenv("LCPAQ_CUDA_KERNEL");
-  if (e != nullptr && std::strcmp(e, "dp4a") == 0) return false;
+// Per-device facts read once (every op call asks): -1 = not read yet. Benign race: concurrent
+// first calls store the same value.
+constexpr int kMaxDevices = 64;
+std::atomic<int> g_imma_hw[kMaxDevices];
+std::atomic<int> g_sms[kMaxDevices];
+
+int read_imma_hw(int device) {
   int major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
-  if (major < 8) return false;
+  if (major < 8) return 0;
   cudaFuncAttributes fa{};
   if (cudaFuncGetAttributes(&fa, imma_gemm_kernel<128, 64, 4, 2, false, false>) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    return 0;
   }
-  return fa.binaryVersion >= 80;
+  return fa.binaryVersion >= 80 ? 1 : 0;
 }
 
-int num_sms(int device) {
+int read_sms(int device) {
   int n = 0;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -420,6 +423,32 @@ int num_sms(int device) {
   }
   return n;
 }
+
+int cached(std::atomic<int>* table, int device, int (*read)(int)) {
+  if (device < 0 || device >= kMaxDevices) return read(device);
+  int v = table[device].load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = read(device);
+    table[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+struct InitCaches {
+  InitCaches() {
+    for (int i = 0; i < kMaxDevices; ++i) g_imma_hw[i] = g_sms[i] = -1;
+  }
+} g_init_caches;
+
+// The tensor-core path runs when the device is sm_80+, the extension holds sm_80+ code for it,
+// and LCPAQ_CUDA_KERNEL is not "dp4a" (read on every call: tests switch it).
+bool imma_ok(int device) {
+  const char* e = std::getenv("LCPAQ_CUDA_KERNEL");
+  if (e != nullptr && std::strcmp(e, "dp4a") == 0) return false;
+  return cached(g_imma_hw, device, read_imma_hw) == 1;
+}
+
+int num_sms(int device) { return cached(g_sms, device, read_sms); }
 
 template <int BM, int BN, int WM, int WN, bool IMPLICIT>
 void launch_imma_cfg(const uint8_t* A, int64_t M, int64_t Kp, int64_t lda, bool xs8,
