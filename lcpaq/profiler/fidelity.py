@@ -104,31 +104,101 @@ def _np_dtype(elem: int) -> Any:
 
 def cut_units(qdq_bytes: bytes, model: Any, policy: Policy, *, seed: int = 0) -> dict[str, CutUnit]:
     """Cut ``export_qdq(model, policy, ...)`` bytes into one :class:`CutUnit` per layer."""
+    from lcpaq.profiler.onnx_export import quantizable_names
+
+    return cut_groups(qdq_bytes, model, policy, {n: n for n in quantizable_names(model)}, seed=seed)
+
+
+def prepare_for_cutting(proto: Any) -> None:
+    """In place: Constant nodes become initializers, and a weight DequantizeLinear shared by several
+    consumers (the exporter deduplicates equal weights) is copied per consumer.
+
+    ORT does the same to the whole graph (EnsureUniqueDQForNodeUnit); without it a unit would get
+    another unit's dequantized weight as a *float graph input*, and ORT cannot fuse a QLinearConv
+    around a non-constant weight, so the unit would time a different kernel."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    inits = {i.name for i in g.initializer}
+    keep = []
+    for n in g.node:
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            t = numpy_helper.to_array(n.attribute[0].t)
+            g.initializer.append(numpy_helper.from_array(t, n.output[0]))
+            inits.add(n.output[0])
+        else:
+            keep.append(n)
+    if len(keep) != len(g.node):
+        del g.node[:]
+        g.node.extend(keep)
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    out_nodes = []
+    for n in g.node:
+        out_nodes.append(n)
+        if n.op_type != "DequantizeLinear" or not all(t in inits for t in n.input if t):
+            continue
+        for k, c in enumerate(consumers.get(n.output[0], [])[1:], start=1):
+            dup = type(n)()
+            dup.CopyFrom(n)
+            dup.name = f"{n.name}_dup{k}"
+            dup.output[0] = f"{n.output[0]}_dup{k}"
+            for j, t in enumerate(c.input):
+                if t == n.output[0]:
+                    c.input[j] = dup.output[0]
+            out_nodes.append(dup)
+    if len(out_nodes) != len(g.node):
+        # keep topological order: each copy right after its original
+        del g.node[:]
+        g.node.extend(out_nodes)
+
+
+def pattern(policy: Policy, layers: Sequence[str]) -> str:
+    """Precision classes of ``layers`` as one letter each: 'f' (fp32) or 'i' (int8), e.g. 'fif'."""
+    return "".join(precision_class(policy[n])[0] for n in layers)
+
+
+def cut_groups(qdq_bytes: bytes, model: Any, policy: Policy, groups: Mapping[str, str], *,
+               seed: int = 0) -> dict[str, CutUnit]:
+    """Cut an exported QDQ graph into one :class:`CutUnit` per group of layers (``groups``: layer ->
+    group name, e.g. every layer of one residual block -> the block). A group's unit holds every node
+    its layers own (:func:`node_owners`); its ``neighbours`` are the layers *outside* the group on the
+    other side of its boundary tensors. Single-layer groups key on the layer's class (as before),
+    larger ones on the group's class pattern ('fif...')."""
     import onnx
     from onnx import helper, shape_inference
 
     from lcpaq.profiler.onnx_export import anchor_map, quantizable_names
 
-    proto = shape_inference.infer_shapes(onnx.load_from_string(qdq_bytes))
+    raw = onnx.load_from_string(qdq_bytes)
+    prepare_for_cutting(raw)
+    proto = shape_inference.infer_shapes(raw)
     g = proto.graph
     names = quantizable_names(model)
     mods = dict(model.named_modules())
     amap = _anchor_map_qdq(proto, names, {n: tuple(mods[n].weight.shape) for n in names}, anchor_map)
-    inv_amap = {v: k for k, v in amap.items()}
+    layer_of = {v: k for k, v in amap.items()}
     owner = node_owners(proto, amap.values())
+    group_of = {n.name: groups[layer_of[owner[n.name]]] for n in g.node if n.name in owner}
+    members: dict[str, list[str]] = {}
+    for n in names:
+        members.setdefault(groups[n], []).append(n)
     vinfo = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
     inits = {i.name: i for i in g.initializer}
-    producer_owner = {o: owner.get(n.name) for n in g.node for o in n.output}
-    consumers_owner: dict[str, set[str]] = {}
+    producer_layer = {o: layer_of[owner[n.name]] for n in g.node if n.name in owner for o in n.output}
+    consumer_layers: dict[str, set[str]] = {}
     for n in g.node:
-        for t in n.input:
-            if n.name in owner:
-                consumers_owner.setdefault(t, set()).add(owner[n.name])
+        if n.name in owner:
+            for t in n.input:
+                consumer_layers.setdefault(t, set()).add(layer_of[owner[n.name]])
     graph_outputs = {o.name for o in g.output}
     rng = np.random.default_rng(seed)
     out: dict[str, CutUnit] = {}
-    for anchor, lname in inv_amap.items():
-        nodes = [n for n in g.node if owner.get(n.name) == anchor]
+    for gname, layers in members.items():
+        nodes = [n for n in g.node if group_of.get(n.name) == gname]
+        mine = set(layers)
         produced = {o for n in nodes for o in n.output}
         ins, outs, used_inits = [], [], []
         for n in nodes:
@@ -142,12 +212,11 @@ def cut_units(qdq_bytes: bytes, model: Any, policy: Policy, *, seed: int = 0) ->
                     ins.append(t)
         for n in nodes:
             for t in n.output:
-                ext = consumers_owner.get(t, set()) - {anchor}
-                if (ext or t in graph_outputs) and t not in outs:
+                if (consumer_layers.get(t, set()) - mine or t in graph_outputs) and t not in outs:
                     outs.append(t)
         in_vi = [vinfo[t] for t in ins]
         out_vi = [vinfo[t] for t in outs]
-        sub = helper.make_graph(list(nodes), f"unit_{lname}", in_vi, out_vi, [inits[t] for t in used_inits])
+        sub = helper.make_graph(list(nodes), f"unit_{gname}", in_vi, out_vi, [inits[t] for t in used_inits])
         m = helper.make_model(sub, opset_imports=list(proto.opset_import))
         m.ir_version = proto.ir_version
         feeds = {}
@@ -159,12 +228,12 @@ def cut_units(qdq_bytes: bytes, model: Any, policy: Policy, *, seed: int = 0) ->
                              else rng.standard_normal(shape).astype(dt))
         in_dt = tuple(_DT.get(v.type.tensor_type.elem_type, "?") for v in in_vi)
         out_dt = tuple(_DT.get(v.type.tensor_type.elem_type, "?") for v in out_vi)
-        nb = [inv_amap[o] for t in ins if (o := producer_owner.get(t)) in inv_amap]
-        nb += [inv_amap[c] for t in outs for c in sorted(consumers_owner.get(t, set()) - {anchor})
-               if c in inv_amap]
+        nb = [p for t in ins if (p := producer_layer.get(t)) is not None and p not in mine]
+        nb += [c for t in outs for c in sorted(consumer_layers.get(t, set()) - mine)]
         ops = tuple(n.op_type for n in nodes)
-        workload, key = _key(nodes, vinfo, inits, in_vi, out_vi, precision_class(policy[lname]))
-        out[lname] = CutUnit(lname, key, workload, m.SerializeToString(), feeds, in_dt, out_dt,
+        cls = precision_class(policy[layers[0]]) if len(layers) == 1 else pattern(policy, layers)
+        workload, key = _key(nodes, vinfo, inits, in_vi, out_vi, cls)
+        out[gname] = CutUnit(gname, key, workload, m.SerializeToString(), feeds, in_dt, out_dt,
                              tuple(dict.fromkeys(nb)), ops)
     return out
 
@@ -544,5 +613,5 @@ def random_class_policy(names: Sequence[str], rng: np.random.Generator, candidat
     return Policy({n: (fps[0] if rng.random() < p_fp32 else ints[rng.integers(len(ints))]) for n in names})
 
 
-__all__ = ["CutUnit", "ContextTable", "cut_units", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid", "profile_context",
+__all__ = ["CutUnit", "ContextTable", "cut_units", "cut_groups", "prepare_for_cutting", "pattern", "fit_latency_model", "node_owners", "random_class_policy", "calibrate_to_references", "predict_hybrid", "profile_context",
            "class_edges", "whole_training_policies", "fit_whole_model", "profile_whole"]
