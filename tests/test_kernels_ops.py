@@ -21,6 +21,8 @@ from lcpaq.kernels import reference as ref
 needs_ext = pytest.mark.skipif(not available(), reason="lcpaq/_C extension not built")
 
 BITS = [pytest.param(b, id=f"w{b}") for b in (8, 7, 4, 2)]
+# "best": what the CPU has (AVX-512 VNNI where present); "avx2" forces the AVX2 micro-kernels
+ISAS = ["best", "avx2"]
 XDT = [pytest.param(torch.uint8, id="u8"), pytest.param(torch.int8, id="s8")]
 SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(1, 1, 1), (7, 13, 37), (13, 1000, 100), (50, 33, 777), (400, 20, 70)]]
 
@@ -73,9 +75,13 @@ def test_qgemm_exact_vs_int64(bits: int, xdt: torch.dtype, shape, threads: int) 
 @needs_ext
 @pytest.mark.parametrize("xdt", XDT)
 @pytest.mark.parametrize("bits", BITS)
-def test_qgemm_extreme_values(bits: int, xdt: torch.dtype) -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_qgemm_extreme_values(bits: int, xdt: torch.dtype, isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Full-range activations against the most negative/positive weights over a long K: the
-    int16 partial sums of vpmaddubsw must never saturate."""
+    int16 partial sums of vpmaddubsw (AVX2) must never saturate, and on the VNNI route 8-bit
+    weights of -128 run through vpdpbusd exactly."""
+    if isa != "best":
+        monkeypatch.setenv("LCPAQ_KERNELS_ISA", isa)
     k = 4099
     xmax = 255 if xdt == torch.uint8 else -128
     x = torch.full((7, k), xmax, dtype=torch.int64)
@@ -145,14 +151,22 @@ def test_qconv2d_matches_reference(bits: int, xdt: torch.dtype, cfg: dict, threa
 
 
 @needs_ext
+@pytest.mark.parametrize("xdt", XDT)
 @pytest.mark.parametrize("bits", BITS)
-def test_scalar_isa_is_bit_equal(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_forced_isa_is_exact(bits: int, xdt: torch.dtype, isa: str, threads: int,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """LCPAQ_KERNELS_ISA=scalar|avx2 runs the lower paths (the default one is the best the CPU
+    has): each exact, so all paths agree bit for bit. 50 rows x 40 channels: an odd panel count
+    (the VNNI kernel's single-panel tile) and a partial row tile."""
     g = torch.Generator().manual_seed(3)
-    x, q = _rand_x((19, 300), torch.uint8, g), _rand_w(33, 300, bits, g)
+    x, q = _rand_x((50, 300), xdt, g), _rand_w(40, 300, bits, g)
     blob = pack_weight(q, bits)
-    fast = qgemm_i32(x, blob, bits, 33)
-    monkeypatch.setenv("LCPAQ_KERNELS_ISA", "scalar")
-    assert torch.equal(qgemm_i32(x, blob, bits, 33), fast)
+    best = qgemm_i32(x, blob, bits, 40)
+    monkeypatch.setenv("LCPAQ_KERNELS_ISA", isa)
+    got = qgemm_i32(x, blob, bits, 40)
+    assert torch.equal(got.long(), x.long() @ q.T)
+    assert torch.equal(got, best)
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])

@@ -69,6 +69,17 @@ void micro_w7_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, i
 
 bool cpu_has_avx2_fma();
 
+// AVX-512 VNNI (qgemm_vnni.cpp): C[kMR][32] (or [kMR][16] when W1 is null) += A-tile x two
+// decoded panels, one vpdpbusd per 4-k step and 16 channels. _xu: activations unsigned, weights
+// int8 (the W7 decode, any int8 value); _wu: weights unsigned (W4/W2 decode), activations int8.
+using MicroPair = void (*)(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
+                           int64_t steps, int32_t* C, int64_t ldc);
+void micro_vnni_xu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
+                   int64_t);
+void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
+                   int64_t);
+bool cpu_has_avx512vnni();
+
 struct RowEpi;
 // vectorized helpers (epilogue.h), one copy per ISA
 void epilogue_row_scalar(const int32_t* c, int64_t n, const RowEpi& e, void* out);

@@ -19,12 +19,17 @@
 namespace lcpaq {
 namespace {
 
-bool use_avx2() {
-  static const bool has = cpu_has_avx2_fma();  // CPU feature: constant for the process
+// Instruction set of the kernels: 0 scalar, 1 AVX2+FMA, 2 AVX-512 VNNI (micro-kernels; packing,
+// decode and epilogue stay AVX2). The best the CPU has, or lower with LCPAQ_KERNELS_ISA=scalar|avx2
+// (read per call, so tests and benchmarks can compare the paths in one process).
+int isa_level() {
+  static const int best = cpu_has_avx2_fma() ? (cpu_has_avx512vnni() ? 2 : 1) : 0;
   const char* isa = std::getenv("LCPAQ_KERNELS_ISA");
-  if (isa != nullptr && std::strcmp(isa, "scalar") == 0) return false;
-  return has;
+  if (isa != nullptr && std::strcmp(isa, "scalar") == 0) return 0;
+  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return std::min(best, 1);
+  return best;
 }
+bool use_avx2() { return isa_level() >= 1; }
 
 struct Epilogue {
   int mode = 1;  // 0: raw int32 sum x*q, 1: float32, 2: uint8 requantized
@@ -88,8 +93,12 @@ int64_t layout_bits(int64_t bits) { return bits == 7 ? 8 : bits; }  // 7-bit: 8-
 void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const RowSource& src,
           const Epilogue& ep) {
   const int64_t K = src.K;
-  const bool avx2 = use_avx2();
+  const int isa = isa_level();
+  const bool avx2 = isa >= 1, vnni = isa >= 2;
   if (bits == 7 && !avx2) bits = 8;  // same blob, exact either way
+  // VNNI: 8-bit blobs take the 7-bit route (uint8 activations x int8 weights in 4-k steps), exact
+  // for the full int8 range there (vpdpbusd does not saturate)
+  if (bits == 8 && vnni) bits = 7;
   const bool w7 = bits == 7;
   const int lbits = int(layout_bits(bits));
   // W7: 4-k steps over the 8-bit blob's 2-k steps (bsteps per panel)
@@ -144,6 +153,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
                       : bits == 8 ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
                       : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_u8_scalar)
                                   : (avx2 ? micro_w2_avx2 : micro_u8_scalar);
+  const MicroPair vmicro = w7 ? micro_vnni_xu : micro_vnni_wu;
   const Decode decode = bits == 8   ? (avx2 ? decode_w8_avx2 : decode_w8_scalar)
                         : bits == 4 ? (avx2 ? decode_w4_avx2 : decode_w4_scalar)
                                     : (avx2 ? decode_w2_avx2 : decode_w2_scalar);
@@ -155,15 +165,32 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   auto compute = [&](const uint8_t* A, const int32_t* rs, int64_t m0, int64_t mrows, int64_t p0,
                      int64_t np, int32_t* cbuf, uint8_t* wd) {
     std::fill(cbuf, cbuf + MC * ldc, 0);
+    // decoded panel p of k-block [k0, k0 + ks) into out
+    auto dec = [&](int64_t p, int64_t k0, int64_t ks, uint8_t* out) {
+      if (w7) {
+        decode_w7_avx2(panels + ((p0 + p) * bsteps + 2 * k0) * sb, ks,
+                       std::min(2 * ks, bsteps - 2 * k0), out);
+      } else {
+        decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, out);
+      }
+    };
     for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
       const int64_t ks = std::min(KC, ksteps - k0);
-      for (int64_t p = 0; p < np; ++p) {
-        if (w7) {
-          decode_w7_avx2(panels + ((p0 + p) * bsteps + 2 * k0) * sb, ks,
-                         std::min(2 * ks, bsteps - 2 * k0), wd);
-        } else {
-          decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, wd);
+      if (vnni) {  // two panels (32 channels) per micro-tile
+        uint8_t* wd1 = wd + KC * kDecStep;
+        for (int64_t p = 0; p < np; p += 2) {
+          const bool two = p + 1 < np;
+          dec(p, k0, ks, wd);
+          if (two) dec(p + 1, k0, ks, wd1);
+          for (int64_t r = 0; r < mrows; r += kMR) {
+            vmicro(A + r * lda + k0 * 4, lda, wd, two ? wd1 : nullptr, ks,
+                   cbuf + r * ldc + p * kNR, ldc);
+          }
         }
+        continue;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        dec(p, k0, ks, wd);
         for (int64_t r = 0; r < mrows; r += kMR) {
           micro(A + r * lda + k0 * 4, lda, wd, ks, cbuf + r * ldc + p * kNR, ldc);
         }
@@ -198,7 +225,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
     at::parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
       std::vector<int32_t> cbuf(MC * ldc), rs(MC);
       std::unique_ptr<uint8_t[]> wbuf, abuf;
-      uint8_t* wd = aligned(wbuf, KC * kDecStep);
+      uint8_t* wd = aligned(wbuf, 2 * KC * kDecStep);
       uint8_t* la = aligned(abuf, MC * lda);
       for (int64_t t = b; t < e; ++t) {
         const int64_t m0 = t * MC, mrows = std::min(MC, Mpad - m0);
@@ -232,7 +259,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
     std::vector<int32_t> cbuf(MC * ldc);
     std::unique_ptr<uint8_t[]> wbuf;
-    uint8_t* wd = aligned(wbuf, KC * kDecStep);
+    uint8_t* wd = aligned(wbuf, 2 * KC * kDecStep);
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = (t / nb) * MC, p0 = (t % nb) * NCP;
       compute(abuf.get() + m0 * lda, rowsum.data() + m0, m0, std::min(MC, Mpad - m0), p0,

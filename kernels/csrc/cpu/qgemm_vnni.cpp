@@ -1,0 +1,119 @@
+// AVX-512 VNNI micro-kernels: 6 rows x 32 output channels (two decoded 16-channel panels),
+// 12 zmm accumulators, one vpdpbusd per 4 k-values x 16 channels.
+//
+// Compiled for AVX-512 (F, BW, VL, VNNI) via the target pragma below, only these functions; the
+// driver calls them only after cpu_has_avx512vnni() (CPUID and OS support of the zmm state).
+//
+// Exactness: vpdpbusd multiplies unsigned bytes by signed bytes and adds the four products of a
+// 32-bit lane to the int32 accumulator without saturation (vpdpbusds would saturate; not used), so
+// every step is exact and the int32 sums wrap like the AVX2 kernels' (final |sum| < 2^31: the
+// K <= 65536 check of the ops). This lifts the AVX2 range limits:
+//  * W4/W2 (weights unsigned u in [0, 15] / [0, 3], activations a = x - 128 signed): same operands
+//    and corrections as the AVX2 vpmaddubsw kernels, no int16 stage, no widening.
+//  * W8 and W7 (activations unsigned x, int8 weights in 4-k steps from decode_w7_avx2): the full
+//    int8 weight range is exact here (the AVX2 W7 kernel needs |q| <= 64), so 8-bit blobs run on
+//    this route too: one instruction per 64 MACs instead of AVX2 W8's two per 16.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "qgemm.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#define LCPAQ_HAVE_VNNI_TU 1
+#endif
+
+namespace lcpaq {
+
+#ifdef LCPAQ_HAVE_VNNI_TU
+
+#define LCPAQ_AI inline __attribute__((always_inline))
+
+static LCPAQ_AI __m512i bcast32z(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One 4-k step for rows a0 + {0,1,2}*lda and a3 + {0,1,2}*lda against NP decoded panels.
+// XU: activations in the unsigned slot (W8/W7 route); else the weights are (W4/W2 route).
+template <bool XU, int NP>
+static LCPAQ_AI void vnni_step(__m512i (&c)[kMR][2], const uint8_t* a0, const uint8_t* a3,
+                               int64_t lda, const uint8_t* w0p, const uint8_t* w1p) {
+  const __m512i w0 = _mm512_loadu_si512(w0p);
+  const __m512i w1 = NP == 2 ? _mm512_loadu_si512(w1p) : w0;
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    const __m512i a = bcast32z((r < 3 ? a0 : a3) + (r % 3) * lda);
+    if (XU) {
+      c[r][0] = _mm512_dpbusd_epi32(c[r][0], a, w0);
+      if (NP == 2) c[r][1] = _mm512_dpbusd_epi32(c[r][1], a, w1);
+    } else {
+      c[r][0] = _mm512_dpbusd_epi32(c[r][0], w0, a);
+      if (NP == 2) c[r][1] = _mm512_dpbusd_epi32(c[r][1], w1, a);
+    }
+  }
+}
+
+template <bool XU, int NP>
+static void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
+                       int64_t steps, int32_t* C, int64_t ldc) {
+  __m512i c[kMR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    c[r][0] = _mm512_loadu_si512(C + r * ldc);
+    c[r][1] = NP == 2 ? _mm512_loadu_si512(C + r * ldc + kNR) : c[r][0];
+  }
+  const uint8_t* a0 = A;
+  const uint8_t* a3 = A + 3 * lda;
+  int64_t s = 0;
+  for (; s + 4 <= steps; s += 4) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      vnni_step<XU, NP>(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, W0 + (s + j) * kDecStep,
+                        W1 + (s + j) * kDecStep);
+    }
+  }
+  for (; s < steps; ++s) {
+    vnni_step<XU, NP>(c, a0 + 4 * s, a3 + 4 * s, lda, W0 + s * kDecStep, W1 + s * kDecStep);
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    _mm512_storeu_si512(C + r * ldc, c[r][0]);
+    if (NP == 2) _mm512_storeu_si512(C + r * ldc + kNR, c[r][1]);
+  }
+}
+
+void micro_vnni_xu(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
+                   int64_t steps, int32_t* C, int64_t ldc) {
+  if (W1 != nullptr) return micro_vnni<true, 2>(A, lda, W0, W1, steps, C, ldc);
+  micro_vnni<true, 1>(A, lda, W0, W0, steps, C, ldc);
+}
+
+void micro_vnni_wu(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
+                   int64_t steps, int32_t* C, int64_t ldc) {
+  if (W1 != nullptr) return micro_vnni<false, 2>(A, lda, W0, W1, steps, C, ldc);
+  micro_vnni<false, 1>(A, lda, W0, W0, steps, C, ldc);
+}
+
+bool cpu_has_avx512vnni() {
+  __builtin_cpu_init();  // libgcc also checks that the OS saves the zmm state (XCR0)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+#else  // no AVX-512 VNNI code in this build: never dispatched
+void micro_vnni_xu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
+                   int64_t) {}
+void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
+                   int64_t) {}
+bool cpu_has_avx512vnni() { return false; }
+#endif
+
+}  // namespace lcpaq
+
+#ifdef LCPAQ_HAVE_VNNI_TU
+#pragma GCC pop_options
+#endif
