@@ -124,3 +124,46 @@ def test_cli_tune_and_finetune_bad_input_exit_2(tmp_path):
                  str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.json")]) == 2
     assert main(["finetune", "--model", "mnist_resnet", "--data", "digits", "--policy",
                  str(tmp_path / "missing.json"), "--out", str(tmp_path / "q.pt")]) == 2
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_act_qparams_matches_act_quantizer(method):
+    """The evaluator's one-shot range rule gives ActQuantizer's (scale, zero point), bit for bit."""
+    from lcpaq.proxy.evaluate import act_qparams
+    from lcpaq.quant import ActQuantizer
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5000, generator=g).relu(), torch.randn(3, 70000, generator=g) * 3 + 1,
+          torch.cat([torch.randn(4000, generator=g), torch.tensor([40.0])])]
+    for x in xs:
+        for bits in (2, 4, 8):
+            for sym in (False, True):
+                q = ActQuantizer(bits, symmetric=sym, method=method)
+                q.observe = True
+                q(x)
+                q.compute_qparams()
+                sc, zp = act_qparams(x, bits, method=method, symmetric=sym)
+                assert (float(q.scale), int(q.zero_point)) == (float(torch.tensor(sc)), zp)
+
+
+def test_fp32_calibrated_models_equal_apply_policy(tiny_setup):
+    """The shared frozen layers compute what apply_policy's fake-quant layers compute with the same
+    activation ranges: identical logits on a mixed policy with fp32, w2 and a4 layers."""
+    from lcpaq.proxy.evaluate import _structural_clone
+    from lcpaq.quant import QUANT_TYPES, apply_policy
+
+    m, inv, _, base = tiny_setup
+    ev = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32")
+    bits = [(2, 8), (4, 4), (8, 8), (32, 32), (4, 8)]
+    pol = Policy({n: bits[i % len(bits)] for i, n in enumerate(inv.names)})
+    for method in ("minmax", "mse"):
+        ref = apply_policy(_structural_clone(ev.model), pol, method=method)
+        for name, mod in ref.named_modules():
+            if isinstance(mod, QUANT_TYPES) and mod.act_quant is not None:
+                sc, zp = ev._fp32_qparams(name, mod.act_quant.bits, method, False)
+                mod.act_quant.scale.data.fill_(sc)
+                mod.act_quant.zero_point.fill_(zp)
+                mod.act_quant.calibrated.fill_(True)
+        with torch.no_grad():
+            assert torch.equal(ev.quantized(pol, calib_method=method)(ev.x), ref.eval()(ev.x))
+    assert len(ev._layers) == 2 * sum(1 for _, b in pol.items() if b != (32, 32))

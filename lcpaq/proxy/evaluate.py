@@ -29,7 +29,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lcpaq.errors import ConfigError
+from lcpaq.policy import FLOAT_BITS as FP32_BITS
 from lcpaq.policy import Policy
+from lcpaq.quant.quantizers import act_range, fake_quant_act, fake_quant_weight, qparams_from_range
 
 PROXY_METRICS = ("margin", "kl", "acc")
 
@@ -109,11 +111,15 @@ class ProxyEvaluator:
         self._inputs: dict[str, torch.Tensor] | None = None
         self.cache_models = max(0, cache_models)
         self._models: dict[tuple[Policy, str], nn.Module] = {}
+        self._layers: dict[tuple[str, int, int, str], nn.Module] = {}
+        from lcpaq.quant import quantizable_names
+
+        self._float_layers = {n: self.model.get_submodule(n) for n in quantizable_names(self.model)}
         self.fp32_logits, self.fp32_features = self._forward(self.model, len(self.y))
 
     @torch.no_grad()
     def _fp32_qparams(self, layer: str, bits: int, method: str, symmetric: bool) -> tuple[float, int]:
-        from lcpaq.quant import ActQuantizer, quantizable_names
+        from lcpaq.quant import quantizable_names
 
         if self._inputs is None:  # one fp32 pass records every quantizable layer's input
             names = quantizable_names(self.model)
@@ -130,16 +136,15 @@ class ProxyEvaluator:
             self._inputs = {n: torch.cat(v) for n, v in store.items()}
         key = (layer, bits, method)
         if key not in self._ranges:
-            q = ActQuantizer(bits, symmetric=symmetric, method=method)
-            q.observe = True
-            q(self._inputs[layer])
-            q.compute_qparams()
-            self._ranges[key] = (float(q.scale), int(q.zero_point))
+            self._ranges[key] = act_qparams(self._inputs[layer], bits, method=method, symmetric=symmetric)
         return self._ranges[key]
 
-    def clear_cache(self) -> None:
-        """Drop the cached quantized models (the fp32 outputs and activation ranges stay)."""
+    def clear_cache(self, *, layers: bool = False) -> None:
+        """Drop the cached quantized models (the fp32 outputs and activation ranges stay);
+        ``layers=True`` also drops the shared frozen quantized layers (a fully cold evaluator)."""
         self._models.clear()
+        if layers:
+            self._layers.clear()
 
     @torch.inference_mode()
     def _forward(self, model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,21 +159,43 @@ class ProxyEvaluator:
 
     def quantized(self, policy: Policy, *, calib_method: str = "minmax") -> nn.Module:
         """A PTQ copy of the fp32 model under ``policy``, calibrated on the proxy samples."""
-        from lcpaq.quant import QUANT_TYPES, apply_policy
+        from lcpaq.quant import apply_policy
 
         m = _structural_clone(self.model)
         if self.calibration == "sequential":
             calib = [(self.x[i:i + self.batch_size],) for i in range(0, self.calib_samples, self.batch_size)]
             return apply_policy(m, policy, calib_loader=calib, calib_batches=len(calib), method=calib_method).eval()
-        apply_policy(m, policy, method=calib_method)
-        for name, mod in m.named_modules():
-            aq = getattr(mod, "act_quant", None) if isinstance(mod, QUANT_TYPES) else None
-            if aq is not None:
-                sc, zp = self._fp32_qparams(name, aq.bits, calib_method, aq.symmetric)
-                aq.scale.data.fill_(sc)
-                aq.zero_point.fill_(zp)
-                aq.calibrated.fill_(True)
+        # "fp32": a layer's quantized twin depends only on (layer, bits, method), never on the rest
+        # of the policy, so it is built once and shared by every policy's model (frozen, eval only)
+        policy.validate(list(self._float_layers))
+        for name, (w, a) in policy.items():
+            if (w, a) == (FP32_BITS, FP32_BITS):
+                continue
+            parent, _, child = name.rpartition(".")
+            owner = m
+            for part in parent.split(".") if parent else ():
+                owner = owner._modules[part]  # type: ignore[assignment]
+            owner._modules[child] = self._frozen_layer(name, w, a, calib_method)  # the clone's own dict
         return m.eval()
+
+    def _frozen_layer(self, name: str, w_bits: int, a_bits: int, method: str) -> nn.Module:
+        key = (name, w_bits, a_bits, method)
+        q = self._layers.get(key)
+        if q is None:
+            from lcpaq.quant import CALIB_METHODS
+
+            if method not in CALIB_METHODS:
+                raise ConfigError(f"unknown calibration method '{method}'; use one of {', '.join(CALIB_METHODS)}")
+            mod = self._float_layers[name]
+            aq = None
+            if a_bits != FP32_BITS:  # asymmetric activations, as apply_policy's default
+                sc, zp = self._fp32_qparams(name, a_bits, method, False)
+                aq = (torch.tensor(sc).abs().clamp_min(1e-8), zp, a_bits, False)
+            with torch.no_grad():
+                qw = fake_quant_weight(mod.weight, w_bits).detach()
+            q = _frozen(mod, qw, aq, w_bits, a_bits)
+            self._layers[key] = q
+        return q
 
     def evaluate(self, policy: Policy, *, calib_method: str = "minmax", n: int | None = None) -> ProxyScore:
         """PTQ under ``policy`` and all three scores on the first ``n`` proxy samples (default all)."""
@@ -189,6 +216,66 @@ class ProxyEvaluator:
         return ProxyScore(margin=margin_score(feats, y), kl=-float(kl),
                           acc=100.0 * float((logits.argmax(1) == y).float().mean()), n=n,
                           seconds=time.perf_counter() - t0)
+
+
+class _FrozenConv2d(nn.Conv2d):
+    """A calibrated fake-quant conv for inference only: the quantized weight and the activation
+    grid are fixed once, not recomputed every forward (values as :class:`lcpaq.quant.QuantConv2d`
+    with the same weight bits and activation range)."""
+
+    _qw: torch.Tensor
+    _aq: tuple | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x if self._aq is None else fake_quant_act(x, *self._aq), self._qw, self.bias)
+
+
+class _FrozenLinear(nn.Linear):
+    """:class:`_FrozenConv2d` for Linear layers."""
+
+    _qw: torch.Tensor
+    _aq: tuple | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x if self._aq is None else fake_quant_act(x, *self._aq), self._qw, self.bias)
+
+
+def _frozen(mod: nn.Module, qw: torch.Tensor, aq: tuple | None, w_bits: int, a_bits: int) -> nn.Module:
+    """A frozen twin of float layer ``mod`` sharing its bias (own hook dicts, like the clone)."""
+    cls = _FrozenConv2d if isinstance(mod, nn.Conv2d) else _FrozenLinear
+    q = cls.__new__(cls)
+    q.__dict__ = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in mod.__dict__.items()}
+    q.__dict__.update(_qw=qw, _aq=aq, w_bits=w_bits, a_bits=a_bits)
+    return q
+
+
+def act_qparams(x: torch.Tensor, bits: int, *, method: str = "minmax", symmetric: bool = False,
+                percentile: float = 99.99, max_samples: int = 1 << 18) -> tuple[float, int]:
+    """(scale, zero_point) of ``bits``-bit activations seen as ``x``, by ``method``.
+
+    The rule of :class:`lcpaq.quant.ActQuantizer` (one observed batch, then ``compute_qparams``)
+    with the ``mse`` clipping grid evaluated in one tensor op instead of 48 passes (the costly
+    part of a proxy tune's first trials); checked against ActQuantizer in the tests.
+    """
+    flat = x.detach().reshape(-1).float()
+    lo, hi = flat.min().item(), flat.max().item()
+    if method != "minmax":
+        k = max_samples // 4
+        s = flat if flat.numel() <= k else flat[torch.randint(flat.numel(), (k,), generator=torch.Generator().manual_seed(0))]
+        if method == "percentile":
+            p = percentile / 100.0
+            lo = torch.quantile(s, 1 - p).item() if lo < 0 else lo
+            hi = torch.quantile(s, p).item()
+        else:
+            ratios = torch.logspace(-2, 0, 48).tolist()
+            qp = [qparams_from_range(lo * r, hi * r, bits, symmetric) for r in ratios]
+            qmin, qmax = act_range(bits, symmetric)
+            sc = torch.tensor([q[0] for q in qp]).unsqueeze(1)
+            zp = torch.tensor([float(q[1]) for q in qp]).unsqueeze(1)
+            err = (torch.round(torch.clamp(s / sc, qmin - zp, qmax - zp)) * sc - s).pow(2).mean(1)
+            r = ratios[int(torch.argmin(err))]
+            lo, hi = lo * r, hi * r
+    return qparams_from_range(lo, hi, bits, symmetric)
 
 
 def _structural_clone(m: nn.Module) -> nn.Module:
