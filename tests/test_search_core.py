@@ -225,10 +225,11 @@ def test_non_optimal_status_is_never_a_solution(monkeypatch, status):
         solve_ilp(prob)
 
 
-def test_time_limited_solve_is_not_read_as_optimal():
+@pytest.mark.parametrize("ilp_solver", ["cbc", "highs"])
+def test_time_limited_solve_is_not_read_as_optimal(ilp_solver):
     prob = random_problem(120, seed=3, ties=6, pairwise=True, budget_frac=0.5)
     try:
-        res = solve_ilp(prob, solver="cbc", time_limit_s=0.02)
+        res = solve_ilp(prob, solver=ilp_solver, time_limit_s=0.02)
     except SolverError as e:
         assert "not proven optimal" in str(e)
     else:  # solved within the limit: then it must be a proven optimum
@@ -245,3 +246,37 @@ def test_pruning_keeps_the_optimum_and_drops_dominated():
     assert all((4, 4) not in kept[ly] and (8, 6) not in kept[ly] for ly in ("l6", "l7"))
     tied = {ly for g in prob.ties for ly in g}
     assert all({p[1] for p in kept[ly]} == {4, 6, 8} for ly in tied)  # ties keep every a_bits
+
+
+def test_lp_first_paths_are_exact_and_both_taken():
+    """HiGHS path (lcpaq.search.mip): proof by the LP bound without branching, or the MIP after
+    reduced-cost fixing; both must equal brute force, and both paths occur on these instances."""
+    from lcpaq.search.ilp import MIP_GAP
+    from lcpaq.search.mip import build_arrays, solve_lp_first
+
+    paths = set()
+    for seed in range(10):
+        for budgets, frac in ((("max_size_mb",), 0.45), (("max_size_mb", "max_gbops", "max_latency_ms"), 0.45),
+                              (("max_latency_ms",), 1.5)):  # a budget that does not bind: the LP is integral
+            prob = random_problem(6, candidates=SMALL_CANDS, seed=seed, ties=1, pairwise=seed % 2 == 0,
+                                  budget_frac=frac, budgets=budgets)
+            bf = brute_force(prob)
+            res = solve_lp_first(build_arrays(prob, "omega", prob.budgets), gap=MIP_GAP, time_limit_s=30)
+            if bf is None:
+                assert res.status == "Infeasible" and res.bits is None
+                continue
+            assert res.status == "Optimal"
+            assert prob.evaluate(res.bits)["omega"] == pytest.approx(bf[0], rel=1e-7, abs=1e-12)
+            assert prob.feasible(res.bits)
+            assert res.bound <= res.objective + 1e-12
+            paths.add(res.path)
+    assert paths == {"lp-bound", "mip"}
+
+
+def test_highs_and_cbc_agree_on_a_larger_transition_problem():
+    from lcpaq.search.ilp import MIP_GAP
+
+    prob = random_problem(40, seed=11, ties=2, pairwise="abits", budget_frac=0.5)
+    a, b = solve_ilp(prob, solver="highs"), solve_ilp(prob, solver="cbc")
+    assert prob.feasible(a.policy) and prob.feasible(b.policy)
+    assert a.objective == pytest.approx(b.objective, rel=2 * MIP_GAP)

@@ -178,6 +178,8 @@ def _model(problem: Problem, objective: str, budgets: Budgets):
 
 
 def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time_limit_s: float | None):
+    if solver == "highs":
+        return _solve_highs(problem, objective, budgets, time_limit_s)
     import pulp
 
     prob, x, cands = _model(problem, objective, budgets)
@@ -196,6 +198,19 @@ def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time
                 raise SolverError(f"solver returned no unique choice for '{ly}' (status {status})")
             bits[ly] = chosen[0]
     return status, optimal, bits, dt
+
+
+def _solve_highs(problem: Problem, objective: str, budgets: Budgets, time_limit_s: float | None):
+    """HiGHS through highspy directly: numpy-built model, LP bound first (lcpaq.search.mip)."""
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        raise SolverError("HiGHS is not available; `pip install highspy` or use --ilp-solver cbc") from None
+    from lcpaq.search.mip import build_arrays, solve_lp_first
+
+    t0 = time.perf_counter()
+    res = solve_lp_first(build_arrays(problem, objective, budgets), gap=MIP_GAP, time_limit_s=time_limit_s)
+    return res.status, res.status == "Optimal" and res.bits is not None, res.bits, time.perf_counter() - t0
 
 
 def minimum_policy(problem: Problem, cost: str, *, solver: str = "cbc") -> tuple[float, dict[str, BitPair]]:
