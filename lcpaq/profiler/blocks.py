@@ -1,0 +1,388 @@
+"""Block units: one unit per residual / inverted-residual block, keyed by its precision pattern.
+
+Per-layer units are additive; ORT's optimized graph is not. Inside one mobilenet_v2 inverted-residual
+block (expand 1x1 -> depthwise 3x3 -> project 1x1 -> Add) several precision boundaries cost less
+than the sum of each alone (layout and Q/DQ work is shared), so per-layer and per-edge models
+over-predict mixed blocks. A block unit is cut from the mixed QDQ graph as one subgraph holding every
+node its layers own (:func:`~lcpaq.profiler.fidelity.cut_groups`), so whatever ORT fuses inside the
+block is timed as it runs. Its table key is the block's *context*: the precision class of each of
+its layers and of each layer outside it that shares a boundary tensor (producer and consumers).
+
+* :func:`block_groups`: layer -> block (the outermost module above a layer that is not a plain
+  container: torchvision's BasicBlock / InvertedResidual / Conv2dNormActivation).
+* :func:`block_plan`: blocks, their members and context layers, read from a few uniform exports.
+* :func:`design_policies`: policies that show every block in every one of its contexts, with few
+  exports (blocks whose contexts share no layer vary together).
+* :class:`BlockTable`: measured block units (key -> ms, (block, context) -> key) plus whole-model
+  references; :func:`fit_block_model` turns it into a :class:`~lcpaq.latency.LatencyModel` whose
+  groups hold the block tables and whose constant and pairwise terms hold the isolation correction
+  fitted on the whole-model references.
+
+>>> # plan = block_plan(model, (1, 3, 224, 224)); pols = design_policies(plan, candidates, rng)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpaq.errors import MissingLatencyError, TableError
+from lcpaq.latency import GroupCost, LatencyModel
+from lcpaq.policy import BitPair, Policy
+from lcpaq.profiler.fidelity import cut_groups, pattern
+from lcpaq.profiler.onnx_export import precision_class
+
+_CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
+
+
+def block_groups(model: Any) -> dict[str, str]:
+    """Quantizable layer -> its block: the outermost ancestor module that is not the model itself
+    nor a plain container (exact type Sequential/ModuleList/ModuleDict); else the layer alone."""
+    from lcpaq.profiler.onnx_export import quantizable_names
+
+    mods = dict(model.named_modules())
+    out = {}
+    for name in quantizable_names(model):
+        parts = name.split(".")
+        block = name
+        for k in range(1, len(parts)):
+            anc = ".".join(parts[:k])
+            if type(mods[anc]).__name__ not in _CONTAINERS:
+                block = anc
+                break
+        out[name] = block
+    return out
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What a model's block table must cover."""
+
+    layers: tuple[str, ...]  # quantizable layers in model order
+    groups: Mapping[str, str]  # layer -> block
+    members: Mapping[str, tuple[str, ...]]  # block -> its layers in model order
+    context: Mapping[str, tuple[str, ...]]  # block -> members + outside layers sharing a tensor
+    edges: tuple[tuple[str, str], ...] = ()  # (producer layer, consumer layer) across blocks
+    edge_numel: Mapping[str, int] = field(default_factory=dict)  # producer layer -> output elements
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return tuple(self.members)
+
+    def context_of(self, policy: Policy, block: str) -> str:
+        """The block's context under ``policy``: 'f'/'i' per context layer."""
+        return pattern(policy, self.context[block])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "groups": dict(self.groups),
+                "members": {k: list(v) for k, v in self.members.items()},
+                "context": {k: list(v) for k, v in self.context.items()},
+                "edges": [list(e) for e in self.edges], "edge_numel": dict(self.edge_numel)}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> BlockPlan:
+        return BlockPlan(tuple(d["layers"]), dict(d["groups"]), {k: tuple(v) for k, v in d["members"].items()},
+                         {k: tuple(v) for k, v in d["context"].items()}, tuple(tuple(e) for e in d["edges"]),
+                         {k: int(v) for k, v in d.get("edge_numel", {}).items()})
+
+
+def block_plan(model: Any, input_shape: tuple[int, ...], *, calib: Any = None,
+               groups: Mapping[str, str] | None = None) -> BlockPlan:
+    """Blocks, members and context layers of ``model``, read from its uniform fp32 and int8 exports
+    and one alternating export (where Q/DQ ops sit changes which outside layer touches a tensor)."""
+    import torch
+
+    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+
+    names = quantizable_names(model)
+    groups = dict(groups or block_groups(model))
+    x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
+    cal = calib if calib is not None else [x]
+    members: dict[str, list[str]] = {}
+    for n in names:
+        members.setdefault(groups[n], []).append(n)
+    ctx: dict[str, dict[str, None]] = {b: dict.fromkeys(m) for b, m in members.items()}
+    edges: dict[tuple[str, str], None] = {}
+    pols = [Policy.uniform(names, 32, 32), Policy.uniform(names, 8, 8),
+            Policy({n: ((8, 8) if i % 2 else (32, 32)) for i, n in enumerate(names)})]
+    for pol in pols:
+        single = cut_groups(export_qdq(model, pol, input_shape, calib=cal), model, pol, {n: n for n in names})
+        for lname, u in single.items():
+            for nb in u.neighbours:
+                if groups[nb] != groups[lname]:
+                    ctx[groups[lname]][nb] = None
+                    ctx[groups[nb]][lname] = None
+                    a, b = (nb, lname) if names.index(nb) < names.index(lname) else (lname, nb)
+                    edges[(a, b)] = None
+    numel: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: numel.__setitem__(n, int(o.numel())))
+             for n, m in model.named_modules() if n in set(names)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.from_numpy(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    order = {n: i for i, n in enumerate(names)}
+    context = {b: tuple(members[b]) + tuple(sorted((n for n in c if n not in members[b]), key=order.get))
+               for b, c in ctx.items()}
+    return BlockPlan(tuple(names), groups, {b: tuple(m) for b, m in members.items()}, context,
+                     tuple(sorted(edges, key=lambda e: (order[e[0]], order[e[1]]))), numel)
+
+
+def design_policies(plan: BlockPlan, candidates: Sequence[BitPair], rng: np.random.Generator) -> list[Policy]:
+    """Policies in which every block appears in every context (2^|context| each).
+
+    Blocks whose context layers are disjoint are set together (greedy colouring of the overlap
+    graph), so the count is sum over colours of the largest 2^|context|, not the sum over blocks.
+    Layers outside the blocks being set get a random class; int8 layers a random int candidate."""
+    ints = [tuple(c) for c in candidates if precision_class(c) == "int8"] or [(8, 8)]
+    fp = next((tuple(c) for c in candidates if precision_class(c) == "fp32"), (32, 32))
+    colours: list[list[str]] = []
+    used: list[set[str]] = []
+    for b in sorted(plan.blocks, key=lambda b: -len(plan.context[b])):
+        for k, u in enumerate(used):
+            if not u & set(plan.context[b]):
+                colours[k].append(b)
+                u.update(plan.context[b])
+                break
+        else:
+            colours.append([b])
+            used.append(set(plan.context[b]))
+    out = []
+    for col in colours:
+        for k in range(max(2 ** len(plan.context[b]) for b in col)):
+            cls = {n: bool(rng.random() < 0.5) for n in plan.layers}  # True = fp32
+            for b in col:
+                ctx = plan.context[b]
+                j = k % (2 ** len(ctx))
+                for bit, n in enumerate(ctx):
+                    cls[n] = not (j >> bit) & 1
+            out.append(Policy({n: (fp if cls[n] else ints[rng.integers(len(ints))]) for n in plan.layers}))
+    return out
+
+
+@dataclass
+class BlockTable:
+    """Measured block units of one model: key -> ms, (block, context) -> key, whole-model rows."""
+
+    plan: BlockPlan
+    ms: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)  # block -> context -> key
+    whole: list[dict[str, Any]] = field(default_factory=list)  # {"policy": {...}, "rel": t/ref, "ref_ms"}
+
+    def add(self, units: Mapping[str, Any], policy: Policy) -> list[Any]:
+        """Record each block's key for its context in ``policy``; return the units not yet timed."""
+        todo = []
+        for b, u in units.items():
+            self.keys.setdefault(b, {})[self.plan.context_of(policy, b)] = u.key
+            if u.key not in self.ms and all(u.key != t.key for t in todo):
+                todo.append(u)
+        return todo
+
+    def block_ms(self, policy: Policy) -> dict[str, float]:
+        """Measured ms of each block in its context under ``policy`` (MissingLatencyError if unseen)."""
+        out, missing = {}, []
+        for b in self.plan.blocks:
+            ctx = self.plan.context_of(policy, b)
+            key = self.keys.get(b, {}).get(ctx)
+            if key is None or key not in self.ms:
+                missing.append(f"{b}@{ctx}")
+            else:
+                out[b] = self.ms[key]
+        if missing:
+            raise MissingLatencyError(
+                f"block table lacks {len(missing)} block context(s), e.g. {', '.join(missing[:3])}; "
+                "profile the model's designed policies again (lcpaq.profiler.blocks.profile_blocks)")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "lcpaq.block_table/1", "plan": self.plan.to_dict(), "ms": self.ms, "keys": self.keys,
+                "whole": self.whole}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> BlockTable:
+        if d.get("schema") != "lcpaq.block_table/1":
+            raise TableError(f"block table schema is {d.get('schema')!r}, expected 'lcpaq.block_table/1'")
+        return BlockTable(BlockPlan.from_dict(d["plan"]), dict(d["ms"]),
+                          {b: dict(v) for b, v in d["keys"].items()}, list(d.get("whole", [])))
+
+    def save(self, path: str | Path) -> Path:
+        from lcpaq.policy import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> BlockTable:
+        return BlockTable.from_dict(json.loads(Path(path).read_text()))
+
+
+BUCKETS = ("ff", "ii", "fi", "if")
+
+
+def edge_features(plan: BlockPlan, policy: Policy, *, scale: float = 1e-5) -> np.ndarray:
+    """Isolation-correction features of ``policy``: per class pair of the cross-block edges (producer,
+    consumer), the count and the producer's output size (x ``scale``). Isolated units pay layout
+    changes and call overhead at every cut edge; the whole graph only where the classes differ."""
+    f = np.zeros(2 * len(BUCKETS))
+    for p, c in plan.edges:
+        k = BUCKETS.index(precision_class(policy[p])[0] + precision_class(policy[c])[0])
+        f[k] += 1.0
+        f[len(BUCKETS) + k] += plan.edge_numel.get(p, 0) * scale
+    return f
+
+
+_FEATURES = {"const": [], "count": list(range(4)), "size": list(range(4, 8)), "both": list(range(8))}
+
+
+def _correction_data(table: BlockTable, sel: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (1, features), targets (whole - sum of blocks, ms, drift-free) and whole ms."""
+    ref0 = float(np.median([r["ref_ms"] for r in table.whole])) if table.whole else 1.0
+    X, y, tot = [], [], []
+    for row in table.whole:
+        pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
+        whole = row["ms"] * ref0 / row["ref_ms"]  # the reference's drift since the table was built
+        X.append(np.r_[1.0, edge_features(table.plan, pol)[list(sel)]])
+        y.append(whole - sum(table.block_ms(pol).values()))
+        tot.append(whole)
+    return np.array(X).reshape(len(X), 1 + len(sel)), np.array(y), np.array(tot)
+
+
+def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.ndarray, float, str]:
+    """Least squares ``whole_ms - sum(block ms) = c0 + w . features`` over the table's whole rows.
+
+    ``features``: "const" (c0 only), "count" (+ edge counts per class pair), "size" (+ the edges'
+    tensor sizes), "both", or "auto": the one with the smallest leave-one-out relative error.
+    Returns (9 coefficients: c0, 4 counts, 4 sizes; the relative rms of that choice; the choice)."""
+    if features == "auto":
+        best = None
+        for name, sel in _FEATURES.items():
+            X, y, tot = _correction_data(table, sel)
+            if len(y) <= X.shape[1] + 1:
+                continue
+            loo = []
+            for i in range(len(y)):
+                m = np.arange(len(y)) != i
+                c = np.linalg.lstsq(X[m], y[m], rcond=None)[0]
+                loo.append((X[i] @ c - y[i]) / tot[i])
+            err = float(np.sqrt(np.mean(np.square(loo))))
+            if best is None or err < best[0]:
+                best = (err, name)
+        features = best[1] if best else "const"
+    sel = _FEATURES[features]
+    full = np.zeros(9)
+    if not table.whole:
+        return full, float("nan"), features
+    X, y, tot = _correction_data(table, sel)
+    coef = np.linalg.lstsq(X, y, rcond=None)[0]
+    rms = float(np.sqrt(np.mean(((X @ coef - y) / tot) ** 2)))
+    full[0] = coef[0]
+    for j, k in enumerate(sel):
+        full[1 + k] = coef[1 + j]
+    return full, rms, features
+
+
+def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, features: str = "auto") -> LatencyModel:
+    """LatencyModel = constant c0 + one group per block (its measured context table) + a pairwise term
+    per cross-block edge (the fitted isolation correction for that edge's class pair).
+
+    unary holds zeros: a block's cost is not a sum of per-layer costs (that is the point); the
+    search's additive view is :func:`additive_view`."""
+    coef, rms, features = fit_correction(table, features=features)
+    plan = table.plan
+    groups = []
+    for b in plan.blocks:
+        ms = {ctx: table.ms[k] for ctx, k in table.keys.get(b, {}).items() if k in table.ms}
+        groups.append(GroupCost(b, plan.context[b], ms))
+    pairwise: dict[tuple[str, str], dict[tuple[BitPair, BitPair], float]] = {}
+    for p, c in plan.edges:
+        tab = {}
+        for pa in candidates:
+            for pb in candidates:
+                k = BUCKETS.index(precision_class(pa)[0] + precision_class(pb)[0])
+                tab[(tuple(pa), tuple(pb))] = float(coef[1 + k] + coef[5 + k] * plan.edge_numel.get(p, 0) * 1e-5)
+        pairwise[(p, c)] = tab  # type: ignore[index]
+    unary = {n: {tuple(p): 0.0 for p in candidates} for n in plan.layers}
+    return LatencyModel(unary, pairwise, float(coef[0]), groups=tuple(groups),  # type: ignore[arg-type]
+                        meta={"source": "lcpaq.profiler.blocks.fit_block_model", "correction": coef.tolist(),
+                              "correction_features": features, "fit_rms_rel": rms,
+                              "whole_rows": len(table.whole)})
+
+
+def profile_blocks(
+    model: Any,
+    input_shape: tuple[int, ...],
+    candidates: Sequence[BitPair],
+    *,
+    settings: Any = None,
+    calib: Any = None,
+    n_whole: int = 40,
+    seed: int = 1000,
+    progress: Any = None,
+) -> tuple[BlockTable, LatencyModel]:
+    """Export the designed policies, cut and time every new block unit (per-call overhead removed),
+    time ``n_whole`` of those policies whole against an interleaved uniform-int8 reference, and fit.
+
+    >>> # table, lm = profile_blocks(get_model("mobilenet_v2"), (1, 3, 224, 224), [(32, 32), (8, 8)])
+    """
+    from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.onnx_export import export_qdq
+
+    st = settings or MeasureSettings(warmup=3, number=3, repeat=5)
+    x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
+    cal = calib if calib is not None else [x]
+    plan = block_plan(model, input_shape, calib=cal)
+    pols = design_policies(plan, candidates, np.random.default_rng(seed))
+    table = BlockTable(plan)
+    timer = OrtTimer(st, x)
+    whole_idx = set(np.linspace(0, len(pols) - 1, min(n_whole, len(pols))).round().astype(int).tolist())
+    ref = export_qdq(model, Policy.uniform(plan.layers, 8, 8), input_shape, calib=cal)
+    for i, pol in enumerate(pols):
+        b = export_qdq(model, pol, input_shape, calib=cal)
+        for u in table.add(cut_groups(b, model, pol, plan.groups), pol):
+            table.ms[u.key] = timer.unit(u)
+        if i in whole_idx:
+            table.whole.append(timer.whole_row(pol, b, ref))
+        if progress:
+            progress(i + 1, len(pols))
+    return table, fit_block_model(table, candidates)
+
+
+class OrtTimer:
+    """Times block units (minus the empty-graph overhead) and whole models against a reference."""
+
+    def __init__(self, settings: Any, x: np.ndarray) -> None:
+        from lcpaq.profiler.backends.ort import OrtBackend
+        from lcpaq.profiler.units import overhead_unit
+
+        self.st, self.x, self.be = settings, x, OrtBackend()
+        self.overhead_ms = self.time(*overhead_unit())
+
+    def time(self, onnx_bytes: bytes, feeds: Mapping[str, np.ndarray]) -> float:
+        from lcpaq.errors import BackendUnavailableError
+        from lcpaq.profiler.backend import Unit
+
+        m = self.be.measure(Unit("b", onnx_bytes, feeds), self.st)
+        if m.error:
+            raise BackendUnavailableError(f"ORT failed: {m.error}")
+        return m.median_ms
+
+    def unit(self, u: Any) -> float:
+        return self.time(u.onnx, u.feeds) - self.overhead_ms
+
+    def whole_row(self, pol: Policy, b: bytes, ref: bytes, rounds: int = 2) -> dict[str, Any]:
+        """A B A B against the reference, fastest round of each."""
+        r, p = [], []
+        for _ in range(rounds):
+            r.append(self.time(ref, {"input": self.x}))
+            p.append(self.time(b, {"input": self.x}))
+        return {"policy": {n: list(v) for n, v in pol.items()}, "ms": min(p), "ref_ms": min(r)}
+
+
+__all__ = ["block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
+           "fit_correction", "fit_block_model", "profile_blocks", "OrtTimer"]
