@@ -7,6 +7,9 @@ linear shapes. Contestants (activation quantization excluded everywhere, outputs
   torchao-qlinear (fbgemm quantized::linear, u8 out), lcpaq-w8/w4/w2 (qlinear: exact int32 GEMM +
   fp32 dequant epilogue), lcpaq-w7a8 (8-bit weights on the 7-bit grid [-63, 63], what the QDQ
   exporter emits for W8 and what 5..7-bit layers run on: a separate exact kernel, not full-range W8).
+  The lcpaq kernels run on the best instruction set of the CPU (AVX-512 VNNI where present, else
+  AVX2); there, lcpaq-w8a8-avx2 / lcpaq-w4a8-avx2 (and lcpaq-mixed-avx2 end to end) force the AVX2
+  kernels with LCPAQ_KERNELS_ISA=avx2, for machines without VNNI.
 End to end: torchvision resnet18 (random weights, BN folded into convs for both sides) in a mixed
 policy on lcpaq kernels vs the same fp32 model in torch.
 Rounds are interleaved (A B C ... A B C ...); per contestant the fastest round's median and the
@@ -113,7 +116,36 @@ def gemm_contestants(m: int, n: int, k: int, threads: int) -> dict[str, Callable
         q = torch.randint(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1), (n, k), generator=g)
         blob = pack_weight(q, bits)
         out[f"lcpaq-w{bits}a8"] = (lambda b=blob, bb=bits: qlinear(xu8, b, bb, n, ws, 0.05, 128))
+        if bits in (8, 4) and cpu_isa() != "avx2":  # the AVX2 kernels too, where the CPU has more
+            out[f"lcpaq-w{bits}a8-avx2"] = _forced_isa("avx2", out[f"lcpaq-w{bits}a8"])
     return out
+
+
+def cpu_isa() -> str:
+    """The lcpaq kernels' instruction set on this CPU: 'avx512vnni', 'avx2' or 'scalar' (the
+    extension picks the same from CPUID; /proc/cpuinfo flags are read here for the record)."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags):
+        return "avx512vnni"
+    return "avx2" if {"avx2", "fma"} <= set(flags) else "scalar"
+
+
+def _forced_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with LCPAQ_KERNELS_ISA=isa (the extension reads it on every call)."""
+    def run():
+        old = os.environ.get("LCPAQ_KERNELS_ISA")
+        os.environ["LCPAQ_KERNELS_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["LCPAQ_KERNELS_ISA"]
+            else:
+                os.environ["LCPAQ_KERNELS_ISA"] = old
+    return run
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int, threads: int
@@ -188,7 +220,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two GEMM shapes, no end-to-end")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    print("lcpaq kernels:", status())
+    print("lcpaq kernels:", status(), "ISA:", cpu_isa())
     rows = []
     shapes = SHAPES[1:3] if args.quick else SHAPES
     loadavg: dict[str, list[float]] = {}
@@ -212,16 +244,23 @@ def main() -> None:
             err = float((fp32(x) - intm(x)).abs().max())
             for t in threads:
                 loadavg[f"e2e_t{t}_start"] = [round(v, 2) for v in os.getloadavg()]
-                res = interleaved({"torch-fp32": lambda: fp32(x), "lcpaq-mixed": lambda: intm(x)},
-                                  args.rounds, 3, t)
+                fns = {"torch-fp32": lambda: fp32(x), "lcpaq-mixed": lambda: intm(x)}
+                if cpu_isa() != "avx2":
+                    fns["lcpaq-mixed-avx2"] = _forced_isa("avx2", fns["lcpaq-mixed"])
+                res = interleaved(fns, args.rounds, 3, t)
                 sp = res["torch-fp32"]["ms"] / res["lcpaq-mixed"]["ms"]
-                e2e.append({"threads": t, "fp32_ms": round(res["torch-fp32"]["ms"], 3),
-                            "fp32_spread": round(res["torch-fp32"]["spread"], 3),
-                            "lcpaq_ms": round(res["lcpaq-mixed"]["ms"], 3),
-                            "lcpaq_spread": round(res["lcpaq-mixed"]["spread"], 3),
-                            "speedup": round(sp, 2), "max_abs_diff_vs_fp32": err})
+                row = {"threads": t, "fp32_ms": round(res["torch-fp32"]["ms"], 3),
+                       "fp32_spread": round(res["torch-fp32"]["spread"], 3),
+                       "lcpaq_ms": round(res["lcpaq-mixed"]["ms"], 3),
+                       "lcpaq_spread": round(res["lcpaq-mixed"]["spread"], 3),
+                       "speedup": round(sp, 2), "max_abs_diff_vs_fp32": err}
+                if "lcpaq-mixed-avx2" in res:
+                    row["lcpaq_avx2_ms"] = round(res["lcpaq-mixed-avx2"]["ms"], 3)
+                    row["speedup_avx2"] = round(res["torch-fp32"]["ms"] / res["lcpaq-mixed-avx2"]["ms"], 2)
+                e2e.append(row)
                 print(f"[t={t}] resnet18 e2e: fp32 {res['torch-fp32']['ms']:.2f} ms, "
-                      f"lcpaq mixed {res['lcpaq-mixed']['ms']:.2f} ms -> {sp:.2f}x")
+                      f"lcpaq mixed {res['lcpaq-mixed']['ms']:.2f} ms -> {sp:.2f}x"
+                      + (f" (AVX2 kernels: {row['speedup_avx2']:.2f}x)" if "speedup_avx2" in row else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
     import pandas as pd
 
@@ -232,7 +271,7 @@ def main() -> None:
     print("\nGOP/s (higher is better):\n" + table.round(0).to_string())
     print("load average:", loadavg, "end", os.getloadavg())
     meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
-            "kernels": str(status()), "gemm": rows, "resnet18_e2e": e2e,
+            "kernels": str(status()), "isa": cpu_isa(), "gemm": rows, "resnet18_e2e": e2e,
             "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded; convert fuses ReLU + "
                       "the next conv's uint8 quantization into the epilogue)",
             "loadavg": loadavg | {"end": [round(v, 2) for v in os.getloadavg()]},
