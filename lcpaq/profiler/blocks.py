@@ -222,22 +222,26 @@ class BlockTable:
         return BlockTable.from_dict(json.loads(Path(path).read_text()))
 
 
-BUCKETS = ("ff", "ii", "fi", "if")
+SAME = ("ff", "ii")  # cross-block edges whose ends share a class: the whole graph pays no convert there
 
 
 def edge_features(plan: BlockPlan, policy: Policy, *, scale: float = 1e-5) -> np.ndarray:
-    """Isolation-correction features of ``policy``: per class pair of the cross-block edges (producer,
-    consumer), the count and the producer's output size (x ``scale``). Isolated units pay layout
-    changes and call overhead at every cut edge; the whole graph only where the classes differ."""
-    f = np.zeros(2 * len(BUCKETS))
+    """Isolation-correction features of ``policy``: for the cross-block edges (producer, consumer)
+    whose ends are both fp32 / both int8, their count and the producer's output size (x ``scale``).
+    Isolated units pay layout changes and call overhead at every cut edge; the whole graph only where
+    the classes differ. Mixed edges are the baseline (in the constant: the four counts add up to the
+    fixed number of edges, so one class pair must be left out)."""
+    f = np.zeros(2 * len(SAME))
     for p, c in plan.edges:
-        k = BUCKETS.index(precision_class(policy[p])[0] + precision_class(policy[c])[0])
-        f[k] += 1.0
-        f[len(BUCKETS) + k] += plan.edge_numel.get(p, 0) * scale
+        pair = precision_class(policy[p])[0] + precision_class(policy[c])[0]
+        if pair in SAME:
+            k = SAME.index(pair)
+            f[k] += 1.0
+            f[len(SAME) + k] += plan.edge_numel.get(p, 0) * scale
     return f
 
 
-_FEATURES = {"const": [], "count": list(range(4)), "size": list(range(4, 8)), "both": list(range(8))}
+_FEATURES = {"const": [], "count": [0, 1], "size": [2, 3], "both": [0, 1, 2, 3]}
 
 
 def _correction_data(table: BlockTable, sel: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -258,7 +262,7 @@ def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.nda
 
     ``features``: "const" (c0 only), "count" (+ edge counts per class pair), "size" (+ the edges'
     tensor sizes), "both", or "auto": the one with the smallest leave-one-out relative error.
-    Returns (9 coefficients: c0, 4 counts, 4 sizes; the relative rms of that choice; the choice)."""
+    Returns (5 coefficients: c0, ff and ii counts, ff and ii sizes; the relative rms; the choice)."""
     if features == "auto":
         best = None
         for name, sel in _FEATURES.items():
@@ -275,7 +279,7 @@ def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.nda
                 best = (err, name)
         features = best[1] if best else "const"
     sel = _FEATURES[features]
-    full = np.zeros(9)
+    full = np.zeros(5)
     if not table.whole:
         return full, float("nan"), features
     X, y, tot = _correction_data(table, sel)
@@ -288,26 +292,48 @@ def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.nda
 
 
 def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, features: str = "auto") -> LatencyModel:
-    """LatencyModel = constant c0 + one group per block (its measured context table) + a pairwise term
-    per cross-block edge (the fitted isolation correction for that edge's class pair).
+    """LatencyModel that reproduces the measured block tables exactly, split for the search:
 
-    unary holds zeros: a block's cost is not a sum of per-layer costs (that is the point); the
-    search's additive view is :func:`additive_view`."""
+    * unary + pairwise: each block's table projected by least squares onto its layers' classes and
+      the pairs among its context layers (what an additive search can use),
+    * groups: what that projection misses (the block's sub-additive part), per context,
+    * constant + pairwise on cross-block edges: the isolation correction fitted on whole models.
+    ``predict`` = projection + residual + correction = sum of measured blocks + correction."""
     coef, rms, features = fit_correction(table, features=features)
     plan = table.plan
-    groups = []
-    for b in plan.blocks:
-        ms = {ctx: table.ms[k] for ctx, k in table.keys.get(b, {}).items() if k in table.ms}
-        groups.append(GroupCost(b, plan.context[b], ms))
+    unary = {n: {tuple(p): 0.0 for p in candidates} for n in plan.layers}
     pairwise: dict[tuple[str, str], dict[tuple[BitPair, BitPair], float]] = {}
-    for p, c in plan.edges:
-        tab = {}
+
+    def add_pair(a: str, b: str, diff: float = 0.0, by_class: Mapping[str, float] | None = None) -> None:
+        key = (a, b) if plan.layers.index(a) < plan.layers.index(b) else (b, a)
+        tab = pairwise.setdefault(key, {})  # type: ignore[arg-type]
         for pa in candidates:
             for pb in candidates:
-                k = BUCKETS.index(precision_class(pa)[0] + precision_class(pb)[0])
-                tab[(tuple(pa), tuple(pb))] = float(coef[1 + k] + coef[5 + k] * plan.edge_numel.get(p, 0) * 1e-5)
-        pairwise[(p, c)] = tab  # type: ignore[index]
-    unary = {n: {tuple(p): 0.0 for p in candidates} for n in plan.layers}
+                ca, cb = precision_class(pa)[0], precision_class(pb)[0]
+                v = (diff if ca != cb else 0.0) + (by_class or {}).get(ca + cb, 0.0)
+                tab[(tuple(pa), tuple(pb))] = tab.get((tuple(pa), tuple(pb)), 0.0) + v
+
+    groups = []
+    for b in plan.blocks:
+        obs = {ctx: table.ms[k] for ctx, k in table.keys.get(b, {}).items() if k in table.ms}
+        ctxl, mem = plan.context[b], plan.members[b]
+        pairs = [(i, j) for i in range(len(ctxl)) for j in range(i + 1, len(ctxl))
+                 if ctxl[i] in mem or ctxl[j] in mem]
+        ctxs = sorted(obs)
+        A = np.array([[1.0] + [float(c[i] == "i") for i in range(len(mem))]
+                      + [float(c[i] != c[j]) for i, j in pairs] for c in ctxs]).reshape(len(ctxs), -1)
+        y = np.array([obs[c] for c in ctxs])
+        w = np.linalg.lstsq(A, y, rcond=None)[0] if len(ctxs) else np.zeros(1 + len(mem) + len(pairs))
+        for i, n in enumerate(mem):
+            for p in candidates:
+                unary[n][tuple(p)] += w[0] / len(mem) + (w[1 + i] if precision_class(p) == "int8" else 0.0)
+        for k, (i, j) in enumerate(pairs):
+            add_pair(ctxl[i], ctxl[j], diff=float(w[1 + len(mem) + k]))
+        resid = {c: float(obs[c] - A[r] @ w) for r, c in enumerate(ctxs)}
+        groups.append(GroupCost(b, ctxl, resid))
+    for p, c in plan.edges:
+        size = plan.edge_numel.get(p, 0) * 1e-5
+        add_pair(p, c, by_class={k: coef[1 + j] + coef[3 + j] * size for j, k in enumerate(SAME)})
     return LatencyModel(unary, pairwise, float(coef[0]), groups=tuple(groups),  # type: ignore[arg-type]
                         meta={"source": "lcpaq.profiler.blocks.fit_block_model", "correction": coef.tolist(),
                               "correction_features": features, "fit_rms_rel": rms,

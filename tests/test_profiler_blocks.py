@@ -1,0 +1,220 @@
+"""Block units (lcpaq.profiler.blocks) and group costs in LatencyModel."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from lcpaq.errors import MissingLatencyError, TableError
+from lcpaq.latency import GroupCost, LatencyModel
+from lcpaq.policy import Policy
+from lcpaq.profiler.blocks import (
+    BlockPlan,
+    BlockTable,
+    design_policies,
+    edge_features,
+    fit_block_model,
+    fit_correction,
+)
+
+CANDS = [(32, 32), (4, 8), (8, 8)]
+
+
+def _plan() -> BlockPlan:
+    """stem | block a (a1, a2) | block b (b1, b2) | fc, contexts as block_plan reads them."""
+    layers = ("stem", "a1", "a2", "b1", "b2", "fc")
+    groups = {"stem": "stem", "a1": "a", "a2": "a", "b1": "b", "b2": "b", "fc": "fc"}
+    members = {"stem": ("stem",), "a": ("a1", "a2"), "b": ("b1", "b2"), "fc": ("fc",)}
+    context = {"stem": ("stem", "a1", "a2"), "a": ("a1", "a2", "stem", "b1", "b2"),
+               "b": ("b1", "b2", "a2", "fc"), "fc": ("fc", "b2")}
+    edges = (("stem", "a1"), ("stem", "a2"), ("a2", "b1"), ("a2", "b2"), ("b2", "fc"))
+    numel = {"stem": 4000, "a1": 4000, "a2": 4000, "b1": 2000, "b2": 2000, "fc": 10}
+    return BlockPlan(layers, groups, members, context, edges, numel)
+
+
+def test_design_policies_show_every_block_in_every_context():
+    plan = _plan()
+    pols = design_policies(plan, CANDS, np.random.default_rng(0))
+    for b, ctx in plan.context.items():
+        seen = {plan.context_of(p, b) for p in pols}
+        assert seen == {"".join(t) for t in itertools.product("fi", repeat=len(ctx))}, b
+    # blocks with disjoint contexts vary together: fewer policies than one sweep per block
+    assert len(pols) < sum(2 ** len(c) for c in plan.context.values())
+    assert all(set(p) == set(plan.layers) for p in pols)
+
+
+def _synthetic_table(plan: BlockPlan, c0: float, per_edge_size: float) -> BlockTable:
+    """Block costs that are *not* additive in the layers (an interaction term), and whole-model
+    rows = sum of blocks + c0 + per_edge_size * (size of every same-class cross edge)."""
+    rng = np.random.default_rng(1)
+    t = BlockTable(plan)
+    for b, ctx in plan.context.items():
+        for bits in itertools.product("fi", repeat=len(ctx)):
+            key = f"{b}:{''.join(bits)}"
+            t.keys.setdefault(b, {})["".join(bits)] = key
+            n_int = sum(c == "i" for c in bits[:len(plan.members[b])])
+            t.ms[key] = 1.0 + 0.3 * n_int - 0.2 * (n_int == len(plan.members[b]) == 2) + 0.01 * rng.random()
+    for pol in design_policies(plan, CANDS, np.random.default_rng(2)):
+        s = sum(t.block_ms(pol).values())
+        f = edge_features(plan, pol)
+        same = f[2] + f[3]  # ff + ii sizes (x 1e-5)
+        t.whole.append({"policy": {n: list(p) for n, p in pol.items()}, "ms": s + c0 + per_edge_size * same,
+                        "ref_ms": 2.0})
+    return t
+
+
+def test_fit_correction_recovers_synthetic_isolation_costs():
+    plan = _plan()
+    t = _synthetic_table(plan, c0=0.05, per_edge_size=-0.5)
+    coef, rms, chosen = fit_correction(t, features="size")
+    assert rms < 1e-9
+    assert coef[0] == pytest.approx(0.05, abs=1e-9)
+    assert coef[3] == pytest.approx(-0.5, abs=1e-9) and coef[4] == pytest.approx(-0.5, abs=1e-9)
+    assert coef[1] == 0.0 and coef[2] == 0.0  # counts not in the "size" variant
+    assert chosen == "size"
+    assert fit_correction(t, features="auto")[2] in ("size", "both")  # "const"/"count" cannot fit it
+
+
+def test_block_model_predicts_exactly_and_its_additive_part_is_close():
+    plan = _plan()
+    t = _synthetic_table(plan, c0=0.05, per_edge_size=-0.5)
+    lm = fit_block_model(t, CANDS, features="size")
+    for row in t.whole:
+        pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
+        assert lm.predict(pol) == pytest.approx(row["ms"], rel=1e-9)
+        # without the groups (what an additive search sees), the error is the interaction only
+        additive = LatencyModel(lm.unary, lm.pairwise, lm.constant_ms)
+        assert abs(additive.predict(pol) - row["ms"]) < 0.2 * 2 + 0.05
+    assert any(abs(v) > 1e-3 for g in lm.groups for v in g.ms.values())  # the interaction is kept
+
+
+def test_block_table_round_trip_schema_and_missing_context(tmp_path):
+    plan = _plan()
+    t = _synthetic_table(plan, 0.0, 0.0)
+    path = t.save(tmp_path / "blocks.json")
+    back = BlockTable.load(path)
+    pol = Policy.uniform(plan.layers, 8, 8)
+    assert back.block_ms(pol) == t.block_ms(pol)
+    assert back.plan == plan
+    del back.keys["b"]["iiii"]
+    with pytest.raises(MissingLatencyError, match="b@iiii"):
+        back.block_ms(pol)
+    with pytest.raises(TableError, match="schema"):
+        BlockTable.from_dict({"schema": "other"})
+
+
+def test_group_cost_in_latency_model():
+    g = GroupCost("blk", ("x", "y"), {"ff": 2.0, "fi": 1.5, "if": 1.4, "ii": 1.0})
+    lm = LatencyModel({"x": {(32, 32): 0.0, (8, 8): 0.0}, "y": {(32, 32): 0.0, (8, 8): 0.0}},
+                      constant_ms=0.1, groups=(g,))
+    assert lm.predict(Policy({"x": (32, 32), "y": (8, 8)})) == pytest.approx(1.6)
+    assert lm.breakdown(Policy({"x": (8, 8), "y": (8, 8)}))["group:blk"] == 1.0
+    bad = LatencyModel(lm.unary, groups=(GroupCost("blk", ("x", "y"), {"ff": 2.0}),))
+    with pytest.raises(MissingLatencyError, match="blk"):
+        bad.predict(Policy({"x": (8, 8), "y": (8, 8)}))
+
+
+# --- on ORT: cutting blocks from the exported graph --------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class _BlockNet(torch.nn.Module):
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.layer = torch.nn.Sequential(_Block(8), _Block(8))
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.layer(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def blocknet():
+    torch.manual_seed(0)
+    return _BlockNet().eval()
+
+
+def test_block_groups_follow_the_module_tree(blocknet):
+    from lcpaq.profiler.blocks import block_groups
+
+    g = block_groups(blocknet)
+    assert g == {"stem": "stem", "layer.0.conv1": "layer.0", "layer.0.conv2": "layer.0",
+                 "layer.1.conv1": "layer.1", "layer.1.conv2": "layer.1", "fc": "fc"}
+
+
+def test_block_units_partition_the_graph_run_and_key_on_context(blocknet):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from lcpaq.profiler.blocks import block_plan
+    from lcpaq.profiler.fidelity import cut_groups
+    from lcpaq.profiler.onnx_export import export_qdq
+
+    shape = _BlockNet.input_shape
+    plan = block_plan(blocknet, shape)
+    assert set(plan.context["layer.0"]) >= {"layer.0.conv1", "layer.0.conv2", "stem", "layer.1.conv1"}
+    pol = Policy({"stem": (8, 8), "layer.0.conv1": (32, 32), "layer.0.conv2": (4, 8),
+                  "layer.1.conv1": (8, 8), "layer.1.conv2": (32, 32), "fc": (8, 8)})
+    b = export_qdq(blocknet, pol, shape)
+    units = cut_groups(b, blocknet, pol, plan.groups)
+    assert set(units) == set(plan.blocks)
+    n_nodes = len([n for n in onnx.load_from_string(b).graph.node if n.op_type != "Constant"])
+    from lcpaq.profiler.fidelity import prepare_for_cutting
+
+    p = onnx.load_from_string(b)
+    prepare_for_cutting(p)
+    assert sum(len(onnx.load_from_string(u.onnx).graph.node) for u in units.values()) == len(p.graph.node)
+    assert len(p.graph.node) >= n_nodes
+    import onnxruntime as ort
+
+    for u in units.values():
+        sess = ort.InferenceSession(u.onnx, providers=["CPUExecutionProvider"])
+        assert all(np.isfinite(o).all() for o in sess.run(None, dict(u.feeds)) if o.dtype.kind == "f")
+    # same context -> same key, even when layers outside the context change
+    pol2 = Policy({**dict(pol.items()), "fc": (32, 32)})
+    assert plan.context_of(pol2, "layer.0") == plan.context_of(pol, "layer.0")
+    u2 = cut_groups(export_qdq(blocknet, pol2, shape), blocknet, pol2, plan.groups)
+    assert u2["layer.0"].key == units["layer.0"].key
+    assert u2["fc"].key != units["fc"].key
+
+
+def test_prepare_for_cutting_copies_shared_weight_dq_and_constants():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lcpaq.profiler.fidelity import prepare_for_cutting
+
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.int8), "w")
+    s = numpy_helper.from_array(np.ones(2, np.float32), "s")
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(1.0))),
+        helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], name="dq", axis=0),
+        helper.make_node("Conv", ["x", "wf"], ["y1"], name="c1"),
+        helper.make_node("Conv", ["y1", "wf"], ["y2"], name="c2"),
+        helper.make_node("Mul", ["y2", "k"], ["y"], name="m"),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [w, s])
+    m = helper.make_model(g)
+    prepare_for_cutting(m)
+    ops = [n.op_type for n in m.graph.node]
+    assert "Constant" not in ops and ops.count("DequantizeLinear") == 2
+    c1, c2 = (n for n in m.graph.node if n.op_type == "Conv")
+    assert c1.input[1] != c2.input[1]
+    assert "k" in {i.name for i in m.graph.initializer}
