@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=6)
     ap.add_argument("--whole", type=int, default=40,
                     help="blocks: designed policies also timed whole, to fit the isolation correction")
+    ap.add_argument("--rescore", action="store_true",
+                    help="blocks: refit the saved block tables and re-score the saved test measurements")
     ap.add_argument("--method", choices=["cut", "whole", "blocks"], default="cut",
                     help="cut: cut-unit context table (default); whole: additive model fitted on whole-model "
                          "times of uniform + single-flip + --train random policies (fidelity.profile_whole)")
@@ -259,7 +261,8 @@ def _bench_lock():
 def bench_blocks(args: argparse.Namespace) -> int:
     """Block units (lcpaq.profiler.blocks): every block timed in every context of the designed
     policies, plus an isolation correction fitted on whole-model references; scored on the same 20
-    test policies. Exports and cutting run outside the bench lock, all timing inside one hold."""
+    test policies. Exports and cutting run once per model outside the bench lock; all timing for one
+    thread count runs inside one hold. ``--rescore`` refits saved tables without measuring."""
     import tempfile
 
     import torch
@@ -267,50 +270,62 @@ def bench_blocks(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     from lcpaq.models import default_input_shape, get_model
     from lcpaq.policy import Policy
-    from lcpaq.profiler.blocks import BlockTable, OrtTimer, block_plan, design_policies, fit_block_model
+    from lcpaq.profiler.blocks import BlockTable, OrtTimer, block_plan, design_policies
     from lcpaq.profiler.fidelity import cut_groups, random_class_policy
     from lcpaq.profiler.onnx_export import export_qdq
 
     cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     table_out = []
-    for threads in [int(t) for t in args.threads.split(",")]:
-        for model_name in args.models.split(","):
-            t0 = time.perf_counter()
+    threads_list = [int(t) for t in args.threads.split(",")]
+    for model_name in args.models.split(","):
+        if args.rescore:
+            for threads in threads_list:
+                table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
+                old = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").read_text())
+                tests = [(r["policy"], random_class_policy(table.plan.layers, np.random.default_rng(r["policy"]),
+                                                           cands), {"ms": r["measured_ms"], "ref_ms": r["ref_ms"]},
+                          r["blocks_not_matching_table"]) for r in old["rows"]]
+                extra = {k: old["summary"][k] for k in ("designed_policies", "block_units", "export_s", "unit_timing_s",
+                                                        "locked_s", "wall_s", "load_start", "load_end", "overhead_ms")}
+                table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra))
+            continue
+        t0 = time.perf_counter()
+        model, shape = get_model(model_name), default_input_shape(model_name)
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        plan = block_plan(model, shape, calib=[x])
+        pols = design_policies(plan, cands, np.random.default_rng(1000))
+        n_whole = min(args.whole, len(pols))
+        whole_idx = set(np.linspace(0, len(pols) - 1, n_whole).round().astype(int).tolist())
+        print(f"{model_name}: {len(plan.blocks)} blocks, contexts up to "
+              f"{max(len(c) for c in plan.context.values())} layers, {len(pols)} designed policies", flush=True)
+        keys = BlockTable(plan)
+        todo: list = []
+        tmp = Path(tempfile.mkdtemp(prefix="bench_blocks_"))
+        whole_files = []
+        for i, pol in enumerate(pols):
+            b = export_qdq(model, pol, shape, calib=[x])
+            todo += keys.add(cut_groups(b, model, pol, plan.groups), pol)
+            keys.ms.update({u.key: float("nan") for u in todo})  # seen: do not collect twice
+            if i in whole_idx:
+                (tmp / f"train{i}.onnx").write_bytes(b)
+                whole_files.append((pol, tmp / f"train{i}.onnx"))
+            if (i + 1) % 40 == 0:
+                print(f"  exported {i + 1}/{len(pols)}, {len(todo)} units, {time.perf_counter() - t0:.0f} s", flush=True)
+        tests_files = []
+        for k in range(args.policies):
+            pol = random_class_policy(plan.layers, np.random.default_rng(k), cands)
+            b = export_qdq(model, pol, shape, calib=[x])
+            units = cut_groups(b, model, pol, plan.groups)
+            mismatch = [g for g, u in units.items() if keys.keys[g].get(plan.context_of(pol, g)) != u.key]
+            (tmp / f"test{k}.onnx").write_bytes(b)
+            tests_files.append((k, pol, tmp / f"test{k}.onnx", mismatch))
+        ref_b = export_qdq(model, Policy.uniform(plan.layers, 8, 8), shape, calib=[x])
+        t_export = time.perf_counter() - t0
+        print(f"  {len(todo)} block units to time; exports took {t_export:.0f} s", flush=True)
+        for threads in threads_list:
             st = _settings(model_name, threads)
-            model, shape = get_model(model_name), default_input_shape(model_name)
-            x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-            plan = block_plan(model, shape, calib=[x])
-            pols = design_policies(plan, cands, np.random.default_rng(1000))
-            n_whole = min(args.whole, len(pols))
-            whole_idx = set(np.linspace(0, len(pols) - 1, n_whole).round().astype(int).tolist())
-            print(f"{model_name}: {len(plan.blocks)} blocks, contexts up to "
-                  f"{max(len(c) for c in plan.context.values())} layers, {len(pols)} designed policies", flush=True)
-            table = BlockTable(plan)
-            todo: list = []
-            tmp = Path(tempfile.mkdtemp(prefix="bench_blocks_"))
-            whole_files = []
-            for i, pol in enumerate(pols):
-                b = export_qdq(model, pol, shape, calib=[x])
-                todo += table.add(cut_groups(b, model, pol, plan.groups), pol)
-                table.ms.update({u.key: float("nan") for u in todo})  # seen: do not collect twice
-                if i in whole_idx:
-                    (tmp / f"train{i}.onnx").write_bytes(b)
-                    whole_files.append((pol, tmp / f"train{i}.onnx"))
-                if (i + 1) % 20 == 0:
-                    print(f"  exported {i + 1}/{len(pols)}, {len(todo)} units, {time.perf_counter() - t0:.0f} s",
-                          flush=True)
-            tests = []
-            for k in range(args.policies):
-                pol = random_class_policy(plan.layers, np.random.default_rng(k), cands)
-                b = export_qdq(model, pol, shape, calib=[x])
-                units = cut_groups(b, model, pol, plan.groups)
-                mismatch = [g for g, u in units.items() if table.keys[g].get(plan.context_of(pol, g)) != u.key]
-                (tmp / f"test{k}.onnx").write_bytes(b)
-                tests.append((k, pol, tmp / f"test{k}.onnx", mismatch))
-            ref_b = export_qdq(model, Policy.uniform(plan.layers, 8, 8), shape, calib=[x])
-            t_export = time.perf_counter() - t0
-            print(f"  {len(todo)} block units to time; exports took {t_export:.0f} s", flush=True)
+            table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()})
             with _bench_lock():
                 load0, t1 = os.getloadavg(), time.perf_counter()
                 timer = OrtTimer(st, x)
@@ -319,57 +334,67 @@ def bench_blocks(args: argparse.Namespace) -> int:
                 t_units = time.perf_counter() - t1
                 for pol, f in whole_files:
                     table.whole.append(timer.whole_row(pol, f.read_bytes(), ref_b))
-                test_rows = []
-                for k, pol, f, mismatch in tests:
-                    row = timer.whole_row(pol, f.read_bytes(), ref_b)
-                    test_rows.append((k, pol, row, mismatch))
+                tests = [(k, pol, timer.whole_row(pol, f.read_bytes(), ref_b), mm) for k, pol, f, mm in tests_files]
                 load1, t_timed = os.getloadavg(), time.perf_counter() - t1
-            ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
-            variants = {v: fit_block_model(table, cands, features=v) for v in ("auto", "const", "count", "size", "both")}
-            rows = []
-            for k, pol, r, mismatch in test_rows:
-                drift = r["ref_ms"] / ref0
-                blocks_sum = sum(table.block_ms(pol).values())
-                preds = {v: lm.predict(pol) * drift for v, lm in variants.items()}
-                row = {"threads": threads, "model": model_name, "policy": k, "measured_ms": r["ms"],
-                       "ref_ms": r["ref_ms"], "drift": drift, "predicted_ms": preds["auto"],
-                       "error_pct": 100 * (preds["auto"] / r["ms"] - 1),
-                       "error_uncorrected_pct": 100 * (blocks_sum * drift / r["ms"] - 1),
-                       **{f"error_{v}_pct": 100 * (p / r["ms"] - 1) for v, p in preds.items() if v != "auto"},
-                       "blocks_not_matching_table": mismatch,
-                       "fp32_layers": sum(1 for n in plan.layers if pol[n] == (32, 32)),
-                       "layers": len(plan.layers), "metric": st.metric}
-                rows.append(row)
-                print(f"{threads}t {model_name:13s} #{k:2d} fp32 {row['fp32_layers']:2d}/{len(plan.layers)} meas "
-                      f"{r['ms']:8.3f} pred {preds['auto']:8.3f} err {row['error_pct']:+6.1f}% (uncorr "
-                      f"{row['error_uncorrected_pct']:+6.1f}%) drift {drift:.3f} mismatch {len(mismatch)}", flush=True)
-            errs = [abs(r["error_pct"]) for r in rows]
-            lm = variants["auto"]
-            summ = {"method": "blocks", "threads": threads, "model": model_name, "policies": len(rows),
-                    "blocks": len(plan.blocks), "designed_policies": len(pols), "block_units": len(todo),
-                    "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
-                    "fit_rms_rel": lm.meta["fit_rms_rel"], "median_abs_err_pct": statistics.median(errs),
-                    "max_abs_err_pct": max(errs), "within_5pct": sum(e <= 5 for e in errs),
-                    **{f"median_abs_err_{v}_pct": statistics.median(abs(r[f"error_{v}_pct"]) for r in rows)
-                       for v in ("uncorrected", "const", "count", "size", "both")},
-                    **{f"max_abs_err_{v}_pct": max(abs(r[f"error_{v}_pct"]) for r in rows)
-                       for v in ("uncorrected", "const", "count", "size", "both")},
-                    "export_s": round(t_export, 1), "unit_timing_s": round(t_units, 1),
-                    "locked_s": round(t_timed, 1), "wall_s": round(time.perf_counter() - t0, 1),
-                    "load_start": load0, "load_end": load1, "overhead_ms": timer.overhead_ms}
-            print(json.dumps(summ), flush=True)
-            table_out.append(summ)
             table.save(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
-            (RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").write_text(
-                json.dumps({"summary": summ, "rows": rows}, indent=1))
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+            extra = {"designed_policies": len(pols), "block_units": len(todo), "export_s": round(t_export, 1),
+                     "unit_timing_s": round(t_units, 1), "locked_s": round(t_timed, 1),
+                     "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": load1,
+                     "overhead_ms": timer.overhead_ms}
+            table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra))
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
     print("\n model           thr  median|err|  max|err|  within±5%  correction  load")
     for s in table_out:
         print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
               f"  {s['within_5pct']:3d}/{s['policies']}   {s['correction']:9s}  {s['load_end'][0]:.1f}")
     return 0
+
+
+def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dict) -> dict:
+    """Fit the block model (every correction variant) and score it on the measured test policies."""
+    from lcpaq.profiler.blocks import fit_block_model
+
+    plan = table.plan
+    ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
+    variants = {v: fit_block_model(table, cands, features=v) for v in ("auto", "const", "count", "size", "both")}
+    rows = []
+    for k, pol, r, mismatch in tests:
+        drift = r["ref_ms"] / ref0
+        blocks_sum = sum(table.block_ms(pol).values())
+        preds = {v: lm.predict(pol) * drift for v, lm in variants.items()}
+        additive = variants["auto"]
+        add_pred = (additive.predict(pol) - sum(g.cost(pol) for g in additive.groups)) * drift
+        row = {"threads": threads, "model": model_name, "policy": k, "measured_ms": r["ms"],
+               "ref_ms": r["ref_ms"], "drift": drift, "predicted_ms": preds["auto"],
+               "error_pct": 100 * (preds["auto"] / r["ms"] - 1),
+               "error_uncorrected_pct": 100 * (blocks_sum * drift / r["ms"] - 1),
+               "error_additive_pct": 100 * (add_pred / r["ms"] - 1),
+               **{f"error_{v}_pct": 100 * (p / r["ms"] - 1) for v, p in preds.items() if v != "auto"},
+               "blocks_not_matching_table": mismatch,
+               "fp32_layers": sum(1 for n in plan.layers if pol[n] == (32, 32)), "layers": len(plan.layers),
+               "metric": "thread_cpu" if threads == 1 else "wall"}
+        rows.append(row)
+        print(f"{threads}t {model_name:13s} #{k:2d} fp32 {row['fp32_layers']:2d}/{len(plan.layers)} meas "
+              f"{r['ms']:8.3f} pred {preds['auto']:8.3f} err {row['error_pct']:+6.1f}% (uncorr "
+              f"{row['error_uncorrected_pct']:+6.1f}%, additive {row['error_additive_pct']:+6.1f}%) drift "
+              f"{drift:.3f} mismatch {len(mismatch)}", flush=True)
+    errs = [abs(r["error_pct"]) for r in rows]
+    lm = variants["auto"]
+    names = ("uncorrected", "additive", "const", "count", "size", "both")
+    summ = {"method": "blocks", "threads": threads, "model": model_name, "policies": len(rows),
+            "blocks": len(plan.blocks), "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
+            "correction_coef": lm.meta["correction"], "fit_rms_rel": lm.meta["fit_rms_rel"],
+            "median_abs_err_pct": statistics.median(errs), "max_abs_err_pct": max(errs),
+            "within_5pct": sum(e <= 5 for e in errs),
+            **{f"median_abs_err_{v}_pct": statistics.median(abs(r[f"error_{v}_pct"]) for r in rows) for v in names},
+            **{f"max_abs_err_{v}_pct": max(abs(r[f"error_{v}_pct"]) for r in rows) for v in names},
+            **extra}
+    print(json.dumps(summ), flush=True)
+    (RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").write_text(
+        json.dumps({"summary": summ, "rows": rows}, indent=1))
+    return summ
 
 
 def compare_tables(args: argparse.Namespace) -> int:
