@@ -5,8 +5,9 @@ greedy's time and optimality gap beside it; and the real ResNet-18/50 inventorie
     .venv/bin/python benchmarks/bench_search.py [--quick] [--only=resnet50-sized:False]
 
 Times: the fastest round's value (rounds interleave CBC / HiGHS / MCKP), spread = max - min.
-``build_s`` is the PuLP model build; ``cbc_s`` / ``highs_s`` are the whole solve_ilp call over the
-rounds that proved optimality (status "Optimal k/n"; a round that hit the time limit is rejected).
+``build_s`` is the PuLP model build (CBC path), ``build_numpy_s`` the numpy/highspy one (HiGHS
+path); ``cbc_s`` / ``highs_s`` are the whole solve_ilp call (wall; ``*_cpu_s``: CPU of this process
+and of the CBC child, the load-robust figure) over the rounds that proved optimality (status "Optimal k/n"; a round that hit the time limit is rejected).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcpaq.errors import SolverError  # noqa: E402
 from lcpaq.search import solve_ilp, solve_mckp  # noqa: E402
 from lcpaq.search.ilp import _model, default_solver  # noqa: E402
+from lcpaq.search.mip import build_arrays  # noqa: E402
 from lcpaq.testing.synthetic import CANDIDATES_12, random_problem, synthetic_latency  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -65,12 +67,25 @@ def inventory_cases():
             max_size_mb=b["size_mb"], max_gbops=b["gbops"], max_latency_ms=b["latency_ms"])), "classes")
 
 
-def timed(fn):
-    t0 = time.perf_counter()
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (CBC runs as a child process):
+    the load-robust figure on this shared VM, reported beside wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+CPU: dict[str, list[float]] = {}
+
+
+def timed(fn, key: str | None = None):
+    t0, c0 = time.perf_counter(), _cpu()
     try:
-        return fn(), time.perf_counter() - t0
+        out = fn()
     except SolverError as e:
-        return e, time.perf_counter() - t0
+        out = e
+    if key is not None and not isinstance(out, Exception):
+        CPU.setdefault(key, []).append(_cpu() - c0)
+    return out, time.perf_counter() - t0
 
 
 def main(quick: bool = False, only: str | None = None) -> list[dict]:
@@ -81,15 +96,19 @@ def main(quick: bool = False, only: str | None = None) -> list[dict]:
     for name, prob, pw in cases:
         n = len(prob.layers)
         rounds = 3 if n <= 200 else 1
-        t: dict[str, list[float]] = {"build": [], "cbc": [], "highs": [], "mckp": []}
+        t: dict[str, list[float]] = {"build": [], "build_np": [], "cbc": [], "highs": [], "mckp": []}
+        CPU.clear()
         res: dict[str, object] = {}
         n_opt = {"cbc": 0, "highs": 0}
         for _ in range(rounds):
             t0 = time.perf_counter()
             _model(prob, "omega", prob.budgets)
             t["build"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            build_arrays(prob, "omega", prob.budgets)
+            t["build_np"].append(time.perf_counter() - t0)
             for s in ("cbc", "highs"):
-                r, dt = timed(lambda s=s, p=prob: solve_ilp(p, solver=s, time_limit_s=LIMIT_S))
+                r, dt = timed(lambda s=s, p=prob: solve_ilp(p, solver=s, time_limit_s=LIMIT_S), s)
                 if not isinstance(r, Exception):
                     res[s], n_opt[s] = r, n_opt[s] + 1
                     t[s].append(dt)
@@ -103,19 +122,22 @@ def main(quick: bool = False, only: str | None = None) -> list[dict]:
         row = {
             "problem": name, "layers": n, "candidates": max(len(c) for c in prob.candidates.values()),
             "budgets": len(prob.budgets.items()), "pairwise": str(pw), "rounds": rounds,
-            "build_s": min(t["build"]),
+            "build_s": min(t["build"]), "build_numpy_s": min(t["build_np"]),
             "cbc_s": min(t["cbc"], default=float("nan")), "cbc_spread_s": max(t["cbc"], default=0) - min(t["cbc"], default=0),
             "cbc_status": f"Optimal {n_opt['cbc']}/{rounds}",
             "highs_s": min(t["highs"], default=float("nan")),
             "highs_spread_s": max(t["highs"], default=0) - min(t["highs"], default=0),
             "highs_status": f"Optimal {n_opt['highs']}/{rounds}",
+            "cbc_cpu_s": min(CPU.get("cbc", []), default=float("nan")),
+            "highs_cpu_s": min(CPU.get("highs", []), default=float("nan")),
             "auto": default_solver(n, transitions=pw is not False),
             "mckp_s": min(t["mckp"]), "mckp_gap_pct": gap,
             "loadavg_1min": os.getloadavg()[0],  # the VM is shared: read times against this
         }
         rows.append(row)
         print(f"{name:16s} pw={row['pairwise']:7s} n={n:4d} build {row['build_s']:.3f}s | CBC {row['cbc_s']:.3f}s "
-              f"({row['cbc_status']}) | HiGHS {row['highs_s']:.3f}s ({row['highs_status']}) | auto={row['auto']} | "
+              f"({row['cbc_status']}, cpu {row['cbc_cpu_s']:.3f}) | HiGHS {row['highs_s']:.3f}s ({row['highs_status']}, "
+              f"cpu {row['highs_cpu_s']:.3f}) | auto={row['auto']} | "
               f"MCKP {row['mckp_s']:.3f}s gap {row['mckp_gap_pct']:.2f}% | load {row['loadavg_1min']:.1f}", flush=True)
     OUT.mkdir(exist_ok=True)
     stem = "search" if not (quick or only) else "search_partial"

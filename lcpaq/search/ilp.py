@@ -5,6 +5,9 @@ an edge (p, c) are linearised exactly with continuous y[e,i,j] >= 0 and the tran
 constraints sum_j y[e,i,j] = x[p,i], sum_i y[e,i,j] = x[c,j] (so y = x_p,i * x_c,j at any integer
 point; tighter than McCormick). "Optimal" = proven within a 0.01 % relative MIP gap. Ties: for each activation-bit value, the tied layers' indicator
 sums are equal. A non-optimal solver status is never read as a solution.
+
+Backends: CBC through PuLP (``_model``); HiGHS through highspy directly, the same model built with
+numpy and solved LP bound first (:mod:`lcpaq.search.mip`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from lcpaq.search.problem import BUDGET_COSTS, COST_UNITS, Budgets, Problem, Sea
 SOLVERS = ("cbc", "highs")
 # "Optimal" means proven within this relative MIP gap (both solvers' convention; HiGHS's default).
 MIP_GAP = 1e-4
-AUTO_HIGHS_LAYERS = 500  # without transition terms
-AUTO_HIGHS_LAYERS_TRANSITIONS = 100
+AUTO_HIGHS_LAYERS = 40  # HiGHS (lcpaq.search.mip, LP bound first) from this many layers up
 
 
 def _solver(name: str, time_limit_s: float | None):
@@ -28,30 +30,27 @@ def _solver(name: str, time_limit_s: float | None):
 
     if name == "cbc":
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, gapAbs=1e-9)
-    if name == "highs":
-        s = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=MIP_GAP, gapAbs=1e-9)
-        if not s.available():
-            raise SolverError("HiGHS is not available; `pip install highspy` or use --ilp-solver cbc")
-        return s
     raise ConfigError(f"unknown ILP solver '{name}'; use one of {SOLVERS}")
 
 
 def default_solver(n_layers: int | None = None, *, transitions: bool = False) -> str:
-    """CBC for small problems, HiGHS (if installed) for large ones.
+    """CBC below ``AUTO_HIGHS_LAYERS`` layers, HiGHS (if highspy is installed) from there up.
 
-    Measured in benchmarks/bench_search.py (notes/search.md): CBC was 2-4x faster than HiGHS at
-    21-54 layers (HiGHS spends its time in sub-MIP heuristics) and ~2x at 200 layers without
-    transition terms; HiGHS was ~2x faster at 200 layers with transitions and 5-10x at 1,000
-    layers. CBC's process startup (~10 ms) is not the bottleneck.
+    Measured in benchmarks/bench_search.py (notes/search.md, session 5), CPU seconds at load ~3-5:
+    with the LP-first HiGHS path, HiGHS equals CBC on 54-200-layer problems without transition
+    terms, is 1.3-1.8x faster with them, 2x at 1,000 layers (CBC hits its limit with transitions),
+    and 3-5x on the traced ResNet-18/50 problems (the LP bound proves optimality at once); CBC is
+    faster only on ~20-layer synthetic problems with transitions (0.12 vs 0.55 s). ``transitions``
+    is kept for callers; the rule no longer depends on it.
     """
-    limit = AUTO_HIGHS_LAYERS_TRANSITIONS if transitions else AUTO_HIGHS_LAYERS
-    if n_layers is not None and n_layers < limit:
+    del transitions
+    if n_layers is not None and n_layers < AUTO_HIGHS_LAYERS:
         return "cbc"
     try:
-        import pulp
+        import highspy  # noqa: F401
 
-        return "highs" if pulp.HiGHS(msg=False).available() else "cbc"
-    except Exception:  # noqa: BLE001
+        return "highs"
+    except ImportError:
         return "cbc"
 
 
