@@ -54,8 +54,11 @@ def digits_model(seed: int = 0):
     return m.eval()
 
 
-def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fraction: float, final_seeds: int = 3,
-            calibration: str = "fp32", lock: str | None = None) -> dict:
+def run_one(data: str, seed: int, a: argparse.Namespace, memo: dict) -> dict:
+    """One dataset, one seed: digits retrains its model with ``seed`` (everything downstream
+    changes: sensitivity, candidate set, proxy subset); mnist5k keeps the embedded model and draws
+    the proxy subset with ``seed`` (the full baseline and the fine-tunes are then the same runs,
+    deterministic per policy: ``memo`` keeps them across seeds and they are not re-timed)."""
     from scipy.stats import kendalltau
     from torch.utils.data import DataLoader, Subset
 
@@ -80,7 +83,8 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
     if data == "mnist5k":
         model, shape = get_model("mnist_resnet"), (1, 1, 28, 28)
     else:
-        model, shape = digits_model(), (1, 1, 8, 8)
+        model, shape = digits_model(seed), (1, 1, 8, 8)
+        memo.clear()  # another model: nothing carries over
     inv = trace(model, shape, name=f"mnist_resnet@{data}")
     train = get_loader(data, "train", batch_size=64, shuffle=True)
     # The full search selects on one half of the validation split; both sides' choices are
@@ -94,14 +98,14 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
     rep = estimate_sensitivity(model, get_loader(data, "train", batch_size=32), candidates=cands, probes=20, tol=0.2)
     w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))  # W4A8-average budget
     budgets = Budgets(max_size_mb=w4.total_size_mb * 1.0001, max_gbops=sum(w4.bops.values()) / 1e9 * 1.0001)
-    sub = proxy_subset(get_dataset(data, "train"), fraction=fraction)
-    configs = candidate_configs(trials, seed=0)
+    sub = proxy_subset(get_dataset(data, "train"), fraction=a.fraction, seed=seed)
+    configs = candidate_configs(a.trials, seed=0)
     make = PolicyMaker(inv, rep, budgets=budgets)
 
     # Steps 1-3 are the timings: run under an exclusive flock on `lock` (the shared machine's
     # benchmark lock) so no other benchmark runs beside them; model training, sensitivity and the
     # final fine-tunes (accuracies, not timings) run outside it.
-    lock_f = open(lock, "a") if lock else None
+    lock_f = open(a.lock, "a") if a.lock else None
     if lock_f is not None:
         import fcntl
 
@@ -119,15 +123,21 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
     t_policy, c_policy = time.perf_counter() - t, _cpu() - c
 
     # 2. the proxy search (successive halving, PTQ on the proxy subset), evaluator setup included
+    def new_evaluator():
+        return ProxyEvaluator(model, *sub.tensors(), calibration=a.calibration, weights=a.proxy_weights)
+
     t0, c0 = time.perf_counter(), _cpu()
-    ev = ProxyEvaluator(model, *sub.tensors(), calibration=calibration)
-    res = tune(model, inv, rep, ev, budgets=budgets, configs=configs, maker=make)
+    ev = new_evaluator()
+    res = tune(model, inv, rep, ev, budgets=budgets, configs=configs, maker=make, metric=a.metric)
     t_tune, c_tune = time.perf_counter() - t0, _cpu() - c0
-    ev.clear_cache()  # the scoring pass below times cold evaluations (fp32 cache kept: built once)
+    # the scoring pass below times cold evaluations on an evaluator whose fp32 outputs are built
+    # (once per search) but whose ranges and quantized layers are not: each setting pays them
+    ev = new_evaluator()
 
     # 3. every setting scored both ways, interleaved (proxy, full, proxy, full, ...)
-    rows, t_proxy, t_full, full_cache, proxy_cache = [], 0.0, 0.0, {}, {}
+    rows, t_proxy, t_full, proxy_cache = [], 0.0, 0.0, {}
     c_proxy = c_full = 0.0
+    full_cache = memo.setdefault("full", {})
     for k in configs:
         if k in errors:  # infeasible knobs are data
             rows.append({"knobs": k.label(), "error": errors[k]})
@@ -141,37 +151,54 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
         c_proxy += _cpu() - c
         t, c = time.perf_counter(), _cpu()
         if key not in full_cache:
-            full_cache[key] = full_score(model, pol, k, train, val, epochs=full_epochs)
+            full_cache[key] = full_score(model, pol, k, train, val, epochs=a.full_epochs)
         t_full += time.perf_counter() - t
         c_full += _cpu() - c
         s = proxy_cache[key]
-        rows.append({"knobs": k.label(), "policy": pol.summary(), "margin": s.margin, "kl": s.kl, "proxy_acc": s.acc,
-                     "full_acc": full_cache[key]})
+        rows.append({"knobs": k.label(), "calib": k.calib_method, "policy": pol.summary(), "margin": s.margin,
+                     "kl": s.kl, "proxy_acc": s.acc, "full_acc": full_cache[key]})
     load_after = open("/proc/loadavg").read().split()[:3]
     if lock_f is not None:
         lock_f.close()  # releases the flock
+    timed_full = "full_s" not in memo  # later mnist5k seeds reuse the first seed's full runs
+    memo.setdefault("full_s", (t_full, c_full))
+    t_full, c_full = memo["full_s"]
     ok = [r for r in rows if "full_acc" in r]
     full = [r["full_acc"] for r in ok]
     tau = {m: float(kendalltau([r[m] for r in ok], full).statistic) for m in ("margin", "kl", "proxy_acc")}
-    best_full = max(ok, key=lambda r: r["full_acc"])
+    best_full = max(ok, key=lambda r: r["full_acc"])  # ties: the first setting in the trial order
     chosen = {"proxy": (res.best.knobs, res.best.policy),
               "full": next((k, make(k)) for k in configs if k.label() == best_full["knobs"])}
-    # 4. each side's choice fine-tuned with the same KD recipe, averaged over seeds (one val image
-    #    is 0.28 pt on digits: a single fine-tune is too noisy to compare two policies at 0.3 pt)
-    same = chosen["proxy"][1] == chosen["full"][1] and chosen["proxy"][0].calib_method == chosen["full"][0].calib_method
-    final = {}
-    for side, (k, pol) in chosen.items():
-        if side == "full" and same:  # same policy and calibration: fine-tunes are deterministic per seed
-            final[side] = dict(final["proxy"], knobs=k.label())
-            continue
-        runs = [finetune(copy.deepcopy(model), pol, train, test, epochs=final_epochs, kd_temp=k.kd_temp,
-                         kd_alpha=k.kd_alpha, calib_method=k.calib_method, seed=sd) for sd in range(final_seeds)]
-        final[side] = {"knobs": k.label(), "policy": pol.summary(), "fp32": runs[0].fp32_acc,
-                       "ptq": runs[0].ptq_acc, "qat": sum(r.qat_acc for r in runs) / len(runs),
-                       "qat_per_seed": [r.qat_acc for r in runs]}
-    return {"data": data, "proxy_share": sub.share, "proxy_samples": len(sub.indices), "configs": len(configs),
-            "unique_evals": len(full_cache), "tune_s": t_tune, "proxy_score_s": t_proxy, "full_s": t_full,
-            "policy_s": t_policy,
+
+    # 4. fine-tunes with the final recipe on the held-out half, mean over --final-seeds seeds (one
+    #    image is 0.56 pt on digits: a single fine-tune is too noisy to compare two policies at
+    #    0.3 pt): each side's choice, and with --oracle every candidate (the best reachable final,
+    #    and how well each side's scores rank the finals)
+    finals = memo.setdefault("final", {})
+
+    def final_of(k, pol):
+        key = (pol, k.calib_method)
+        if key not in finals:  # deterministic per seed: a policy chosen twice is fine-tuned once
+            runs = [finetune(copy.deepcopy(model), pol, train, test, epochs=a.final_epochs, kd_temp=k.kd_temp,
+                             kd_alpha=k.kd_alpha, calib_method=k.calib_method, seed=sd) for sd in range(a.final_seeds)]
+            finals[key] = {"fp32": runs[0].fp32_acc, "ptq": runs[0].ptq_acc,
+                           "qat": sum(r.qat_acc for r in runs) / len(runs), "qat_per_seed": [r.qat_acc for r in runs]}
+        return finals[key]
+
+    final = {side: dict(final_of(k, pol), knobs=k.label(), policy=pol.summary()) for side, (k, pol) in chosen.items()}
+    oracle = None
+    if data in a.oracle.split(","):
+        by_label = {k.label(): k for k in configs}
+        for r in ok:
+            r["final_qat"] = final_of(by_label[r["knobs"]], make(by_label[r["knobs"]]))["qat"]
+        uniq = list({(r["policy"], r["calib"]): r for r in ok}.values())
+        fin = [r["final_qat"] for r in uniq]
+        oracle = {"best_final": max(fin), "unique": len(uniq),
+                  "tau_final": {m: float(kendalltau([r[m] for r in uniq], fin).statistic)
+                                for m in ("margin", "kl", "proxy_acc", "full_acc")}}
+    return {"data": data, "seed": seed, "proxy_share": sub.share, "proxy_samples": len(sub.indices),
+            "configs": len(configs), "unique_evals": len(proxy_cache), "tune_s": t_tune, "proxy_score_s": t_proxy,
+            "full_s": t_full, "full_timed_here": timed_full, "policy_s": t_policy,
             "cpu": {"tune_s": c_tune, "proxy_score_s": c_proxy, "full_s": c_full, "policy_s": c_policy,
                     "ratio_full_vs_tune": c_full / max(c_tune, 1e-9),
                     "ratio_with_policies": (c_full + c_policy) / max(c_tune + c_policy, 1e-9),
@@ -183,55 +210,98 @@ def run_one(data: str, trials: int, full_epochs: int, final_epochs: int, fractio
             "ratio_with_policies": (t_full + t_policy) / (t_tune + t_policy),
             # per evaluation: the same unique (policy, calibration) set scored both ways
             "ratio_full_vs_proxy_scoring": t_full / max(t_proxy, 1e-9),
-            "same_choice": same, "kendall_tau": tau, "final": final, "rows": rows, "calibration": calibration,
-            "sensitivity_probes": rep.probes, "full_epochs": full_epochs, "final_epochs": final_epochs,
-            "final_seeds": final_seeds, "select_val_images": len(sel_idx), "test_val_images": len(test_idx),
-            "loadavg_1min": os.getloadavg()[0], "loadavg_timed": [load_before, load_after], "locked": bool(lock)}
+            "same_choice": chosen["proxy"][1] == chosen["full"][1]
+            and chosen["proxy"][0].calib_method == chosen["full"][0].calib_method,
+            "gap_pt": final["proxy"]["qat"] - final["full"]["qat"], "oracle": oracle,
+            "kendall_tau": tau, "final": final, "rows": rows, "calibration": a.calibration,
+            "proxy_weights": a.proxy_weights, "metric": a.metric,
+            "sensitivity_probes": rep.probes, "full_epochs": a.full_epochs, "final_epochs": a.final_epochs,
+            "final_seeds": a.final_seeds, "select_val_images": len(sel_idx), "test_val_images": len(test_idx),
+            "loadavg_1min": os.getloadavg()[0], "loadavg_timed": [load_before, load_after], "locked": bool(a.lock)}
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per dataset over seeds: mean / worst gap, how often within 0.3 pt, median ratios."""
+    import statistics as st
+
+    out = {}
+    for d in dict.fromkeys(r["data"] for r in runs):
+        rs = [r for r in runs if r["data"] == d]
+        timed = [r for r in rs if r["full_timed_here"]]
+        gaps = [r["gap_pt"] for r in rs]
+        out[d] = {"seeds": [r["seed"] for r in rs], "gap_mean": st.mean(gaps), "gap_min": min(gaps),
+                  "within_0.3": sum(abs(g) <= 0.3 + 1e-9 for g in gaps), "proxy_not_worse_0.3": sum(g >= -0.3 - 1e-9 for g in gaps),
+                  "proxy_final_mean": st.mean(r["final"]["proxy"]["qat"] for r in rs),
+                  "full_final_mean": st.mean(r["final"]["full"]["qat"] for r in rs),
+                  "ratio_tune_median": st.median(r["ratio_full_vs_tune"] for r in timed),
+                  "ratio_tune_min": min(r["ratio_full_vs_tune"] for r in timed),
+                  "ratio_scoring_median": st.median(r["ratio_full_vs_proxy_scoring"] for r in timed),
+                  "ratio_with_policies_median": st.median(r["ratio_with_policies"] for r in timed),
+                  "cpu_ratio_tune_median": st.median(r["cpu"]["ratio_full_vs_tune"] for r in timed)}
+        if all(r["oracle"] for r in rs):
+            out[d]["regret_proxy_mean"] = st.mean(r["oracle"]["best_final"] - r["final"]["proxy"]["qat"] for r in rs)
+            out[d]["regret_full_mean"] = st.mean(r["oracle"]["best_final"] - r["final"]["full"]["qat"] for r in rs)
+            out[d]["tau_final_mean"] = {m: st.mean(r["oracle"]["tau_final"][m] for r in rs)
+                                        for m in ("margin", "kl", "proxy_acc", "full_acc")}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--datasets", default="digits,mnist5k")
+    ap.add_argument("--seeds", default="0,1,2,3,4",
+                    help="digits: model-training seeds (each a new model); mnist5k: proxy-subset seeds")
+    ap.add_argument("--mnist-seeds", default="0,1,2", help="seeds for mnist5k (the full baseline is run once)")
     ap.add_argument("--full-epochs", type=int, default=3, help="KD epochs per setting in the full baseline")
     ap.add_argument("--final-seeds", type=int, default=5, help="fine-tune seeds averaged for the final accuracy")
     ap.add_argument("--calibration", default="fp32", help="proxy calibration: fp32 (cached ranges) | sequential")
+    ap.add_argument("--proxy-weights", default="maxabs", help="proxy weight quantizer: maxabs | refit")
+    ap.add_argument("--metric", default="margin", help="proxy metric the tune ranks by: margin | kl | acc")
+    ap.add_argument("--oracle", default="digits",
+                    help="datasets whose every candidate is fine-tuned too (best reachable final, tau vs finals)")
     ap.add_argument("--final-epochs", type=int, default=2)
     ap.add_argument("--fraction", type=float, default=0.04)
     ap.add_argument("--lock", default=None, help="flock this file around the timed steps (e.g. /tmp/lcpaq-bench.lock)")
+    ap.add_argument("--out", default="bench_proxy", help="results file stem under benchmarks/results/")
     a = ap.parse_args()
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = []
+    out: list[dict] = []
     for d in a.datasets.split(","):
-        r = run_one(d, a.trials, a.full_epochs, a.final_epochs, a.fraction, a.final_seeds, a.calibration, a.lock)
-        out.append(r)
-        (RESULTS / "bench_proxy.json").write_text(json.dumps(out, indent=1, default=str))
-        print(f"\n== {d}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
-              f"{r['configs']} settings, {r['unique_evals']} unique (policy, calib)")
-        for row in r["rows"]:
-            print("  ", row)
-        print(f"  tau {r['kendall_tau']}  tune {r['tune_s']:.2f}s  proxy-scoring {r['proxy_score_s']:.2f}s  "
-              f"full {r['full_s']:.1f}s  shared policies {r['policy_s']:.2f}s  ratio full/tune {r['ratio_full_vs_tune']:.0f}x  "
-              f"(with policies {r['ratio_with_policies']:.0f}x)  full/proxy-scoring {r['ratio_full_vs_proxy_scoring']:.0f}x  "
-              f"load {r['loadavg_1min']:.1f}")
-        cp = r["cpu"]
-        print(f"  CPU time: tune {cp['tune_s']:.2f}s  proxy-scoring {cp['proxy_score_s']:.2f}s  full {cp['full_s']:.1f}s  "
-              f"policies {cp['policy_s']:.2f}s  ratios {cp['ratio_full_vs_tune']:.0f}x / {cp['ratio_with_policies']:.0f}x / "
-              f"{cp['ratio_full_vs_proxy_scoring']:.0f}x")
-        for side, f in r["final"].items():
-            print(f"  chosen by {side}: {f}")
-    with (RESULTS / "bench_proxy.csv").open("w") as f:
-        f.write("data,proxy_share,configs,tau_margin,tau_kl,tau_acc,tune_s,full_s,policy_s,ratio,ratio_with_policies,"
-                "ratio_scoring,cpu_ratio,cpu_ratio_with_policies,cpu_ratio_scoring,final_proxy_qat,final_full_qat,fp32,loadavg\n")
+        memo: dict = {}
+        for seed in [int(x) for x in (a.mnist_seeds if d == "mnist5k" else a.seeds).split(",")]:
+            r = run_one(d, seed, a, memo)
+            out.append(r)
+            (RESULTS / f"{a.out}.json").write_text(json.dumps({"runs": out, "summary": summary(out)}, indent=1,
+                                                              default=str))
+            print(f"\n== {d} seed {seed}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
+                  f"{r['configs']} settings, {r['unique_evals']} unique (policy, calib)")
+            for row in r["rows"]:
+                print("  ", row)
+            print(f"  tau {r['kendall_tau']}  tune {r['tune_s']:.3f}s  proxy-scoring {r['proxy_score_s']:.3f}s  "
+                  f"full {r['full_s']:.1f}s{'' if r['full_timed_here'] else ' (first seed)'}  policies "
+                  f"{r['policy_s']:.2f}s  ratio full/tune {r['ratio_full_vs_tune']:.0f}x  (with policies "
+                  f"{r['ratio_with_policies']:.0f}x)  full/proxy-scoring {r['ratio_full_vs_proxy_scoring']:.0f}x  "
+                  f"CPU {r['cpu']['ratio_full_vs_tune']:.0f}x  load {r['loadavg_timed']}")
+            for side, f in r["final"].items():
+                print(f"  chosen by {side}: {f}")
+            print(f"  gap {r['gap_pt']:+.2f} pt  oracle {r['oracle']}")
+    summ = summary(out)
+    print(json.dumps(summ, indent=1))
+    with (RESULTS / f"{a.out}.csv").open("w") as f:
+        f.write("data,seed,proxy_share,configs,unique,tau_margin,tau_kl,tau_acc,tune_s,proxy_score_s,full_s,policy_s,"
+                "ratio,ratio_with_policies,ratio_scoring,cpu_ratio,final_proxy_qat,final_full_qat,gap_pt,"
+                "oracle_final,fp32,loadavg_before,loadavg_after\n")
         for r in out:
             t, fi = r["kendall_tau"], r["final"]
-            f.write(f"{r['data']},{r['proxy_share']:.4f},{r['configs']},{t['margin']:.3f},{t['kl']:.3f},"
-                    f"{t['proxy_acc']:.3f},{r['tune_s']:.2f},{r['full_s']:.1f},{r['policy_s']:.2f},"
-                    f"{r['ratio_full_vs_tune']:.1f},{r['ratio_with_policies']:.1f},{r['ratio_full_vs_proxy_scoring']:.1f},"
-                    f"{r['cpu']['ratio_full_vs_tune']:.1f},{r['cpu']['ratio_with_policies']:.1f},"
-                    f"{r['cpu']['ratio_full_vs_proxy_scoring']:.1f},"
-                    f"{fi['proxy']['qat']:.2f},{fi['full']['qat']:.2f},{fi['proxy']['fp32']:.2f},{r['loadavg_1min']:.1f}\n")
+            f.write(f"{r['data']},{r['seed']},{r['proxy_share']:.4f},{r['configs']},{r['unique_evals']},"
+                    f"{t['margin']:.3f},{t['kl']:.3f},{t['proxy_acc']:.3f},{r['tune_s']:.4f},"
+                    f"{r['proxy_score_s']:.4f},{r['full_s']:.2f},{r['policy_s']:.3f},{r['ratio_full_vs_tune']:.1f},"
+                    f"{r['ratio_with_policies']:.1f},{r['ratio_full_vs_proxy_scoring']:.1f},"
+                    f"{r['cpu']['ratio_full_vs_tune']:.1f},{fi['proxy']['qat']:.2f},{fi['full']['qat']:.2f},"
+                    f"{r['gap_pt']:.2f},{(r['oracle'] or {}).get('best_final', float('nan')):.2f},"
+                    f"{fi['proxy']['fp32']:.2f},{' '.join(r['loadavg_timed'][0])},{' '.join(r['loadavg_timed'][1])}\n")
 
 
 if __name__ == "__main__":

@@ -167,3 +167,31 @@ def test_fp32_calibrated_models_equal_apply_policy(tiny_setup):
         with torch.no_grad():
             assert torch.equal(ev.quantized(pol, calib_method=method)(ev.x), ref.eval()(ev.x))
     assert len(ev._layers) == 2 * sum(1 for _, b in pol.items() if b != (32, 32))
+
+
+def test_refit_weights_cut_the_layer_output_error(tiny_setup):
+    """weights="refit" picks per-channel clipping by the layer's (diagonal) output error: summed over
+    the layers, the real output error falls, strongly at 2 bits; needs fp32 calibration."""
+    from lcpaq.errors import ConfigError
+    from lcpaq.proxy.evaluate import refit_weight
+    from lcpaq.quant.quantizers import fake_quant_weight
+
+    m, inv, _, base = tiny_setup
+    ev = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32", weights="refit")
+    ev._fp32_qparams(inv.names[0], 8, "minmax", False)
+    tot: dict[int, list[float]] = {}  # bits -> summed relative output error [maxabs, refit]
+    for name in inv.names:
+        layer, x = ev._float_layers[name], ev._inputs[name]
+        f = torch.nn.functional.conv2d if isinstance(layer, torch.nn.Conv2d) else torch.nn.functional.linear
+        kw = {"stride": layer.stride, "padding": layer.padding} if isinstance(layer, torch.nn.Conv2d) else {}
+        with torch.no_grad():
+            ref = f(x, layer.weight, **kw)
+            err = {b: [float((f(x, q, **kw) - ref).pow(2).mean() / ref.pow(2).mean()) for q in
+                       (fake_quant_weight(layer.weight, b), refit_weight(layer, x, b))] for b in (2, 4)}
+        for b in (2, 4):
+            tot[b] = [tot.get(b, [0.0, 0.0])[i] + err[b][i] for i in (0, 1)]
+    assert tot[2][1] < 0.8 * tot[2][0] and tot[4][1] < tot[4][0]
+    lo = Policy.uniform(inv.names, 2, 8)
+    assert ev.evaluate(lo).kl > ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32").evaluate(lo).kl
+    with pytest.raises(ConfigError, match="refit"):
+        ProxyEvaluator(m, base.x, base.y, weights="refit")

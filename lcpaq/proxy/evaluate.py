@@ -34,6 +34,7 @@ from lcpaq.policy import Policy
 from lcpaq.quant.quantizers import act_range, fake_quant_act, fake_quant_weight, qparams_from_range
 
 PROXY_METRICS = ("margin", "kl", "acc")
+PROXY_WEIGHTS = ("maxabs", "refit")
 
 
 def margin_score(features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,9 +88,16 @@ class ProxyEvaluator:
     stays class-balanced. Calibration uses the first ``calib_samples`` of them.
 
     ``calibration="fp32"`` sets each layer's activation range from the *fp32* model's
-    activations, computed once per (layer, a_bits, method) and cached, so scoring a policy costs
-    one forward pass; ``"sequential"`` (default) calibrates every policy's quantized model from scratch
-    (activations seen through the upstream quantizers, as :func:`lcpaq.quant.calibrate` does).
+    activations (the rule of :class:`lcpaq.quant.ActQuantizer`, on at most ``range_samples`` values
+    per layer), and builds each (layer, w_bits, a_bits, method) quantized layer once, frozen (its
+    fake-quantized weight computed once) and shared by every policy's model: scoring a policy costs
+    a structural clone and one forward pass. ``"sequential"`` (default) calibrates every policy's
+    quantized model from scratch (activations seen through the upstream quantizers, as
+    :func:`lcpaq.quant.calibrate` does).
+
+    ``weights="refit"`` (fp32 calibration only) quantizes each layer's weight with per-channel
+    clipping chosen for its output on the proxy inputs (:func:`refit_weight`) instead of max|w|:
+    a cheap look at what fine-tuning could recover, shared across trials like the layers.
 
     The last ``cache_models`` quantized models are kept, keyed by (policy, calibration method), so
     successive-halving rungs that re-score a surviving policy on more samples pay only the forward
@@ -98,9 +106,14 @@ class ProxyEvaluator:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, calib_samples: int = 128,
-                 batch_size: int = 256, calibration: str = "sequential", cache_models: int = 16) -> None:
+                 batch_size: int = 256, calibration: str = "sequential", cache_models: int = 16,
+                 weights: str = "maxabs", range_samples: int = 8192) -> None:
         if calibration not in ("fp32", "sequential"):
             raise ConfigError(f"unknown calibration '{calibration}'; use 'fp32' or 'sequential'")
+        if weights not in PROXY_WEIGHTS or (weights != "maxabs" and calibration != "fp32"):
+            raise ConfigError(f"unknown proxy weights '{weights}'; use one of {PROXY_WEIGHTS} "
+                              "('refit' needs calibration='fp32')")
+        self.weights, self.range_samples = weights, range_samples
         order = _round_robin(y)
         # a private fp32 copy: per-policy models share its parameters (see _structural_clone), so
         # later changes to the caller's model cannot leak into cached scores
@@ -136,7 +149,8 @@ class ProxyEvaluator:
             self._inputs = {n: torch.cat(v) for n, v in store.items()}
         key = (layer, bits, method)
         if key not in self._ranges:
-            self._ranges[key] = act_qparams(self._inputs[layer], bits, method=method, symmetric=symmetric)
+            self._ranges[key] = act_qparams(self._inputs[layer], bits, method=method, symmetric=symmetric,
+                                            max_samples=4 * self.range_samples)
         return self._ranges[key]
 
     def clear_cache(self, *, layers: bool = False) -> None:
@@ -192,7 +206,12 @@ class ProxyEvaluator:
                 sc, zp = self._fp32_qparams(name, a_bits, method, False)
                 aq = (torch.tensor(sc).abs().clamp_min(1e-8), zp, a_bits, False)
             with torch.no_grad():
-                qw = fake_quant_weight(mod.weight, w_bits).detach()
+                if self.weights == "refit" and w_bits != FP32_BITS:
+                    self._fp32_qparams(name, 8, "minmax", False)  # records the fp32 layer inputs
+                    assert self._inputs is not None
+                    qw = refit_weight(mod, self._inputs[name], w_bits)
+                else:
+                    qw = fake_quant_weight(mod.weight, w_bits).detach()
             q = _frozen(mod, qw, aq, w_bits, a_bits)
             self._layers[key] = q
         return q
@@ -247,6 +266,38 @@ def _frozen(mod: nn.Module, qw: torch.Tensor, aq: tuple | None, w_bits: int, a_b
     q.__dict__ = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in mod.__dict__.items()}
     q.__dict__.update(_qw=qw, _aq=aq, w_bits=w_bits, a_bits=a_bits)
     return q
+
+
+@torch.no_grad()
+def refit_weight(layer: nn.Module, x: torch.Tensor, bits: int, *, grid: int = 16) -> torch.Tensor:
+    """``bits``-bit fake-quantized weight of ``layer`` with per-channel clipping chosen to keep its
+    *output* on inputs ``x``: for each output channel c the scale alpha * max|w_c| / qmax, alpha in
+    [0.25, 1], minimising sum_d E[x_d^2] dw_cd^2 (the output error with the inputs' second moments,
+    the diagonal of their Gram matrix: the full matrix cost 5x the whole tune on digits).
+
+    A cheap stand-in for what fine-tuning can recover: max|w| scaling is far from the best
+    low-bit grid (at 2 bits it keeps only {-max, 0, max}), a gap QAT closes by moving the weights.
+    """
+    from lcpaq.quant.quantizers import weight_qmax
+
+    w = layer.weight.detach()
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or not isinstance(layer.padding, tuple):
+            return fake_quant_weight(w, bits).detach()
+        # E[x^2] per unfolded input position: per input channel, shifted by the kernel offsets
+        cols = F.unfold(x.pow(2), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                        stride=layer.stride)  # [N, D, L]
+        h = cols.mean((0, 2))
+    else:
+        h = x.reshape(-1, x.shape[-1]).pow(2).mean(0)
+    wf = w.reshape(w.shape[0], -1)  # [C, D]
+    qmax = weight_qmax(bits)
+    amax = wf.abs().amax(1).clamp_min(1e-8)
+    alphas = torch.linspace(0.25, 1.0, grid)
+    sc = (alphas[:, None] * amax[None, :] / qmax)[..., None]  # [A, C, 1]
+    err = ((torch.clamp(torch.round(wf[None] / sc), -qmax, qmax) * sc - wf[None]).pow(2) * h).sum(2)  # [A, C]
+    best = sc[err.argmin(0), torch.arange(wf.shape[0])]  # [C, 1]
+    return (torch.clamp(torch.round(wf / best), -qmax, qmax) * best).reshape(w.shape)
 
 
 def act_qparams(x: torch.Tensor, bits: int, *, method: str = "minmax", symmetric: bool = False,
