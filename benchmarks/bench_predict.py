@@ -354,14 +354,17 @@ def bench_blocks(args: argparse.Namespace) -> int:
 
 def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dict) -> dict:
     """Fit the block model (every correction variant) and score it on the measured test policies."""
-    from lcpaq.profiler.blocks import fit_block_model
+    from lcpaq.profiler.blocks import fit_block_model, smooth_drift
 
     plan = table.plan
     ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
     variants = {v: fit_block_model(table, cands, features=v) for v in ("auto", "const", "count", "size", "both")}
+    # drift of the machine since the table: the test references' running median (smooth_drift),
+    # relative to the training references' median; per-policy and no rescaling are reported beside it
+    test_refs = [r["ref_ms"] for _, _, r, _ in tests]
+    smooth = smooth_drift(test_refs) * float(np.median(test_refs)) / ref0
     rows = []
-    for k, pol, r, mismatch in tests:
-        drift = r["ref_ms"] / ref0
+    for (k, pol, r, mismatch), drift in zip(tests, smooth.tolist(), strict=True):
         blocks_sum = sum(table.block_ms(pol).values())
         preds = {v: lm.predict(pol) * drift for v, lm in variants.items()}
         additive = variants["auto"]
@@ -371,6 +374,8 @@ def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dic
                "error_pct": 100 * (preds["auto"] / r["ms"] - 1),
                "error_uncorrected_pct": 100 * (blocks_sum * drift / r["ms"] - 1),
                "error_additive_pct": 100 * (add_pred / r["ms"] - 1),
+               "error_row_drift_pct": 100 * (preds["auto"] / drift * r["ref_ms"] / ref0 / r["ms"] - 1),
+               "error_no_drift_pct": 100 * (preds["auto"] / drift / r["ms"] - 1),
                **{f"error_{v}_pct": 100 * (p / r["ms"] - 1) for v, p in preds.items() if v != "auto"},
                "blocks_not_matching_table": mismatch,
                "fp32_layers": sum(1 for n in plan.layers if pol[n] == (32, 32)), "layers": len(plan.layers),
@@ -382,7 +387,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dic
               f"{drift:.3f} mismatch {len(mismatch)}", flush=True)
     errs = [abs(r["error_pct"]) for r in rows]
     lm = variants["auto"]
-    names = ("uncorrected", "additive", "const", "count", "size", "both")
+    names = ("uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both")
     summ = {"method": "blocks", "threads": threads, "model": model_name, "policies": len(rows),
             "blocks": len(plan.blocks), "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
             "correction_coef": lm.meta["correction"], "fit_rms_rel": lm.meta["fit_rms_rel"],

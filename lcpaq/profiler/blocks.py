@@ -244,13 +244,26 @@ def edge_features(plan: BlockPlan, policy: Policy, *, scale: float = 1e-5) -> np
 _FEATURES = {"const": [], "count": [0, 1], "size": [2, 3], "both": [0, 1, 2, 3]}
 
 
+def smooth_drift(refs: Sequence[float], window: int = 7) -> np.ndarray:
+    """Running median of reference times (in measurement order) over ``window`` neighbours, divided
+    by their overall median: the slow drift of the machine. One reference is the faster of two
+    rounds, a few % noisy under load; the drift itself moves over minutes (FINDINGS: 10-25 %/hour),
+    so neighbours estimate it better than the single reading."""
+    v = np.asarray(refs, dtype=float)
+    if not len(v):
+        return v
+    h = window // 2
+    run = np.array([np.median(v[max(0, i - h):i + h + 1]) for i in range(len(v))])
+    return run / float(np.median(v))
+
+
 def _correction_data(table: BlockTable, sel: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows (1, features), targets (whole - sum of blocks, ms, drift-free) and whole ms."""
-    ref0 = float(np.median([r["ref_ms"] for r in table.whole])) if table.whole else 1.0
+    drift = smooth_drift([r["ref_ms"] for r in table.whole])
     X, y, tot = [], [], []
-    for row in table.whole:
+    for row, d in zip(table.whole, drift, strict=True):
         pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
-        whole = row["ms"] * ref0 / row["ref_ms"]  # the reference's drift since the table was built
+        whole = row["ms"] / d  # the machine's drift since the table was built
         X.append(np.r_[1.0, edge_features(table.plan, pol)[list(sel)]])
         y.append(whole - sum(table.block_ms(pol).values()))
         tot.append(whole)
@@ -410,5 +423,5 @@ class OrtTimer:
         return {"policy": {n: list(v) for n, v in pol.items()}, "ms": min(p), "ref_ms": min(r)}
 
 
-__all__ = ["block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
+__all__ = ["smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
            "fit_correction", "fit_block_model", "profile_blocks", "OrtTimer"]
