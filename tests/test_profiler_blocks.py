@@ -218,3 +218,19 @@ def test_prepare_for_cutting_copies_shared_weight_dq_and_constants():
     c1, c2 = (n for n in m.graph.node if n.op_type == "Conv")
     assert c1.input[1] != c2.input[1]
     assert "k" in {i.name for i in m.graph.initializer}
+
+
+def test_latency_model_reads_a_block_table(blocknet, tmp_path):
+    from lcpaq.graph import trace
+    from lcpaq.profiler.blocks import block_plan
+    from lcpaq.profiler.predict import latency_model
+
+    inv = trace(blocknet, _BlockNet.input_shape)
+    t = _synthetic_table(block_plan(blocknet, _BlockNet.input_shape), c0=0.02, per_edge_size=0.0)
+    path = t.save(tmp_path / "blocks.json")
+    lm = latency_model(path, inv, CANDS)
+    pol = Policy.uniform([ly.name for ly in inv], 4, 8)
+    assert lm.predict(pol) == pytest.approx(sum(t.block_ms(pol).values()) + 0.02, rel=1e-6)
+    other = _synthetic_table(_plan(), 0.0, 0.0).save(tmp_path / "other.json")
+    with pytest.raises(TableError, match="other layers"):
+        latency_model(other, inv, CANDS)

@@ -21,7 +21,12 @@ from lcpaq.profiler.units import precision_class, unit_key
 
 def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candidates: Sequence[BitPair], *,
                   subtract_overhead: bool = True) -> LatencyModel:
-    """LatencyModel of ``inventory`` over ``candidates``; MissingLatencyError lists what to profile."""
+    """LatencyModel of ``inventory`` over ``candidates``; MissingLatencyError lists what to profile.
+
+    A block table (JSON, schema ``lcpaq.block_table/1``, from :func:`lcpaq.profiler.blocks.profile_blocks`
+    or ``benchmarks/bench_predict.py --method blocks``) gives :func:`~lcpaq.profiler.blocks.fit_block_model`."""
+    if not isinstance(table, LatencyTable) and Path(table).suffix == ".json":
+        return block_latency_model(table, inventory, candidates)
     t = table if isinstance(table, LatencyTable) else read_table(table)
     ov_row = t.get(OVERHEAD_KEY)
     overhead = float(ov_row["median_ms"]) if (ov_row and subtract_overhead and not ov_row.get("error")) else 0.0
@@ -63,6 +68,21 @@ def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candid
         )
     return LatencyModel(unary, pairwise, constant_ms=0.0,
                         meta={"table": str(t.path), "overhead_ms": overhead, "profile": t.header.get("profile")})
+
+
+def block_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair]) -> LatencyModel:
+    """The block table at ``path`` as a LatencyModel for ``inventory`` (same layers required)."""
+    from lcpaq.errors import TableError
+    from lcpaq.profiler.blocks import BlockTable, fit_block_model
+
+    bt = BlockTable.load(path)
+    names = [ly.name for ly in inventory]
+    if set(names) != set(bt.plan.layers):
+        extra = sorted(set(names) ^ set(bt.plan.layers))
+        raise TableError(f"block table {path} was measured on other layers than '{inventory.model}' "
+                         f"(differ: {', '.join(extra[:4])}); profile this model's blocks")
+    lm = fit_block_model(bt, candidates)
+    return LatencyModel(lm.unary, lm.pairwise, lm.constant_ms, meta={**lm.meta, "table": str(path)}, groups=lm.groups)
 
 
 def describe_missing(pair: BitPair) -> str:
