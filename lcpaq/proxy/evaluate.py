@@ -323,7 +323,11 @@ def act_qparams(x: torch.Tensor, bits: int, *, method: str = "minmax", symmetric
             qmin, qmax = act_range(bits, symmetric)
             sc = torch.tensor([q[0] for q in qp]).unsqueeze(1)
             zp = torch.tensor([float(q[1]) for q in qp]).unsqueeze(1)
-            err = (torch.round(torch.clamp(s / sc, qmin - zp, qmax - zp)) * sc - s).pow(2).mean(1)
+            # zeros (half of a post-ReLU input) quantize exactly to zero on every grid (the zero
+            # point is an integer in range): they add nothing to any error, so they are left out
+            nz = s[s != 0].unsqueeze(0)
+            d = torch.div(nz, sc).clamp_(qmin - zp, qmax - zp).round_().mul_(sc).sub_(nz)
+            err = d.mul_(d).sum(1)
             r = ratios[int(torch.argmin(err))]
             lo, hi = lo * r, hi * r
     return qparams_from_range(lo, hi, bits, symmetric)
