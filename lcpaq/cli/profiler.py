@@ -21,8 +21,13 @@ def profile(
     bits: str | None = typer.Option(None, help="candidates (default: the profile's), e.g. w4a8,w8a8,fp32"),
     out: Path | None = typer.Option(None, help="table path (default latency_tables/<profile>/<model>.jsonl)"),
     repair: bool = typer.Option(False, help="drop a torn trailing line left by an interrupted run"),
+    fresh: bool = typer.Option(False, help="start the table again; an existing one is kept under a "
+                                           "dated name (compare them with `lcpaq tables diff`)"),
 ) -> None:
-    """Measure every layer of MODEL at every candidate on the device into a latency table (resumable)."""
+    """Measure every layer of MODEL at every candidate on the device into a latency table.
+
+    An interrupted run resumes where it stopped. A table measured on another setup (host CPU/ISA,
+    runtime versions, threads, settings) is never resumed: use --out or --fresh."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -41,12 +46,22 @@ def profile(
     _, inv = trace_named(model)
     cands = parse_bits_list(bits) if bits else prof.candidates
     path = out or Path("latency_tables") / prof.name / f"{model}.jsonl"
+    from lcpaq.profiler.table import keep_previous, read_table
+
+    if fresh and path.exists():
+        console.print(f"kept the previous table as {keep_previous(path)}")
+    before = len(read_table(path, repair=repair)) if path.exists() else 0
     with Progress(TextColumn("profiling {task.fields[layer]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as prog:
         task = prog.add_task("p", total=None, layer="")
         run_profile(inv, prof, path, candidates=cands, repair=repair,
                     progress=lambda d, t, name: prog.update(task, completed=d, total=t, layer=name))
-    console.print(f"wrote {path}")
+    t = read_table(path)
+    if len(t) == before:
+        console.print(f"nothing to measure: every unit is already in {path} (measured "
+                      f"{t.header.get('date')}); pass --fresh to measure again")
+    else:
+        console.print(f"wrote {path} ({len(t) - before} new rows, {len(t)} in all)")
 
 
 @tables_app.command("show")
@@ -81,9 +96,10 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
         0.0, help="noise band (fraction); default: from each row's p10-p90 spread"),
         json_out: bool = typer.Option(False, "--json")) -> None:
     """Per-workload new/old ratio; flags changes beyond the noise band (e.g. after a runtime upgrade)."""
-    from lcpaq.profiler.table import read_table
+    from lcpaq.profiler.table import header_changes, read_table
 
     a, b = read_table(old), read_table(new)
+    setup = header_changes(a.header, b.header)
     out = []
     for key in sorted(set(a.rows) & set(b.rows)):
         ra, rb = a.rows[key], b.rows[key]
@@ -95,10 +111,12 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
         out.append({"key": key, "old_ms": ra["median_ms"], "new_ms": rb["median_ms"], "ratio": ratio,
                     "noise": noise, "flag": flag})
     if json_out:
-        emit_json(out)
+        emit_json({"setup_changes": [{"field": k, "old": x, "new": y} for k, x, y in setup], "rows": out})
         return
     from rich.table import Table
 
+    for k, x, y in setup:
+        console.print(f"setup changed: {k}: {x} -> {y}")
     tab = Table("key", "old ms", "new ms", "new/old", "band", "flag")
     for r in out:
         tab.add_row(r["key"], f"{r['old_ms']:.4f}", f"{r['new_ms']:.4f}", f"{r['ratio']:.3f}",

@@ -22,7 +22,7 @@ from lcpaq.policy import BitPair
 from lcpaq.profiler import worker
 from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, get_backend
 from lcpaq.profiler.hwprofile import HwProfile
-from lcpaq.profiler.table import TableWriter, host_cpu
+from lcpaq.profiler.table import TableWriter, host_cpu, host_isa
 from lcpaq.profiler.units import (
     build_unit,
     kernel_name,
@@ -131,6 +131,7 @@ def profile(
     header = {
         "profile": hw.name, "profile_version": hw.version, "backend": hw.backend, "target": hw.target,
         "threads": hw.threads, "settings": hw.settings.__dict__, "host_cpu": host_cpu(),
+        "host_isa": host_isa(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": runner.versions if runner is not None else backend.versions(),  # type: ignore[union-attr]
     }

@@ -32,6 +32,66 @@ def host_cpu() -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+# CPU features that change which kernels a runtime picks (int8 dot products, wide vectors).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+              "asimddp", "i8mm", "sve")
+
+
+def host_isa() -> str:
+    """CPU family/model and the ISA features kernels dispatch on, e.g.
+    ``"x86_64 family 26 model 2: avx2 fma avx512f avx512bw avx512_vnni avx_vnni avx512_bf16"``.
+
+    ``host_cpu()`` alone ("AMD EPYC x2") does not tell two VMs apart: here it named both an
+    AVX2-only host and an AVX-512 VNNI one, whose int8 kernels differ."""
+    fam = model = ""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k == "cpu family" and not fam:
+                fam = v.strip()
+            elif k == "model" and not model:
+                model = v.strip()
+            elif k in ("flags", "Features") and not flags:
+                flags = set(v.split())
+    except OSError:
+        pass
+    head = platform.machine() + (f" family {fam} model {model}" if fam else "")
+    return f"{head}: {' '.join(f for f in _ISA_FLAGS if f in flags)}".rstrip(": ")
+
+
+# Header fields that define what a table's rows measured; rows from two setups never mix.
+IDENTITY_FIELDS = ("profile", "backend", "profile_version", "target", "threads", "settings", "versions",
+                   "host_cpu", "host_isa")
+
+
+def header_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, old, new) for every identity field present in both headers whose values differ
+    (a field missing from an older table's header is unknown, not a change)."""
+    return [(k, old[k], new[k]) for k in IDENTITY_FIELDS
+            if k in old and k in new and json.dumps(old[k], sort_keys=True, default=str)
+            != json.dumps(new[k], sort_keys=True, default=str)]
+
+
+def keep_previous(path: str | Path) -> Path:
+    """Rename an existing table to ``<stem>.<its header date>.jsonl`` (never overwriting) and
+    return the new path, so a fresh profiling run can start at ``path``."""
+    path = Path(path)
+    try:
+        date = str(read_table(path, repair=False).header.get("date") or "old")
+    except TableError:
+        date = "old"
+    stamp = "".join(c if c.isalnum() or c in "-" else "-" for c in date)[:25]
+    dest = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    i = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.stem}.{stamp}-{i}{path.suffix}")
+        i += 1
+    os.replace(path, dest)
+    return dest
+
+
 @dataclass
 class LatencyTable:
     path: Path
@@ -119,6 +179,14 @@ class TableWriter:
                         f"{self.path} was made for {k}={old.header.get(k)!r}, not {header.get(k)!r}; "
                         "use another --out"
                     )
+            changed = header_changes(old.header, header)
+            if changed:  # resuming would mix rows measured on two setups
+                what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+                raise TableError(
+                    f"{self.path} was measured on another setup ({what}); resuming would mix its rows "
+                    "with new ones. Profile into another --out and compare with `lcpaq tables diff OLD "
+                    "NEW`, or pass --fresh to keep the old table under a dated name and start again"
+                )
             self.done = set(old.rows)
         else:
             tmp = self.path.with_suffix(self.path.suffix + ".tmp")

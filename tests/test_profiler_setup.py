@@ -1,0 +1,135 @@
+"""Tables from two setups never mix: resume refuses a table measured on another host/runtime/
+settings (naming the field), `lcpaq profile --fresh` keeps the old table under a dated name, and
+`lcpaq tables diff` reports the setup change beside the per-workload ratios."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from lcpaq.errors import TableError
+from lcpaq.profiler.table import TableWriter, header_changes, host_isa, keep_previous, read_table
+
+BASE = {"profile": "p", "backend": "fake", "threads": 1, "settings": {"repeat": 3},
+        "versions": {"onnxruntime": "1.32.0"}, "host_cpu": "AMD EPYC x2", "host_isa": "x86_64: avx2 fma"}
+
+
+def _row(key, ms, spread=0.01):
+    return {"key": key, "workload": key, "w_bits": 8, "a_bits": 8, "median_ms": ms,
+            "p10_ms": ms * (1 - spread), "p90_ms": ms * (1 + spread), "n": 5, "error": None}
+
+
+def test_host_isa_names_cpu_features():
+    isa = host_isa()
+    assert isa and isa.split(":")[0].strip()  # at least the machine
+    if sys.platform == "linux":
+        flags = open("/proc/cpuinfo").read()
+        assert (" avx2" in flags) == (" avx2" in isa + " ")  # reported exactly when present
+
+
+@pytest.mark.parametrize("field,value", [
+    ("versions", {"onnxruntime": "1.33.0"}), ("host_isa", "x86_64: avx2 fma avx512_vnni"),
+    ("threads", 2), ("settings", {"repeat": 5})])
+def test_resume_refuses_another_setup(tmp_path, field, value):
+    path = tmp_path / "t.jsonl"
+    with TableWriter(path, BASE) as tw:
+        tw.append(_row("a", 1.0))
+    with TableWriter(path, dict(BASE, date="later")) as tw:  # same setup: resumes
+        assert tw.done == {"a"}
+    with pytest.raises(TableError, match=f"{field}.*--fresh"):
+        TableWriter(path, dict(BASE, **{field: value}))
+    assert set(read_table(path).rows) == {"a"}  # untouched
+
+
+def test_old_header_without_a_field_still_resumes(tmp_path):
+    path = tmp_path / "t.jsonl"
+    old = {k: v for k, v in BASE.items() if k != "host_isa"}
+    with TableWriter(path, old) as tw:
+        tw.append(_row("a", 1.0))
+    with TableWriter(path, BASE) as tw:
+        assert tw.done == {"a"}
+    assert header_changes(old, BASE) == []
+
+
+def test_keep_previous_never_overwrites(tmp_path):
+    path = tmp_path / "m.jsonl"
+    kept = []
+    for _ in range(2):
+        with TableWriter(path, dict(BASE, date="2026-11-22T13:34:20+00:00")) as tw:
+            tw.append(_row("a", 1.0))
+        kept.append(keep_previous(path))
+    assert not path.exists() and len(set(kept)) == 2 and all(k.exists() for k in kept)
+    assert kept[0].name.startswith("m.2026-11-22T13-34-20")
+
+
+class _Run:
+    def __init__(self, rc, out, err):
+        self.returncode, self.stdout, self.stderr = rc, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    from lcpaq.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        rc = main(list(args))
+        o = capsys.readouterr()
+        return _Run(rc, o.out, o.err)
+    return run
+
+
+def test_tables_diff_reports_setup_and_flags(tmp_path, cli):
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    with TableWriter(old, BASE) as tw:
+        for k, ms in (("conv_a", 1.0), ("conv_b", 2.0), ("conv_c", 3.0)):
+            tw.append(_row(k, ms))
+    with TableWriter(new, dict(BASE, host_isa="x86_64: avx2 fma avx512_vnni")) as tw:
+        for k, ms in (("conv_a", 0.5), ("conv_b", 2.01), ("conv_c", 3.6), ("conv_d", 1.0)):
+            tw.append(_row(k, ms))
+    r = cli("tables", "diff", str(old), str(new), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["setup_changes"] == [{"field": "host_isa", "old": "x86_64: avx2 fma",
+                                     "new": "x86_64: avx2 fma avx512_vnni"}]
+    flags = {row["key"]: (round(row["ratio"], 3), row["flag"]) for row in out["rows"]}
+    assert flags == {"conv_a": (0.5, "improvement"), "conv_b": (1.005, ""), "conv_c": (1.2, "regression")}
+    r = cli("tables", "diff", str(old), str(new))
+    assert r.returncode == 0 and "setup changed: host_isa" in r.stdout and "1 regressions" in r.stdout
+    r = cli("tables", "diff", str(old), str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2
+
+
+PROFILE = textwrap.dedent("""
+    [device]
+    name = "t"
+    [backend]
+    name = "fake"
+    threads = 1
+    [candidates]
+    bits = ["w8a8", "fp32"]
+    [measure]
+    warmup = 1
+    number = 1
+    repeat = 2
+""")
+
+
+def test_profile_cli_refuses_other_setup_then_fresh_keeps_old(tmp_path, cli):
+    hw = tmp_path / "hw.toml"
+    hw.write_text(PROFILE)
+    out = tmp_path / "t.jsonl"
+    r = cli("profile", "--hw", str(hw), "--model", "mnist_resnet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    n = len(read_table(out))
+    hw.write_text(PROFILE.replace("repeat = 2", "repeat = 3"))  # other measurement settings
+    r = cli("profile", "--hw", str(hw), "--model", "mnist_resnet", "--out", str(out))
+    assert r.returncode == 2 and "settings" in r.stderr and "--fresh" in r.stderr
+    r = cli("profile", "--hw", str(hw), "--model", "mnist_resnet", "--out", str(out), "--fresh")
+    assert r.returncode == 0, r.stderr
+    kept = [p for p in tmp_path.glob("t.*.jsonl")]
+    assert len(kept) == 1 and len(read_table(kept[0])) == n == len(read_table(out))
+    assert read_table(out).header["settings"]["repeat"] == 3
