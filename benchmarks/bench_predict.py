@@ -11,6 +11,11 @@ export_qdq and measure it (same settings, same run). Reports per policy the % er
 
     python benchmarks/bench_predict.py                       # all models, 1 then 2 threads
     python benchmarks/bench_predict.py --models resnet18 --threads 1 --policies 5
+    python benchmarks/bench_predict.py --method blocks --threads 1,2   # block units (the best, session 5)
+    python benchmarks/bench_predict.py --method blocks --rescore       # refit saved block tables
+
+``--method blocks`` takes the shared bench lock (/tmp/lcpaq-bench.lock) itself, around the timing
+only; ``cut`` and ``whole`` time everything and must run under ``flock /tmp/lcpaq-bench.lock``.
 """
 
 from __future__ import annotations
