@@ -1,19 +1,22 @@
-"""TVM backend benchmark: tuned per-layer latency vs ORT on resnet18's dense convs, tuning cost,
-re-profiling from the kept database.
+"""TVM backend benchmark: a full resnet18 latency table at a MetaSchedule budget, re-profiling from
+the kept database, and tuned per-layer latency vs ORT on the dense convs.
 
-    python benchmarks/bench_tvm.py --trials 64 --layers 1 --rounds 3
+    python benchmarks/bench_tvm.py --full            # tune + table + 2 re-profiles + ratios
+    python benchmarks/bench_tvm.py --layers 2        # ratios only (tunes what the db lacks)
 
-For each of the first ``--layers`` unique dense 3x3 conv workloads of resnet18 (random weights):
-tune the TVM int8 (w8a8, int8 input) and fp32 (fp32 input) units with MetaSchedule at
-``--trials`` per task into benchmarks/results/tvm_db (kept: a second run is the re-profiling fast
-path), then time TVM and ORT side by side, interleaved (ORT TVM ORT TVM ...), ``--rounds``
-rounds; report the fastest round's median and the spread. Wall clock at 1 thread for both (TVM
-runs on its own pool thread, so thread CPU time does not apply to it).
-
-Full-table time is extrapolated from the measured per-task tuning time: resnet18 has U unique
-quantizable workloads; the TVM table tunes 2 heavy tasks per workload (the int8 and the fp32
-conv/matmul kernel: the int8/fp32 *input* forms add only an elementwise quantize/dequantize task,
-which is not tuned, and w2..w8 share the int8 task since weights are TIR parameters).
+``--full`` (the issue's "full table" figure, a real run, not an extrapolation):
+  1. tune: every unit of the table (resnet18's unique layers x the profile's bit pairs x both
+     input forms) is lowered in this process, the unique conv/matmul tasks are collected and the
+     ones the database lacks are tuned in one MetaSchedule run (``TvmBackend.tune``);
+  2. table: ``lcpaq.profiler.run.profile`` (the product path: isolated worker, resumable table)
+     compiles each unique structure with the database applied, keeps the library, times every
+     unit. Full-table time = setup + tune + table;
+  3. re-profile from the kept libraries: the same ``profile`` into a fresh table;
+  4. re-profile from the database alone: the libraries moved aside first (put back afterwards).
+Then (always) the ratio phase: for each dense 3x3 conv (``--layers`` of them, default all), the
+w8a8 (int8 input) and fp32 (fp32 input) units timed on ORT and TVM interleaved (ORT TVM ORT TVM),
+``--rounds`` rounds, fastest round's median, wall clock at 1 thread for both (TVM runs on its own
+pool thread, so thread CPU time does not apply to it). Load averages are recorded per phase.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,19 +32,25 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-
 from lcpaq.profiler.backend import MeasureSettings, Unit, get_backend  # noqa: E402
 from lcpaq.profiler.units import build_unit, workload_key  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
+PROFILE = ROOT / "hw_profiles" / "host-cpu-tvm.toml"
 
 
-def resnet18_layers():
-    from lcpaq.graph import trace
-    from lcpaq.models import get_model
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
 
-    inv = trace(get_model("resnet18"), (1, 3, 224, 224), name="resnet18")
+
+def inventory(model: str):
+    from lcpaq.graph import trace_named
+
+    return trace_named(model)[1]
+
+
+def unique_layers(inv):
     seen, uniq = set(), []
     for layer in inv.layers:
         k = workload_key(layer)
@@ -50,72 +60,124 @@ def resnet18_layers():
     return uniq
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--db", default=str(RESULTS / "tvm_db"))
-    args = ap.parse_args(argv)
-    uniq = resnet18_layers()
-    dense = [lay for lay in uniq if lay.kind == "conv" and lay.groups == 1 and lay.kernel_size == (3, 3)
-             and lay.in_shape[1] > 3][: args.layers]
-    prof = type("P", (), {"threads": 1, "target": "llvm -mcpu=znver3 -num-cores=2",
-                          "tvm": {"trials": args.trials, "work_dir": args.db}, "rpc": None})()
-    tvm_be = get_backend("tvm", prof)
-    ort_be = get_backend("ort", None)
+def full_table(inv, hw, table_dir: Path, model: str) -> dict:
+    """Phases 1-4 of the module doc; returns the figures."""
+    from lcpaq.profiler.run import plan_units, profile
+
+    out: dict = {"trials": hw.tvm["trials"], "candidates": [list(c) for c in hw.candidates]}
+    t_start = time.perf_counter()
+    plan = plan_units(inv, hw.candidates)
+    be = get_backend("tvm", hw)
+    units = [Unit(key, *build_unit(ly, pair, in_class), bits=pair) for key, ly, pair, in_class in plan]
+    out["units"] = len(units)
+    out["setup_s"] = round(time.perf_counter() - t_start, 1)
+    info = be.tune(units)
+    out.update(tune=info, load_after_tune=load())
+    print("tuned:", json.dumps(info), "load", load(), flush=True)
+    del be, units  # the table runs in profile()'s own worker process, as in `lcpaq profile`
+
+    def table(name: str) -> float:
+        path = table_dir / name
+        path.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        profile(inv, hw, path)
+        dt = time.perf_counter() - t0
+        rows = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        errors = [r["key"] for r in rows if r.get("error")]
+        print(f"{name}: {dt:.1f} s, {len(rows)} rows, {len(errors)} errors, load {load()}", flush=True)
+        out[name] = {"s": round(dt, 1), "rows": len(rows), "errors": errors[:5], "load_after": load()}
+        return dt
+
+    t_table = table(f"{model}.jsonl")
+    out["full_table_s"] = round(time.perf_counter() - t_start, 1)
+    out["full_table_min"] = round(out["full_table_s"] / 60, 2)
+    table(f"{model}.reprofile-libs.jsonl")
+    libs = Path(hw.tvm["work_dir"]) / "libs"
+    aside = libs.with_name("libs.aside")
+    shutil.rmtree(aside, ignore_errors=True)
+    libs.rename(aside)
+    try:
+        table(f"{model}.reprofile-db.jsonl")
+    finally:
+        shutil.rmtree(libs, ignore_errors=True)
+        aside.rename(libs)
+    out["table_s"] = round(t_table, 1)
+    return out
+
+
+def ratios(inv, hw, n_layers: int | None, rounds: int) -> list[dict]:
+    """Interleaved ORT vs TVM on the dense 3x3 convs (module doc)."""
+    dense = [ly for ly in unique_layers(inv) if ly.kind == "conv" and ly.groups == 1
+             and ly.kernel_size == (3, 3) and ly.in_shape[1] > 3][:n_layers]
+    tvm_be, ort_be = get_backend("tvm", hw), get_backend("ort", None)
+    units = [(ly, bits, Unit(workload_key(ly), *build_unit(ly, bits, ic), bits=bits))
+             for ly in dense for bits, ic in (((8, 8), "int8"), ((32, 32), "fp32"))]
+    info = tvm_be.tune([u for _, _, u in units])  # no-op when the database has them all
     st = MeasureSettings(warmup=3, number=5, repeat=7, min_repeat_ms=20, metric="wall")
     rows = []
-    for layer in dense:
-        for bits, in_class in (((8, 8), "int8"), ((32, 32), "fp32")):
-            b, feeds = build_unit(layer, bits, in_class)
-            unit = Unit(key=workload_key(layer), onnx=b, inputs=feeds, bits=bits)
-            t0 = time.perf_counter()
-            first = tvm_be.measure(unit, st)  # tunes the missing tasks (or applies the db)
-            t_first = time.perf_counter() - t0
-            if not first.ok:
-                print("TVM failed:", first.error, file=sys.stderr)
-                continue
-            t0 = time.perf_counter()
-            again = tvm_be.measure(unit, st)  # re-profile from the kept db
-            t_again = time.perf_counter() - t0
-            ort_r, tvm_r = [], []
-            for _ in range(args.rounds):  # interleaved A B A B
-                ort_r.append(ort_be.measure(unit, st).median_ms)
-                tvm_r.append(tvm_be.measure(unit, st).median_ms)
-            row = {
-                "workload": workload_key(layer), "bits": "w8a8" if bits == (8, 8) else "fp32",
-                "ort_ms": min(ort_r), "tvm_ms": min(tvm_r), "tvm_over_ort": min(tvm_r) / min(ort_r),
-                "ort_spread": (max(ort_r) - min(ort_r)) / min(ort_r),
-                "tvm_spread": (max(tvm_r) - min(tvm_r)) / min(tvm_r),
-                "tvm_kernel": first.kernel, "tuned_now": first.extra.get("tuned_now"),
-                "tasks": first.extra.get("tasks"), "tune_s": first.extra.get("tune_s"),
-                "first_measure_s": round(t_first, 1), "reprofile_measure_s": round(t_again, 2),
-                "untuned_fallback": again.extra.get("tuned") is False,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    tuned = [r for r in rows if r["tuned_now"]]
-    per_task = float(np.mean([r["tune_s"] / max(r["tuned_now"], 1) for r in tuned])) if tuned else float("nan")
-    reprof = float(np.mean([r["reprofile_measure_s"] for r in rows])) if rows else float("nan")
-    n_tasks = 2 * len(uniq)
-    summary = {
-        "trials": args.trials, "resnet18_unique_workloads": len(uniq), "tvm_tasks_full_table": n_tasks,
-        "tune_s_per_task_measured": per_task,
-        "full_table_min_extrapolated": per_task * n_tasks / 60 if tuned else None,
-        "reprofile_s_per_unit_measured": reprof,
-        "reprofile_full_table_min_extrapolated": reprof * len(uniq) * 8 / 60,  # ~8 units / workload
-        "note": f"2-core VM shared with other helpers (load avg {os.getloadavg()[0]:.1f} at the end); "
-                "extrapolated from the tuned layers, not a full run",
-    }
+    for ly, bits, unit in units:
+        first = tvm_be.measure(unit, st)  # compiles (or loads the kept library) outside the timing
+        if not first.ok:
+            print("TVM failed:", first.error, file=sys.stderr)
+            continue
+        ort_r, tvm_r = [], []
+        for _ in range(rounds):
+            ort_r.append(ort_be.measure(unit, st).median_ms)
+            tvm_r.append(tvm_be.measure(unit, st).median_ms)
+        row = {"workload": workload_key(ly), "bits": "w8a8" if bits == (8, 8) else "fp32",
+               "ort_ms": min(ort_r), "tvm_ms": min(tvm_r), "tvm_over_ort": min(tvm_r) / min(ort_r),
+               "ort_spread": (max(ort_r) - min(ort_r)) / min(ort_r),
+               "tvm_spread": (max(tvm_r) - min(tvm_r)) / min(tvm_r), "tvm_kernel": first.kernel,
+               "tuned_now_before": info["tuned_now"], "load": load()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="tune + full table + re-profiles")
+    ap.add_argument("--model", default="resnet18", help="registered model (resnet18; mnist_resnet for a smoke run)")
+    ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (profile's)")
+    ap.add_argument("--layers", type=int, default=None, help="dense convs in the ratio phase (all)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--db", default=None, help="tuning work dir (default: the profile's [tvm] work_dir)")
+    ap.add_argument("--tables", default=str(RESULTS / "tvm_tables"), help="where --full writes tables")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
+    args = ap.parse_args(argv)
+    import dataclasses
+
+    from lcpaq.profiler.hwprofile import load_profile
+
+    hw = load_profile(PROFILE)
+    tvm_cfg = dict(hw.tvm)
+    if args.trials is not None:
+        tvm_cfg["trials"] = args.trials
+    if args.db:
+        tvm_cfg["work_dir"] = args.db
+    tvm_cfg["work_dir"] = str((ROOT / tvm_cfg["work_dir"]).resolve())
+    hw = dataclasses.replace(hw, tvm=tvm_cfg)
+    inv = inventory(args.model)
+    res: dict = {"load_start": load(), "profile": str(PROFILE.relative_to(ROOT)), "work_dir": tvm_cfg["work_dir"],
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count()}
+    if args.full:
+        Path(args.tables).mkdir(parents=True, exist_ok=True)
+        res["full"] = full_table(inv, hw, Path(args.tables), args.model)
+    res["ratios"] = ratios(inv, hw, args.layers, args.rounds)
+    res["load_end"] = load()
     print(f"{'workload':58s} {'bits':5s} {'ORT ms':>8s} {'TVM ms':>8s} {'TVM/ORT':>8s}")
-    for r in rows:
+    for r in res["ratios"]:
         print(f"{r['workload']:58s} {r['bits']:5s} {r['ort_ms']:8.3f} {r['tvm_ms']:8.3f} {r['tvm_over_ort']:8.2f}")
-    print(json.dumps(summary, indent=1))
+    if "full" in res:
+        f = res["full"]
+        print(f"full table: {f['full_table_min']} min (setup {f['setup_s']} s, tune {f['tune']['tune_s']} s "
+              f"for {f['tune']['tuned_now']}/{f['tune']['tasks']} tasks, table {f['table_s']} s, "
+              f"{f['units']} units); re-profile: kept libs {f[args.model + '.reprofile-libs.jsonl']['s']} s, "
+              f"database only {f[args.model + '.reprofile-db.jsonl']['s']} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"bench_tvm_t{args.trials}.json"
-    out.write_text(json.dumps({"rows": rows, "summary": summary, "load_avg": os.getloadavg()}, indent=1))
-    print("wrote", out)
+    name = f"bench_tvm_{args.model}_{'full_' if args.full else ''}t{tvm_cfg['trials']}{args.tag}.json"
+    (RESULTS / name).write_text(json.dumps(res, indent=1))
+    print("wrote", RESULTS / name)
     return 0
 
 

@@ -124,6 +124,46 @@ def lower_qdq(mod: Any) -> tuple[Any, list[str]]:
     return new, kinds
 
 
+def lift_constants(mod: Any) -> tuple[Any, list[np.ndarray], bytes]:
+    """Turn the tensor constants of ``mod['main']`` (weights, per-channel scales, bias) into
+    trailing parameters of ``main``.
+
+    Returns (module, the lifted arrays in parameter order, the bytes of the scalar constants that
+    stay inline). The module text then depends only on the unit's structure, not its weight
+    values: w2..w8 at a8 lower to the same int8 module, so one compiled library serves all four
+    bit pairs, each timed with its own weights passed as arguments. The TIR tasks are unchanged
+    (Relax passes constants to TIR functions as arguments either way).
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Lift(PyExprMutator):
+        def __init__(self, m: Any) -> None:
+            super().__init__(m)
+            self.vars: list[Any] = []
+            self.arrays: list[np.ndarray] = []
+            self.scalars: list[bytes] = []
+
+        def visit_generic_const_(self, op: Any) -> Any:  # 0.27 name of visit_constant_
+            arr = op.value.numpy()
+            if arr.ndim == 0:  # scalars (output scale / zero point) stay: ops want them constant
+                self.scalars.append(f"{arr.dtype}:".encode() + arr.tobytes())
+                return op
+            v = relax.Var(f"param{len(self.vars)}", relax.TensorType(arr.shape, str(arr.dtype)))
+            self.vars.append(v)
+            self.arrays.append(arr)
+            return v
+
+    fn = mod["main"]
+    lift = _Lift(mod)
+    body = lift.visit_expr(fn.body)
+    new_fn = relax.Function(list(fn.params) + lift.vars, body, fn.ret_ty, fn.is_pure, fn.attrs)
+    funcs = {gv: (new_fn if gv.name_hint == "main" else f) for gv, f in mod.functions.items()}
+    return tvm.IRModule(funcs, attrs=mod.attrs), lift.arrays, b"|".join(lift.scalars)
+
+
 def kernel_label(kinds: list[str], mod: Any = None) -> str:
     """The `kernel` column of a measurement: 'tvm:conv2d-int8', 'tvm:conv2d-fp32', ..."""
     if kinds:

@@ -1,25 +1,57 @@
 """MetaSchedule tuning for TVM units, with a kept database (TVM 0.27, ``tvm.s_tir.meta_schedule``).
 
-``compile_tuned(mod, target, work_dir, trials)`` extracts the unit's tuning tasks, tunes only the
-tasks that have no record in the JSON database under ``work_dir`` yet (re-profiling is then a pure
-apply-the-database compile), and compiles with the database applied. ``trials <= 0`` compiles
-untuned (TVM's default dlight schedules).
+A :class:`Tuner` belongs to one process (the profiling worker, or a benchmark): it extracts the
+tuning tasks of unit modules, drops those already in the JSON database under ``work_dir`` and
+those seen before in this process (tasks are keyed by the structural hash of their TIR, so w2..w8
+at a8 and the two input forms of a unit share one conv task), and tunes the rest. The builder and
+runner pools and the XGBoost cost model are created once and kept: the cost model needs ~100
+measured samples before it guides the search at all, so a model shared across tasks is what
+makes a 64-trial budget per task worth more than random sampling for all but the first tasks.
+``compile_tuned(mod, target, work_dir, trials)`` is the one-unit entry point; ``trials <= 0``
+compiles untuned (TVM's default schedules).
 
-Builder workaround (shared FINDINGS): MetaSchedule's default builder imports
-``tvm.s_tir.tensor_intrin`` in every fresh worker; that import alone takes 34-42 s here and hit
-the 30 s build timeout, so every candidate failed. ``build_no_intrin`` is the same build without
-that import (no x86 tensor intrinsic applies without VNNI/AVX-512 anyway).
+Two workarounds for this 2-core x86 host (shared FINDINGS, notes/tvm.md):
+
+- The builder: MetaSchedule's default build imports ``tvm.s_tir.tensor_intrin`` in every fresh
+  worker (34-42 s, over the 30 s build timeout); ``build_no_intrin`` skips it.
+- ``TuneContext.__init__`` does the same import in the tuning process (34 s at load 0.4). The
+  x86 intrinsics it registers are VNNI / AVX-512 only, which the default schedule rules use only
+  on targets that have them: :func:`skip_tensor_intrin` stubs the module for other targets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import time
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 TUNED_OPS = ("conv2d", "matmul", "dense")
+_INTRIN_MODULE = "tvm.s_tir.tensor_intrin"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """How hard to search per task. ``population`` 0 = scale with ``trials`` (see ``strategy``)."""
+
+    trials: int = 64  # measured candidates per task
+    trials_per_iter: int = 32  # candidates per search round: 2 rounds at 64, the 2nd guided
+    population: int = 0
+    genetic_iters: int = 3
+    # TVM's default also samples an explicit unroll of 512 steps: those candidates cost 1-11 s of
+    # LLVM time each to build here and never ranked first in our conv tasks; 16 did.
+    unroll_max_steps: tuple[int, ...] = (0, 16, 64)
+    threads: int = 2  # search threads and build workers (the host has 2 cores)
+    build_timeout_s: float = 120.0
+    run_timeout_s: float = 60.0
+    seed: int = 0
 
 
 def build_no_intrin(mod: Any, target: Any, _params: Any) -> Any:
@@ -29,6 +61,38 @@ def build_no_intrin(mod: Any, target: Any, _params: Any) -> Any:
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(mod, target=target)
+
+
+def needs_tensor_intrin(target: Any) -> bool:
+    """True when TVM's default schedule rules can use its x86 int8 intrinsics on ``target``."""
+    from tvm.target import codegen
+
+    if str(target.kind.name) != "llvm":
+        return True  # other targets (arm, cuda...): keep TVM's own behaviour
+    try:
+        return bool(codegen.target_has_features("avx512bw", target)
+                    or codegen.target_has_features("avx512vnni", target))
+    except Exception:  # noqa: BLE001 - an unknown triple: be safe, import the intrinsics
+        return True
+
+
+@contextlib.contextmanager
+def skip_tensor_intrin(target: Any) -> Iterator[None]:
+    """Stub ``tvm.s_tir.tensor_intrin`` while tuning context objects are built for ``target``.
+
+    Scoped: the stub is removed on exit, so a later real import (a user's code, a VNNI target)
+    still works. A no-op when the module is already imported or the target needs it.
+    """
+    if _INTRIN_MODULE in sys.modules or needs_tensor_intrin(target):
+        yield
+        return
+    stub = types.ModuleType(_INTRIN_MODULE, "lcpaq stub: no x86 int8 tensor intrinsic applies here")
+    sys.modules[_INTRIN_MODULE] = stub
+    try:
+        yield
+    finally:
+        if sys.modules.get(_INTRIN_MODULE) is stub:
+            del sys.modules[_INTRIN_MODULE]
 
 
 def open_database(work_dir: str | Path) -> Any:
@@ -59,66 +123,137 @@ def fuse_for_tuning(mod: Any, target: Any) -> Any:
         return seq(mod)
 
 
-def missing_tasks(mod: Any, target: Any, db: Any) -> tuple[list[Any], int]:
-    """(tasks with no tuning record in ``db``, number of tasks in total)."""
+def heavy_tasks(mod: Any, target: Any) -> list[Any]:
+    """The conv/matmul tuning tasks of a Relax module.
+
+    Only the compute-heavy kernels are worth trials; elementwise tasks (an input quantize or
+    dequantize at a precision boundary) keep TVM's default schedule.
+    """
     from tvm.s_tir import meta_schedule as ms
 
     tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(mod, target), target)
-    # Only the compute-heavy kernels are worth trials; elementwise tasks (an input quantize or
-    # dequantize at a precision boundary) keep TVM's default schedule.
-    tasks = [t for t in tasks if any(op in t.task_name for op in TUNED_OPS)]
-    miss = [t for t in tasks if db.query_tuning_record(t.dispatched[0], target, t.task_name) is None]
-    return miss, len(tasks)
+    return [t for t in tasks if any(op in t.task_name for op in TUNED_OPS)]
 
 
-def tune_tasks(tasks: list[Any], target: Any, work_dir: str | Path, db: Any, trials: int, *,
-               rpc: Any = None, build_timeout_s: float = 120.0, run_timeout_s: float = 60.0,
-               seed: int = 0) -> None:
-    """Tune ``tasks`` (``trials`` candidates each) into ``db``; measure on the RPC board if given."""
-    from tvm.s_tir import meta_schedule as ms
+def task_key(task: Any) -> int:
+    """Structural hash of a task's TIR (what the JSON database matches records on)."""
+    import tvm_ffi
 
-    if not tasks:
-        return
-    # The default population (512) costs ~2 min of evolution per round on this 2-core VM, even
-    # for a 2-trial budget: scale it with the budget (512 at >= 64 trials, TVM's default).
-    pop = int(min(512, max(16, 8 * trials)))
-    strategy = ms.search_strategy.EvolutionarySearch(
-        population_size=pop, init_min_unmeasured=min(50, pop), genetic_num_iters=4 if trials >= 16 else 1)
-    ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, str(work_dir), strategy=strategy, num_threads=1, seed=seed)
-    builder = ms.builder.LocalBuilder(f_build=build_no_intrin, timeout_sec=build_timeout_s, max_workers=1)
-    evc = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
-    if rpc is not None:
-        runner: Any = ms.runner.RPCRunner(
-            rpc_config=ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port,
-                                           tracker_key=rpc.key, session_timeout_sec=int(run_timeout_s)),
-            evaluator_config=evc, max_workers=1)
-    else:
-        runner = ms.runner.LocalRunner(timeout_sec=run_timeout_s, evaluator_config=evc)
-    ms.tune.tune_tasks(
-        tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=trials * len(ctxs),
-        max_trials_per_task=trials, num_trials_per_iter=min(trials, 64), builder=builder, runner=runner,
-        database=db, task_scheduler="round-robin")
+    return int(tvm_ffi.structural_hash(task.dispatched[0]))
+
+
+class Tuner:
+    """Tunes tasks into one kept database, reusing pools and the cost model across calls."""
+
+    def __init__(self, target: Any, work_dir: str | Path, config: TuneConfig = TuneConfig(), *,
+                 rpc: Any = None) -> None:
+        self.target, self.work_dir, self.config, self.rpc = target, Path(work_dir), config, rpc
+        self.db = open_database(work_dir)
+        self._tuned: set[int] = set()  # tasks tuned (or found tuned) in this process
+        self._pools: tuple[Any, Any, Any] | None = None
+        self.tune_s = 0.0
+        self.tasks_tuned = 0
+
+    def missing(self, mods: Sequence[Any]) -> tuple[list[Any], int]:
+        """(unique tasks of ``mods`` with no record in the database, number of unique tasks)."""
+        seen: dict[int, Any] = {}
+        for mod in mods:
+            for t in heavy_tasks(mod, self.target):
+                seen.setdefault(task_key(t), t)
+        miss = {k: t for k, t in seen.items() if k not in self._tuned
+                and self.db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None}
+        self._tuned.update(k for k in seen if k not in miss)
+        return list(miss.values()), len(seen)
+
+    def strategy(self) -> Any:
+        from tvm.s_tir import meta_schedule as ms
+
+        c = self.config
+        # TVM's default population is 512; its evolution cost ~2 min per round on this loaded
+        # 2-core VM. 128 at 64 trials: ~5 s per round at load 3-4 (256: ~17 s, load 5).
+        pop = c.population or int(min(512, max(16, 2 * c.trials)))
+        return ms.search_strategy.EvolutionarySearch(
+            population_size=pop, init_min_unmeasured=min(50, pop),
+            genetic_num_iters=c.genetic_iters if c.trials >= 16 else 1)
+
+    def space(self) -> Any:
+        """TVM's default CPU design space, with ``config.unroll_max_steps`` as the unroll choices."""
+        from tvm.s_tir import meta_schedule as ms
+
+        if str(self.target.kind.name) != "llvm":
+            return "post-order-apply"
+        rules = [ms.schedule_rule.ParallelizeVectorizeUnroll(
+                     max_jobs_per_core=16, max_vectorize_extent=64,
+                     unroll_max_steps=list(self.config.unroll_max_steps), unroll_explicit=True)
+                 if type(r).__name__ == "ParallelizeVectorizeUnroll" else r
+                 for r in ms.schedule_rule.ScheduleRule.create("llvm")]
+        return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs="from-target",
+                                                 mutator_probs="from-target")
+
+    def _get_pools(self) -> tuple[Any, Any, Any]:
+        if self._pools is None:
+            from tvm.s_tir import meta_schedule as ms
+
+            c = self.config
+            builder = ms.builder.LocalBuilder(f_build=build_no_intrin, timeout_sec=c.build_timeout_s,
+                                              max_workers=c.threads)
+            evc = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
+            if self.rpc is not None:
+                runner: Any = ms.runner.RPCRunner(
+                    rpc_config=ms.runner.RPCConfig(
+                        tracker_host=self.rpc.host, tracker_port=self.rpc.port, tracker_key=self.rpc.key,
+                        session_timeout_sec=int(c.run_timeout_s)),
+                    evaluator_config=evc, max_workers=1)
+            else:
+                runner = ms.runner.LocalRunner(timeout_sec=c.run_timeout_s, evaluator_config=evc)
+            cost = ms.cost_model.XGBModel(num_tuning_cores=c.threads)
+            self._pools = (builder, runner, cost)
+        return self._pools
+
+    def tune(self, tasks: Sequence[Any]) -> float:
+        """Tune ``tasks`` (``config.trials`` candidates each) into the database; returns seconds."""
+        from tvm.s_tir import meta_schedule as ms
+
+        if not tasks:
+            return 0.0
+        c = self.config
+        t0 = time.perf_counter()
+        log.info("tuning %d tasks, %d trials each", len(tasks), c.trials)
+        with skip_tensor_intrin(self.target):
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                list(tasks), str(self.work_dir), space=self.space(), strategy=self.strategy(),
+                num_threads=c.threads,
+                seed=c.seed)
+        builder, runner, cost = self._get_pools()
+        ms.tune.tune_tasks(
+            tasks=ctxs, task_weights=weights, work_dir=str(self.work_dir),
+            max_trials_global=c.trials * len(ctxs), max_trials_per_task=c.trials,
+            num_trials_per_iter=min(c.trials, c.trials_per_iter), builder=builder, runner=runner,
+            database=self.db, cost_model=cost, task_scheduler="round-robin")
+        self._tuned.update(task_key(t) for t in tasks)
+        dt = time.perf_counter() - t0
+        self.tune_s += dt
+        self.tasks_tuned += len(tasks)
+        return dt
+
+    def compile(self, mod: Any) -> tuple[Any, dict[str, Any]]:
+        """Tune the missing tasks of ``mod``, then compile it with the database applied."""
+        import tvm  # noqa: F401
+        from tvm.s_tir import meta_schedule as ms
+
+        miss, n = self.missing([mod])
+        tune_s = self.tune(miss)
+        with self.target:
+            ex = ms.relax_integration.compile_relax(self.db, mod, self.target, params=None)
+        return ex, {"tuned": True, "tasks": n, "tuned_now": len(miss), "tune_s": round(tune_s, 2)}
 
 
 def compile_tuned(mod: Any, target: Any, work_dir: str | Path | None, trials: int, *, rpc: Any = None,
-                  build_timeout_s: float = 120.0) -> tuple[Any, dict[str, Any]]:
+                  tuner: Tuner | None = None) -> tuple[Any, dict[str, Any]]:
     """Compile ``mod`` for ``target``, tuning missing tasks first; returns (executable, info)."""
-    import time
-
     import tvm
 
     if not work_dir or trials <= 0:
         return tvm.compile(mod, target=target), {"tuned": False, "tasks": 0, "tuned_now": 0}
-    from tvm.s_tir import meta_schedule as ms
-
-    db = open_database(work_dir)
-    miss, n = missing_tasks(mod, target, db)
-    t0 = time.perf_counter()
-    if miss:
-        log.info("tuning %d/%d tasks, %d trials each", len(miss), n, trials)
-        tune_tasks(miss, target, work_dir, db, trials, rpc=rpc, build_timeout_s=build_timeout_s)
-    tune_s = time.perf_counter() - t0
-    with target:
-        ex = ms.relax_integration.compile_relax(db, mod, target, params=None)
-    return ex, {"tuned": True, "tasks": n, "tuned_now": len(miss), "tune_s": round(tune_s, 2)}
+    tuner = tuner or Tuner(target, work_dir, TuneConfig(trials=trials), rpc=rpc)
+    return tuner.compile(mod)
