@@ -1,9 +1,11 @@
 // Row epilogue and activation-row transforms, written as plain loops so the compiler vectorizes
 // them; included (internal linkage) by the scalar TU and by the AVX2 TU (8-wide there).
 //
-// int32 wrapping arithmetic is exact here: the final corrected sum
-//   corr = sum_k (x - zx) * q  satisfies |corr| <= 255 * 128 * K < 2^31 for K <= 65536,
-// and two's-complement intermediates are exact modulo 2^32 (built with -fwrapv).
+// The rows arrive corrected: the driver starts each accumulator at the zero-point terms
+// (colmul * colsum[n] - rowcorr[m]) instead of 0, so c = sum_k (x - zx) * q (modes 1, 2) or
+// sum_k x * q (mode 0). int32 wrapping arithmetic is exact: the final sum satisfies
+// |c| <= 255 * 128 * K < 2^31 for K <= 65536, and two's-complement intermediates are exact
+// modulo 2^32 (built with -fwrapv).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -12,9 +14,6 @@ namespace lcpaq {
 
 struct RowEpi {
   int mode;  // 0 raw int32 sum x*q, 1 float32, 2 uint8
-  const int32_t* colsum;
-  int32_t colmul;  // offx (raw) or offx - zx (corr)
-  int32_t rowcorr;  // h * rowsum[m]
   const float* scale;
   const float* bias;
   bool relu;
@@ -25,16 +24,13 @@ struct RowEpi {
 template <int MODE, bool BIAS, bool RELU>
 static inline void epilogue_loop(const int32_t* __restrict c, int64_t n, const RowEpi& e,
                                  void* out) {
-  const int32_t* __restrict cs = e.colsum;
   const float* __restrict sc = e.scale;
   const float* __restrict bs = e.bias;
-  const int32_t cm = e.colmul, rc = e.rowcorr;
   const float inv = e.inv_out, zp = e.out_zp;
   float* __restrict of = static_cast<float*>(out);
   uint8_t* __restrict ou = static_cast<uint8_t*>(out);
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t corr = c[i] + cm * cs[i] - rc;
-    float y = static_cast<float>(corr) * sc[i];
+    float y = static_cast<float>(c[i]) * sc[i];
     if (BIAS) y = y + bs[i];
     if (RELU) y = y < 0.f ? 0.f : y;
     if (MODE == 1) {
@@ -62,9 +58,7 @@ static inline void epilogue_row_impl(const int32_t* __restrict c, int64_t n, con
                                      void* out) {
   if (e.mode == 0) {
     int32_t* __restrict o = static_cast<int32_t*>(out);
-    const int32_t* __restrict cs = e.colsum;
-    const int32_t cm = e.colmul, rc = e.rowcorr;
-    for (int64_t i = 0; i < n; ++i) o[i] = c[i] + cm * cs[i] - rc;
+    for (int64_t i = 0; i < n; ++i) o[i] = c[i];
   } else if (e.mode == 1) {
     epilogue_mode<1>(c, n, e, out);
   } else {

@@ -79,6 +79,8 @@ void micro_vnni_xu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int6
 void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
                    int64_t);
 bool cpu_has_avx512vnni();
+void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
+int32_t sum_row_avx512(const int8_t* d, int64_t n);
 
 struct RowEpi;
 // vectorized helpers (epilogue.h), one copy per ISA

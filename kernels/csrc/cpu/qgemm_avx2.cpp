@@ -43,11 +43,23 @@ void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out) 
   epilogue_row_impl(c, n, e, out);
 }
 void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen_row_impl(d, s, n, xs8); }
+// rows of 32 bytes or more end with one 32-byte chunk overlapping the previous one (the same
+// bytes written twice) instead of a scalar tail: im2col and short-K rows are mostly tail
 void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
-  flip_row_impl(d, s, n, flip);
+  if (n < 32) return flip_row_impl(d, s, n, flip);
+  const __m256i f = _mm256_set1_epi8(static_cast<char>(flip));
+  auto one = [&](int64_t i) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm256_xor_si256(v, f));
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) one(i);
+  if (i < n) one(n - 32);
 }
-// sum of int8 a: vpsadbw of the offset-binary bytes (a ^ 0x80 = a + 128) against zero
+// sum of int8 a: vpsadbw of the offset-binary bytes (a ^ 0x80 = a + 128) against zero; the tail
+// chunk overlaps the previous one, its first 32 - (n - i) bytes masked to 0 (not counted)
 int32_t sum_row_avx2(const int8_t* d, int64_t n) {
+  if (n < 32) return sum_row_impl(d, n);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), z = _mm256_setzero_si256();
   __m256i acc = z;
   int64_t i = 0;
@@ -55,11 +67,19 @@ int32_t sum_row_avx2(const int8_t* d, int64_t n) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + i));
     acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_xor_si256(v, flip), z));
   }
+  int64_t cnt = i;
+  if (i < n) {
+    const __m256i idx = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                         17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    // keep byte j when j >= 32 - (n - i), i.e. j > 31 - (n - i)
+    const __m256i keep = _mm256_cmpgt_epi8(idx, _mm256_set1_epi8(static_cast<char>(31 - (n - i))));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + n - 32));
+    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_and_si256(_mm256_xor_si256(v, flip), keep), z));
+    cnt = n;
+  }
   alignas(32) int64_t t[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
-  int64_t r = t[0] + t[1] + t[2] + t[3] - 128 * i;
-  for (; i < n; ++i) r += d[i];
-  return static_cast<int32_t>(r);
+  return static_cast<int32_t>(t[0] + t[1] + t[2] + t[3] - 128 * cnt);
 }
 void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                   float hi) {
@@ -274,15 +294,12 @@ void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t ste
 // epilogue_loop<2> (mul, add, max, mul, round-half-even, add, clamp), so bit-identical to it
 template <bool BIAS, bool RELU>
 static void epilogue_u8_avx2(const int32_t* c, int64_t n, const RowEpi& e, uint8_t* o) {
-  const __m256i cm = _mm256_set1_epi32(e.colmul), rc = _mm256_set1_epi32(e.rowcorr);
   const __m256 inv = _mm256_set1_ps(e.inv_out), zp = _mm256_set1_ps(e.out_zp);
   const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256i ci = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i));
-    const __m256i cs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.colsum + i));
-    const __m256i corr = _mm256_sub_epi32(_mm256_add_epi32(ci, _mm256_mullo_epi32(cm, cs)), rc);
-    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(corr), _mm256_loadu_ps(e.scale + i));
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(ci), _mm256_loadu_ps(e.scale + i));
     if (BIAS) y = _mm256_add_ps(y, _mm256_loadu_ps(e.bias + i));
     if (RELU) y = _mm256_max_ps(y, lo);
     __m256 q = _mm256_round_ps(_mm256_mul_ps(y, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -293,7 +310,6 @@ static void epilogue_u8_avx2(const int32_t* c, int64_t n, const RowEpi& e, uint8
   }
   if (i < n) {
     RowEpi t = e;
-    t.colsum += i;
     t.scale += i;
     if (t.bias != nullptr) t.bias += i;
     epilogue_row_impl(c + i, n - i, t, o + i);

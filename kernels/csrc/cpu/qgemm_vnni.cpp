@@ -98,6 +98,37 @@ void micro_vnni_wu(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8
   micro_vnni<false, 1>(A, lda, W0, W0, steps, C, ldc);
 }
 
+// lanes [0, n) of a 64-byte chunk, n <= 64
+static LCPAQ_AI __mmask64 first_n(int64_t n) {
+  return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+}
+
+// flip_row / sum_row of the AVX2 TU with masked tails: im2col rows are short runs (the 7x7 stem
+// copies 21 bytes per kernel row), which the 32-byte loops did mostly in scalar code
+void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
+  const __m512i f = _mm512_set1_epi8(static_cast<char>(flip));
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    _mm512_storeu_si512(d + i, _mm512_xor_si512(_mm512_loadu_si512(s + i), f));
+  }
+  if (i < n) {
+    const __mmask64 m = first_n(n - i);
+    _mm512_mask_storeu_epi8(d + i, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, s + i), f));
+  }
+}
+
+// sum of int8 a: vpsadbw of a ^ 0x80 = a + 128; masked-off lanes load 0 and count as a = 0
+int32_t sum_row_avx512(const int8_t* d, int64_t n) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), z = _mm512_setzero_si512();
+  __m512i acc = z;
+  int64_t i = 0;
+  for (; i < n; i += 64) {
+    const __m512i v = _mm512_maskz_loadu_epi8(first_n(n - i), d + i);
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_xor_si512(v, flip), z));
+  }
+  return static_cast<int32_t>(_mm512_reduce_add_epi64(acc) - 128 * i);
+}
+
 bool cpu_has_avx512vnni() {
   __builtin_cpu_init();  // libgcc also checks that the OS saves the zmm state (XCR0)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -110,6 +141,8 @@ void micro_vnni_xu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int6
 void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
                    int64_t) {}
 bool cpu_has_avx512vnni() { return false; }
+void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
+int32_t sum_row_avx512(const int8_t*, int64_t) { return 0; }
 #endif
 
 }  // namespace lcpaq

@@ -90,6 +90,8 @@ struct RowSource {
 
 int64_t layout_bits(int64_t bits) { return bits == 7 ? 8 : bits; }  // 7-bit: 8-bit blob layout
 
+constexpr int64_t kNCP = 4;  // panels (of kNR channels) per task
+
 void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const RowSource& src,
           const Epilogue& ep) {
   const int64_t K = src.K;
@@ -111,8 +113,8 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   int64_t lda = Kpad * esize;
   if (lda % 1024 == 0) lda += 64;
   const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
-  const auto flipr = avx2 ? flip_row_avx2 : flip_row_scalar;
-  const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;
+  const auto flipr = vnni ? flip_row_avx512 : avx2 ? flip_row_avx2 : flip_row_scalar;
+  const auto sumr = vnni ? sum_row_avx512 : avx2 ? sum_row_avx2 : sum_row_scalar;
   const auto epir = avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
   // one packed activation row; returns its sum (W4/W2 correction term)
   auto pack_row = [&](int64_t m, uint8_t* row) -> int32_t {
@@ -141,11 +143,15 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const uint8_t* panels = blob + 4 * Npad;
   const int64_t sb = step_bytes(lbits);
   const int64_t KC = 128;               // k-steps per block (256 or 512 k values)
-  // tasks of up to 96 rows x 64 output channels; the row blocks are made equal (a multiple of
-  // kMR each) so that the threads' contiguous task ranges carry equal work (M=128 as 96+36 rows
-  // gave 2 threads only 1.4x)
-  const int64_t NCP = 4, MC0 = 16 * kMR;
-  const int64_t mb0 = (Mpad + MC0 - 1) / MC0;
+  // tasks of up to MC rows x 64 output channels. MC: as many rows as keep the packed block within
+  // ~256 KiB of L2, 96..384 (each task decodes every weight panel once: with the VNNI kernels
+  // 96-row tasks lost 2-7 % to it). The row blocks are made equal (a multiple of kMR each) and
+  // their number a multiple of the threads, so that the threads' contiguous task ranges carry
+  // equal work (M=128 as 96+36 rows gave 2 threads only 1.4x)
+  const int64_t MC0 = std::clamp<int64_t>(256 * 1024 / lda / kMR * kMR, 16 * kMR, 64 * kMR);
+  const int64_t NCP = kNCP, nth = at::get_num_threads();
+  int64_t mb0 = (Mpad + MC0 - 1) / MC0;
+  if (mb0 >= 2 * nth) mb0 = (mb0 + nth - 1) / nth * nth;  // a multiple of the threads: balance
   const int64_t MC = ((Mpad + mb0 - 1) / mb0 + kMR - 1) / kMR * kMR;
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
@@ -164,7 +170,17 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   // rows [m0, m0 + mrows) (A points at row m0, rs at its row sums) x panels [p0, p0 + np)
   auto compute = [&](const uint8_t* A, const int32_t* rs, int64_t m0, int64_t mrows, int64_t p0,
                      int64_t np, int32_t* cbuf, uint8_t* wd) {
-    std::fill(cbuf, cbuf + MC * ldc, 0);
+    // accumulators start at the zero-point corrections, so the epilogue reads finished sums:
+    // colmul * colsum[n] - h * rowsum[m] (exact modulo 2^32, see epilogue.h)
+    const int64_t n0 = p0 * kNR, ncol = np * kNR;
+    const int32_t colmul = int32_t(offx - (ep.mode == 0 ? 0 : ep.zx));
+    int32_t colterm[kNCP * kNR];
+    for (int64_t i = 0; i < ncol; ++i) colterm[i] = colmul * colsum[n0 + i];
+    for (int64_t r = 0; r < mrows; ++r) {
+      const int32_t rc = int32_t(h * rs[r]);
+      int32_t* c = cbuf + r * ldc;
+      for (int64_t i = 0; i < ncol; ++i) c[i] = colterm[i] - rc;
+    }
     // decoded panel p of k-block [k0, k0 + ks) into out
     auto dec = [&](int64_t p, int64_t k0, int64_t ks, uint8_t* out) {
       if (w7) {
@@ -197,11 +213,9 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
       }
     }
     // fused epilogue, one vectorized row segment at a time
-    const int64_t mend = std::min(m0 + mrows, M), n0 = p0 * kNR, nend = std::min(n0 + np * kNR, N);
+    const int64_t mend = std::min(m0 + mrows, M), nend = std::min(n0 + ncol, N);
     RowEpi re{};
     re.mode = ep.mode;
-    re.colsum = colsum + n0;
-    re.colmul = int32_t(offx - (ep.mode == 0 ? 0 : ep.zx));
     re.scale = ep.scale + n0;
     re.bias = ep.bias != nullptr ? ep.bias + n0 : nullptr;
     re.relu = ep.relu;
@@ -209,7 +223,6 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
     re.out_zp = ep.out_zp;
     const int64_t esz = ep.mode == 2 ? 1 : 4;
     for (int64_t m = m0; m < mend; ++m) {
-      re.rowcorr = int32_t(h * rs[m - m0]);
       epir(cbuf + (m - m0) * ldc, nend - n0, re,
            static_cast<uint8_t*>(ep.out) + (m * ep.ldo + n0) * esz);
     }
@@ -221,7 +234,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   };
 
   if (mb >= 2 * at::get_num_threads()) {
-    // Enough row blocks: each task packs its own 96 rows (they stay in L2) and sweeps all N.
+    // Enough row blocks: each task packs its own MC rows (they stay in L2) and sweeps all N.
     at::parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
       std::vector<int32_t> cbuf(MC * ldc), rs(MC);
       std::unique_ptr<uint8_t[]> wbuf, abuf;
