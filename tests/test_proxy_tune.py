@@ -195,3 +195,26 @@ def test_refit_weights_cut_the_layer_output_error(tiny_setup):
     assert ev.evaluate(lo).kl > ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32").evaluate(lo).kl
     with pytest.raises(ConfigError, match="refit"):
         ProxyEvaluator(m, base.x, base.y, weights="refit")
+
+
+def test_cli_tune_writes_a_feasible_policy_and_rejects_bad_proxy_options(tmp_path):
+    """`lcpaq tune` end to end on the embedded model: the written policy fits the size budget;
+    an unknown --proxy-weights (or refit without fp32 ranges) exits 2."""
+    from lcpaq.cli import main
+    from lcpaq.data import get_loader
+
+    m = get_model("mnist_resnet")
+    x, y = next(iter(get_loader("mnist5k", "train", batch_size=32)))
+    sens = estimate_sensitivity(m, (x, y), candidates=[(w, a) for w in (2, 4, 8) for a in (4, 8)], probes=2)
+    sens.save(tmp_path / "sens.json")
+    inv = trace(m, (1, 1, 28, 28))
+    budget = policy_costs(inv, Policy.uniform(inv.names, 4, 8)).total_size_mb * 1.0001
+    base = ["tune", "--model", "mnist_resnet", "--data", "mnist5k", "--sensitivity", str(tmp_path / "sens.json"),
+            "--max-size-mb", str(budget), "--trials", "3", "--proxy-fraction", "0.01", "--json"]
+    assert main(base + ["--out", str(tmp_path / "p.json")]) == 0
+    pol = Policy.load(tmp_path / "p.json", layer_names=inv.names)
+    assert policy_costs(inv, pol).total_size_mb <= budget
+    assert main(base + ["--proxy-weights", "bogus", "--out", str(tmp_path / "q.json")]) == 2
+    assert main(base + ["--proxy-weights", "refit", "--proxy-calibration", "sequential",
+                        "--out", str(tmp_path / "q.json")]) == 2
+    assert not (tmp_path / "q.json").exists()

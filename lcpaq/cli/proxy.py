@@ -87,6 +87,9 @@ def tune(
     trials: int = typer.Option(12, help="knob settings sampled from the grid"),
     metric: str = typer.Option("margin", help="proxy score: margin | kl | acc"),
     eta: int = typer.Option(2, help="successive-halving reduction factor"),
+    proxy_calibration: str = typer.Option(
+        "fp32", help="activation ranges: fp32 (from the fp32 model, layers shared across trials: fast) | sequential"),
+    proxy_weights: str = typer.Option("maxabs", help="proxy weight quantizer: maxabs | refit (needs fp32)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., help="best policy JSON"),
     json_out: bool = typer.Option(False, "--json"),
@@ -121,7 +124,7 @@ def tune(
         raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
     sub = proxy_subset(get_dataset(data, "train"), fraction=proxy_fraction, seed=seed)
-    ev = ProxyEvaluator(m, *sub.tensors())
+    ev = ProxyEvaluator(m, *sub.tensors(), calibration=proxy_calibration, weights=proxy_weights)
     with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
         task = prog.add_task("tune", total=None, last="")
