@@ -120,7 +120,7 @@ def _deploy_tvm(fq: Any, input_shape: Sequence[int], threads: int, calib: Sequen
     be = TvmBackend(hw)
     onnx_bytes = export_qdq(fq, input_shape, calib_inputs=calib, dynamic_batch=False)
     unit = Unit("deploy:whole-model", onnx_bytes, {"x": x1}, {}, (8, 8))
-    ex, kernel, info = be.compile(unit)
+    ex, kernel, params, info = be.compile(unit)  # params: weights lifted out of the library
     if be.rpc is None:
         dev = tvm.cpu()
         vm = relax.VirtualMachine(ex, dev)
@@ -139,8 +139,10 @@ def _deploy_tvm(fq: Any, input_shape: Sequence[int], threads: int, calib: Sequen
         dev = remote.cpu()
         vm = relax.VirtualMachine(remote.load_module("model.so"), dev)
 
+    weights = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in params]
+
     def one(x: np.ndarray) -> np.ndarray:
-        out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev))
+        out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, np.float32), dev), *weights)
         return (out[0] if isinstance(out, (list, tuple)) else out).numpy()
 
     def run(xs: np.ndarray) -> np.ndarray:  # static batch 1: one sample at a time
@@ -150,10 +152,10 @@ def _deploy_tvm(fq: Any, input_shape: Sequence[int], threads: int, calib: Sequen
 
     def timer(settings: Any) -> tuple[np.ndarray, np.ndarray]:
         for _ in range(settings.warmup):
-            vm["main"](arg)
+            vm["main"](arg, *weights)
         f = vm.time_evaluator("main", dev, number=settings.number, repeat=settings.repeat,
                               min_repeat_ms=int(settings.min_repeat_ms))
-        ms = np.asarray(f(arg).results, np.float64) * 1e3
+        ms = np.asarray(f(arg, *weights).results, np.float64) * 1e3
         return ms, ms
 
     notes = [f"tvm kernel: {kernel}", f"tvm compile: {info}"]
