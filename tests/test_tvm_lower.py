@@ -91,3 +91,38 @@ def test_fp32_unit_stays_float(name):
     assert kernel_label(kinds, low).endswith("-fp32")
     ref = session(onnx_bytes, 1).run(None, feeds)[0]
     np.testing.assert_allclose(_run(low, feeds), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lifted_constants_make_w2_to_w8_one_module_with_their_own_weights():
+    """Weights become parameters: w2/w4/w8 at a8 lower to the same module text (one compiled
+    library), and running it with each unit's own arrays gives that unit's ORT output."""
+    from lcpaq.profiler.tvm_lower import lift_constants
+
+    layer = LAYERS["conv3x3"]
+    texts, ex = set(), None
+    for bits in ((8, 8), (4, 8), (2, 8)):
+        onnx_bytes, feeds = build_unit(layer, bits, "int8", seed=5)
+        low, _ = lower_qdq(from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False))
+        lifted, params, scalars = lift_constants(low)
+        assert [p.shape for p in params][0] == (16, 8, 3, 3) and params[0].dtype == np.int8
+        texts.add((lifted.script(show_meta=False), scalars))
+        if ex is None:  # compiled once, from the w8 unit
+            ex = tvm.compile(lifted, target=tvm.target.Target(HOST_TARGET))
+        dev = tvm.cpu()
+        vm = relax.VirtualMachine(ex, dev)
+        out = vm["main"](*[tvm.runtime.tensor(v, dev) for v in [feeds["x"], *params]]).numpy()
+        ref = session(onnx_bytes, 1).run(None, feeds)[0]
+        diff = np.abs(out.astype(np.int32) - ref.astype(np.int32))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, bits
+    assert len(texts) == 1
+
+
+def test_fp32_and_int8_units_lower_to_different_modules():
+    from lcpaq.profiler.tvm_lower import lift_constants
+
+    texts = set()
+    for bits in ((8, 8), (32, 32)):
+        onnx_bytes, _ = build_unit(LAYERS["conv3x3"], bits, "int8")
+        low, _ = lower_qdq(from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False))
+        texts.add(lift_constants(low)[0].script(show_meta=False))
+    assert len(texts) == 2
