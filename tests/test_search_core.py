@@ -280,3 +280,19 @@ def test_highs_and_cbc_agree_on_a_larger_transition_problem():
     a, b = solve_ilp(prob, solver="highs"), solve_ilp(prob, solver="cbc")
     assert prob.feasible(a.policy) and prob.feasible(b.policy)
     assert a.objective == pytest.approx(b.objective, rel=2 * MIP_GAP)
+
+
+def test_auto_tries_the_lp_bound_before_cbc():
+    """Below AUTO_HIGHS_LAYERS the auto solver asks HiGHS's LP bound first and calls CBC only when
+    it does not prove optimality; both answers equal brute force."""
+    seen = set()
+    for seed in range(6):
+        frac = 1.5 if seed % 2 else 0.45  # a budget that does not bind: the LP proves it
+        prob = random_problem(6, candidates=SMALL_CANDS, seed=seed, ties=1, budget_frac=frac,
+                              budgets=("max_latency_ms",))
+        bf = brute_force(prob)
+        res = solve_ilp(prob)
+        assert res.status == "Optimal" and prob.feasible(res.policy)
+        assert res.objective == pytest.approx(bf[0], rel=1e-7, abs=1e-12)
+        seen.add(res.solver)
+    assert seen == {"ilp/highs-lp-bound", "ilp/cbc"}

@@ -22,7 +22,7 @@ from lcpaq.search.problem import BUDGET_COSTS, COST_UNITS, Budgets, Problem, Sea
 SOLVERS = ("cbc", "highs")
 # "Optimal" means proven within this relative MIP gap (both solvers' convention; HiGHS's default).
 MIP_GAP = 1e-4
-AUTO_HIGHS_LAYERS = 40  # HiGHS (lcpaq.search.mip, LP bound first) from this many layers up
+AUTO_HIGHS_LAYERS = 100  # HiGHS (lcpaq.search.mip, LP bound first) from this many layers up
 
 
 def _solver(name: str, time_limit_s: float | None):
@@ -36,12 +36,13 @@ def _solver(name: str, time_limit_s: float | None):
 def default_solver(n_layers: int | None = None, *, transitions: bool = False) -> str:
     """CBC below ``AUTO_HIGHS_LAYERS`` layers, HiGHS (if highspy is installed) from there up.
 
-    Measured in benchmarks/bench_search.py (notes/search.md, session 5), CPU seconds at load ~3-5:
-    with the LP-first HiGHS path, HiGHS equals CBC on 54-200-layer problems without transition
-    terms, is 1.3-1.8x faster with them, 2x at 1,000 layers (CBC hits its limit with transitions),
-    and 3-5x on the traced ResNet-18/50 problems (the LP bound proves optimality at once); CBC is
-    faster only on ~20-layer synthetic problems with transitions (0.12 vs 0.55 s). ``transitions``
-    is kept for callers; the rule no longer depends on it.
+    Measured (notes/search.md, session 5; CPU seconds): on 54-layer synthetic problems CBC took
+    0.10-0.16 s on four seeds without transition terms where HiGHS took 0.08-0.33 s, and they tie
+    with transitions; from 200 layers HiGHS's LP-first path is as fast without transitions and
+    1.8x faster with them, and at 1,000 layers with transitions CBC hits its time limit. Below the
+    threshold ``solve_ilp`` still tries HiGHS's LP bound first (milliseconds; it proves the traced
+    ResNet problems optimal at once) before calling CBC. ``transitions`` is kept for callers; the
+    rule no longer depends on it.
     """
     del transitions
     if n_layers is not None and n_layers < AUTO_HIGHS_LAYERS:
@@ -212,6 +213,28 @@ def _solve_highs(problem: Problem, objective: str, budgets: Budgets, time_limit_
     return res.status, res.status == "Optimal" and res.bits is not None, res.bits, time.perf_counter() - t0
 
 
+def _lp_bound_probe(problem: Problem, time_limit_s: float | None) -> SearchResult | None:
+    """HiGHS's LP bound + one neighbourhood (lcpaq.search.mip, no branching): the result when that
+    proves optimality within MIP_GAP, else None (also when highspy is missing)."""
+    try:
+        import highspy  # noqa: F401
+    except ImportError:
+        return None
+    from lcpaq.search.mip import build_arrays, solve_lp_first
+
+    t0 = time.perf_counter()
+    res = solve_lp_first(build_arrays(problem, "omega", problem.budgets), gap=MIP_GAP,
+                         time_limit_s=time_limit_s, branch=False)
+    if res.status != "Optimal" or res.bits is None:
+        return None
+    ev = problem.evaluate(res.bits)
+    return SearchResult(
+        policy=Policy(res.bits, meta={"solver": "ilp/highs-lp-bound", "objective": ev["omega"]}),
+        status="Optimal", objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
+        budgets=dict(problem.budgets.items()), solve_time_s=time.perf_counter() - t0, solver="ilp/highs-lp-bound",
+    )
+
+
 def minimum_policy(problem: Problem, cost: str, *, solver: str = "cbc") -> tuple[float, dict[str, BitPair]]:
     """The smallest achievable value of one cost (ties and pins respected, no budgets), exactly
     (an ILP minimising that cost, transitions included), and a policy that achieves it."""
@@ -275,12 +298,20 @@ def solve_ilp(problem: Problem, *, solver: str | None = None, time_limit_s: floa
     """
     trans = "max_latency_ms" in dict(problem.budgets.items()) and any(
         any(t.values()) for t in problem.pairwise.values())
+    auto = solver is None
     solver = solver or default_solver(len(problem.layers), transitions=trans)
+    if auto and solver == "cbc":
+        probe = _lp_bound_probe(problem, time_limit_s)
+        if probe is not None:
+            return probe
     status, ok, bits, dt = _solve(problem, "omega", problem.budgets, solver, time_limit_s)
     if not ok:
         if status in ("Infeasible", "Undefined"):  # CBC may say Undefined for an infeasible MIP
             err = infeasibility_error(problem, solver=solver)
-            if status == "Infeasible" or err.too_tight:  # type: ignore[attr-defined]
+            # CBC stopped by its time limit before any feasible point can also say "Infeasible":
+            # only a budget below its exact minimum, or an infeasibility proven in time, is one
+            timed_out = time_limit_s is not None and dt >= 0.8 * time_limit_s
+            if err.too_tight or (status == "Infeasible" and not timed_out):  # type: ignore[attr-defined]
                 raise err
         raise SolverError(
             f"ILP solver '{solver}' ended with status '{status}' (not proven optimal) after {dt:.1f}s; "

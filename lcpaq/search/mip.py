@@ -197,8 +197,11 @@ def _bits(m: MipArrays, values) -> dict[str, BitPair]:
     return out
 
 
-def solve_lp_first(m: MipArrays, *, gap: float, time_limit_s: float | None) -> MipResult:
-    """LP bound, relaxation-induced neighbourhood, then (only if needed) the full MIP from it."""
+def solve_lp_first(m: MipArrays, *, gap: float, time_limit_s: float | None, branch: bool = True) -> MipResult:
+    """LP bound, relaxation-induced neighbourhood, then (only if needed) the full MIP from it.
+
+    ``branch=False`` stops after the neighbourhood: status "Optimal" when the LP bound proved it,
+    else "Not proven" (the caller then solves the MIP some other way)."""
     import highspy
 
     t_end = None if time_limit_s is None else time.monotonic() + time_limit_s
@@ -265,6 +268,9 @@ def solve_lp_first(m: MipArrays, *, gap: float, time_limit_s: float | None) -> M
     stats["neighbourhood_s"] = time.perf_counter() - t0 - stats["lp_s"]
     if np.isfinite(ub):
         stats["root_gap"] = (ub - lb) / max(abs(ub), 1e-12)
+
+    if not branch:
+        return MipResult("Not proven", None, None if start is None else ub, lb, "lp-bound", 0, stats)
 
     # reduced-cost fixing (exact): with LP duals, a column at 0 whose reduced cost exceeds UB - LB
     # cannot be 1 in any policy better than the incumbent
