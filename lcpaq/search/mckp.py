@@ -18,8 +18,13 @@ normalised by its budget, ``ĉ_b(l, k) = cost_b(l, k) / B_b``, and combined with
    group changing its shared a_bits) with the largest Ω-decrease per unit of scalarised cost that
    still meets every budget; moves that lower Ω *and* cost come first.
 
-Pairwise transition costs are not in the Lagrangian (they couple layers) but are counted in every
-feasibility check, so a returned policy always meets its budgets. Being a heuristic it can miss
+Pairwise transition costs couple layers. When the transition edges plus the ties (a tied pair must
+share a_bits) form a forest (chains, as in plain CNNs), the Lagrangian subproblem with transitions
+is solved exactly by dynamic programming over that forest; below ``LINEARISED_TOO`` layers the
+linearised passes (each layer pays the transitions its neighbours' last choices imply) run as well
+and the better policy is kept. With cycles (skip connections) only the linearisation is used.
+Transitions are counted exactly in every feasibility check, so a returned policy always meets its
+budgets. Being a heuristic it can miss
 the optimum: ``benchmarks/bench_search.py`` and the tests measure its gap against the ILP.
 """
 
@@ -35,6 +40,7 @@ from lcpaq.policy import BitPair, Policy
 from lcpaq.search.problem import BUDGET_COSTS, Problem, SearchResult
 
 _INF = float("inf")
+LINEARISED_TOO = 200
 
 
 class _Arrays:
@@ -77,6 +83,86 @@ class _Arrays:
         self.edge_list = [(a, b, t) for a, lst in self.edges.items() for (x, b, t, prod) in lst if prod]
         self.eff = self.scaled  # scaled costs the Lagrangian sees (transitions linearised in)
         self.restrict: int | None = None  # only this a_bits (where a layer has it): uniform seeds
+        self.tree = self._forest() if self.edge_list else None
+        # transition ms per edge as dense [E, k, k] (producer choice, consumer choice): totals()
+        # reads them with one fancy index instead of a dict lookup per edge
+        e = len(self.edge_list)
+        self.edge_a = np.array([a for a, _, _ in self.edge_list], dtype=np.int64)
+        self.edge_b = np.array([b for _, b, _ in self.edge_list], dtype=np.int64)
+        self.edge_t = np.zeros((e, k, k))
+        for i, (a, b, tab) in enumerate(self.edge_list):
+            for x, cx in enumerate(self.cands[a]):
+                for y, cy in enumerate(self.cands[b]):
+                    self.edge_t[i, x, y] = tab.get((cx, cy), 0.0)
+
+    def _forest(self) -> list[tuple[int, int, np.ndarray, np.ndarray]] | None:
+        """Post-order (child, parent, transition ms [k_parent, k_child], tie mask) when the
+        transition edges plus the ties (each tied pair must share a_bits) form a forest; then the
+        Lagrangian subproblem with transitions is solved exactly by dynamic programming. None
+        otherwise (cycles, e.g. skip connections): transitions are linearised instead."""
+        n, k = self.omega.shape
+        mats: dict[tuple[int, int], list[np.ndarray]] = {}
+        for a, b, tab in self.edge_list:
+            t = np.zeros((k, k))
+            for i, ci in enumerate(self.cands[a]):
+                for j, cj in enumerate(self.cands[b]):
+                    t[i, j] = tab.get((ci, cj), 0.0)
+            key = (min(a, b), max(a, b))
+            m = mats.setdefault(key, [np.zeros((k, k)), np.zeros((k, k), dtype=bool)])
+            m[0] += t if a < b else t.T
+        for g in self.groups:
+            for a, b in zip(g, g[1:], strict=False):
+                key = (min(a, b), max(a, b))
+                m = mats.setdefault(key, [np.zeros((k, k)), np.zeros((k, k), dtype=bool)])
+                m[1] |= self.a_bits[key[0]][:, None] != self.a_bits[key[1]][None, :]
+        parent = list(range(n))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        adj: dict[int, list[int]] = {}
+        for a, b in mats:
+            ra, rb = find(a), find(b)
+            if ra == rb:
+                return None
+            parent[ra] = rb
+            adj.setdefault(a, []).append(b)
+            adj.setdefault(b, []).append(a)
+        order: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        seen: set[int] = set()
+        for root in range(n):
+            if root in seen or root not in adj:
+                continue
+            seen.add(root)
+            stack, visit = [root], []
+            while stack:  # iterative DFS: parents before children
+                u = stack.pop()
+                visit.append(u)
+                for v in adj[u]:
+                    if v not in seen:
+                        seen.add(v)
+                        stack.append(v)
+                        t, tie = mats[(min(u, v), max(u, v))]
+                        order.append((v, u, t if u < v else t.T, tie if u < v else tie.T))
+        return order[::-1]  # children before parents
+
+    def _dp(self, score: np.ndarray, w_lat: float) -> np.ndarray:
+        """Exact argmin of sum(score) + w_lat * transitions over the forest (ties as hard edges)."""
+        acc = score.copy()
+        arg: dict[int, np.ndarray] = {}
+        rows = np.arange(score.shape[1])
+        for c, p, t, tie in self.tree:  # type: ignore[union-attr]
+            m = np.where(tie, _INF, t * w_lat + acc[c][None, :])
+            a = np.argmin(m, axis=1)
+            arg[c] = a
+            acc[p] = acc[p] + m[rows, a]
+        sel = np.argmin(acc, axis=1)  # roots (and isolated layers) take their best
+        for c, p, _, _ in reversed(self.tree):  # type: ignore[arg-type]
+            sel[c] = arg[c][sel[p]]
+        return sel
 
     def linearise(self, sel: np.ndarray) -> None:
         """Add to each layer's latency the transition cost it would pay with its neighbours fixed
@@ -95,9 +181,8 @@ class _Arrays:
     def totals(self, sel: np.ndarray) -> np.ndarray:
         rows = np.arange(len(sel))
         tot = self.cost[:, rows, sel].sum(axis=1) + self.const
-        if self.lat >= 0:
-            tot[self.lat] += sum(t.get((self.cands[a][sel[a]], self.cands[b][sel[b]]), 0.0)
-                                 for a, b, t in self.edge_list)
+        if self.lat >= 0 and len(self.edge_a):
+            tot[self.lat] += self.edge_t[np.arange(len(self.edge_a)), sel[self.edge_a], sel[self.edge_b]].sum()
         return tot
 
     def fits(self, tot: np.ndarray) -> bool:
@@ -116,10 +201,13 @@ class _Arrays:
         return d
 
     def lagrangian(self, lam: np.ndarray) -> np.ndarray:
-        score = self.omega + np.tensordot(lam, self.eff, axes=1) if len(lam) else self.omega.copy()
+        eff = self.scaled if self.tree is not None else self.eff
+        score = self.omega + np.tensordot(lam, eff, axes=1) if len(lam) else self.omega.copy()
         if self.restrict is not None:
             has = (self.a_bits == self.restrict).any(axis=1, keepdims=True)
             score = np.where(~has | (self.a_bits == self.restrict), score, _INF)
+        if self.tree is not None:  # exact subproblem: transitions and ties by DP on the forest
+            return self._dp(score, float(lam[self.lat]) / self.limits[self.lat] if len(lam) else 0.0)
         sel = np.argmin(score, axis=1)
         for g in self.groups:
             best, best_sel = _INF, None
@@ -235,31 +323,36 @@ def _fallback_start(problem: Problem, ar: _Arrays) -> np.ndarray | None:
     return None
 
 
-def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
-    """Greedy MCKP under every budget (see the module docstring for the scalarisation).
+def _om(ar: _Arrays, sel: np.ndarray) -> float:
+    return float(ar.omega[np.arange(len(sel)), sel].sum())
 
-    >>> # res = solve_mckp(problem); res.policy, res.costs
-    """
-    t0 = time.perf_counter()
-    ar = _Arrays(problem)
+
+def _better(ar: _Arrays, a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return b if _om(ar, b) < _om(ar, a) else a
+
+
+def _passes(ar: _Arrays, rounds: int) -> np.ndarray | None:
+    """Lagrangian passes (direction adapted over ``rounds``), each filled; with transitions also
+    passes restricted to one shared a_bits. The best feasible policy, or None."""
+    ar.eff = ar.scaled
     mu = np.ones(len(ar.names))
     best: np.ndarray | None = None
     for _ in range(max(1, rounds if len(mu) > 1 or ar.edges else 1)):
         sel, s = _search_scale(ar, mu)
-        for _ in range(3 if ar.edges else 0):  # re-linearise transitions around the last pass
+        for _ in range(3 if ar.edges and ar.tree is None else 0):  # re-linearise transitions
             if sel is None:
                 break
             ar.linearise(sel)
             s2, sc2 = _search_scale(ar, mu)
-            if s2 is None or ar.omega[np.arange(len(s2)), s2].sum() >= ar.omega[np.arange(len(sel)), sel].sum():
+            if s2 is None or _om(ar, s2) >= _om(ar, sel):
                 break
             sel, s = s2, sc2
         if sel is None:
             break
-        sel = _fill(ar, sel, s * mu)
-        if best is None or ar.omega[np.arange(len(sel)), sel].sum() < ar.omega[np.arange(len(best)), best].sum():
-            best = sel
-        util = ar.totals(sel) / ar.limits
+        best = _better(ar, best, _fill(ar, sel, s * mu))
+        util = ar.totals(best if sel is None else sel) / ar.limits
         mu = mu * np.maximum(util, 1e-3) ** 2
         mu = mu / mu.max()
     if ar.edges:  # transitions: also seed from policies with one shared a_bits (no a-transitions)
@@ -269,9 +362,27 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
             sel, s = _search_scale(ar, mu)
             ar.restrict = None
             if sel is not None:
-                sel = _fill(ar, sel, s * mu)
-                if best is None or ar.omega[np.arange(len(sel)), sel].sum() < ar.omega[np.arange(len(best)), best].sum():
-                    best = sel
+                best = _better(ar, best, _fill(ar, sel, s * mu))
+    return best
+
+
+def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
+    """Greedy MCKP under every budget (see the module docstring for the scalarisation).
+
+    >>> # res = solve_mckp(problem); res.policy, res.costs
+    """
+    t0 = time.perf_counter()
+    ar = _Arrays(problem)
+    best: np.ndarray | None = None
+    tree = ar.tree
+    # With a forest of transitions the Lagrangian subproblem is solved exactly (DP); below
+    # LINEARISED_TOO layers the linearised passes run as well and the better policy is kept:
+    # neither wins on every instance (notes/search.md).
+    modes = (tree, None) if tree is not None and len(ar.layers) < LINEARISED_TOO else (tree,)
+    for ar.tree in modes:
+        best = _better(ar, best, _passes(ar, rounds))
+    ar.tree = tree
+    mu = np.ones(len(ar.names))
     if best is None:  # the Lagrangian never met every budget (transitions, several budgets):
         best = _fallback_start(problem, ar)  # start from an exact per-budget minimum that fits
         if best is not None:
