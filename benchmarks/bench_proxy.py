@@ -54,62 +54,56 @@ def digits_model(seed: int = 0):
     return m.eval()
 
 
-def run_one(data: str, seed: int, a: argparse.Namespace, memo: dict) -> dict:
-    """One dataset, one seed: digits retrains its model with ``seed`` (everything downstream
-    changes: sensitivity, candidate set, proxy subset); mnist5k keeps the embedded model and draws
-    the proxy subset with ``seed`` (the full baseline and the fine-tunes are then the same runs,
-    deterministic per policy: ``memo`` keeps them across seeds and they are not re-timed)."""
-    from scipy.stats import kendalltau
+def prepare(data: str, seed: int, a: argparse.Namespace, memo: dict) -> dict:
+    """Everything untimed before the searches, for one dataset and seed: digits retrains its
+    model with ``seed`` (sensitivity, candidate set and proxy subset all change); mnist5k keeps the
+    embedded model (its sensitivity is computed once, in ``memo``) and draws the proxy subset with
+    ``seed``."""
     from torch.utils.data import DataLoader, Subset
 
     from lcpaq.costs import policy_costs
     from lcpaq.data import _stratified_split, get_dataset, get_loader
-    from lcpaq.errors import InfeasibleBudgetError, SolverError
-    from lcpaq.finetune import finetune
     from lcpaq.graph import trace
     from lcpaq.models import get_model
     from lcpaq.policy import Policy
-    from lcpaq.proxy import (
-        PolicyMaker,
-        ProxyEvaluator,
-        candidate_configs,
-        full_score,
-        proxy_subset,
-        tune,
-    )
+    from lcpaq.proxy import PolicyMaker, candidate_configs, proxy_subset
     from lcpaq.search import Budgets
     from lcpaq.sensitivity import estimate_sensitivity
 
-    if data == "mnist5k":
-        model, shape = get_model("mnist_resnet"), (1, 1, 28, 28)
+    if data == "mnist5k" and "model" in memo:
+        ctx = dict(memo["model"])
     else:
-        model, shape = digits_model(seed), (1, 1, 8, 8)
-        memo.clear()  # another model: nothing carries over
-    inv = trace(model, shape, name=f"mnist_resnet@{data}")
-    train = get_loader(data, "train", batch_size=64, shuffle=True)
+        model, shape = (get_model("mnist_resnet"), (1, 1, 28, 28)) if data == "mnist5k" else (digits_model(seed), (1, 1, 8, 8))
+        inv = trace(model, shape, name=f"mnist_resnet@{data}")
+        cands = [(w, a) for w in (2, 4, 8) for a in (4, 8)]
+        rep = estimate_sensitivity(model, get_loader(data, "train", batch_size=32), candidates=cands, probes=20,
+                                   tol=0.2)
+        w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))  # W4A8-average budget
+        budgets = Budgets(max_size_mb=w4.total_size_mb * 1.0001, max_gbops=sum(w4.bops.values()) / 1e9 * 1.0001)
+        ctx = {"model": model, "inv": inv, "rep": rep, "budgets": budgets}
+        if data == "mnist5k":
+            memo["model"] = dict(ctx)
     # The full search selects on one half of the validation split; both sides' choices are
     # reported on the other half (held out from every selection), so the full baseline's winner
     # is not scored on the images it was picked with.
     vds = get_dataset(data, "val")
     sel_idx, test_idx = _stratified_split(vds.tensors[1].numpy(), 0.5, 0)
-    val = DataLoader(Subset(vds, sel_idx.tolist()), batch_size=500)
-    test = DataLoader(Subset(vds, test_idx.tolist()), batch_size=500)
-    cands = [(w, a) for w in (2, 4, 8) for a in (4, 8)]
-    rep = estimate_sensitivity(model, get_loader(data, "train", batch_size=32), candidates=cands, probes=20, tol=0.2)
-    w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))  # W4A8-average budget
-    budgets = Budgets(max_size_mb=w4.total_size_mb * 1.0001, max_gbops=sum(w4.bops.values()) / 1e9 * 1.0001)
-    sub = proxy_subset(get_dataset(data, "train"), fraction=a.fraction, seed=seed)
-    configs = candidate_configs(a.trials, seed=0)
-    make = PolicyMaker(inv, rep, budgets=budgets)
+    ctx.update(data=data, seed=seed, train=get_loader(data, "train", batch_size=64, shuffle=True),
+               val=DataLoader(Subset(vds, sel_idx.tolist()), batch_size=500),
+               test=DataLoader(Subset(vds, test_idx.tolist()), batch_size=500), n_sel=len(sel_idx), n_test=len(test_idx),
+               sub=proxy_subset(get_dataset(data, "train"), fraction=a.fraction, seed=seed),
+               configs=candidate_configs(a.trials, seed=0))
+    # a fresh PolicyMaker per seed: its solves are timed in step 1 (mnist5k seeds > 0 re-solve too)
+    ctx["make"] = PolicyMaker(ctx["inv"], ctx["rep"], budgets=ctx["budgets"])
+    return ctx
 
-    # Steps 1-3 are the timings: run under an exclusive flock on `lock` (the shared machine's
-    # benchmark lock) so no other benchmark runs beside them; model training, sensitivity and the
-    # final fine-tunes (accuracies, not timings) run outside it.
-    lock_f = open(a.lock, "a") if a.lock else None
-    if lock_f is not None:
-        import fcntl
 
-        fcntl.flock(lock_f, fcntl.LOCK_EX)
+def timed(ctx: dict, a: argparse.Namespace, memo: dict) -> dict:
+    """Steps 1-3, the timings (the caller holds the benchmark lock around them)."""
+    from lcpaq.errors import InfeasibleBudgetError, SolverError
+    from lcpaq.proxy import ProxyEvaluator, full_score, tune
+
+    model, make, configs = ctx["model"], ctx["make"], ctx["configs"]
     load_before = open("/proc/loadavg").read().split()[:3]
     # 1. the candidate set both searches choose from: one feasible policy per knob setting (the ILP
     #    and Pareto solves), computed once and shared; timed on its own.
@@ -124,17 +118,19 @@ def run_one(data: str, seed: int, a: argparse.Namespace, memo: dict) -> dict:
 
     # 2. the proxy search (successive halving, PTQ on the proxy subset), evaluator setup included
     def new_evaluator():
-        return ProxyEvaluator(model, *sub.tensors(), calibration=a.calibration, weights=a.proxy_weights)
+        return ProxyEvaluator(model, *ctx["sub"].tensors(), calibration=a.calibration, weights=a.proxy_weights)
 
     t0, c0 = time.perf_counter(), _cpu()
     ev = new_evaluator()
-    res = tune(model, inv, rep, ev, budgets=budgets, configs=configs, maker=make, metric=a.metric)
+    res = tune(model, ctx["inv"], ctx["rep"], ev, budgets=ctx["budgets"], configs=configs, maker=make,
+               metric=a.metric)
     t_tune, c_tune = time.perf_counter() - t0, _cpu() - c0
     # the scoring pass below times cold evaluations on an evaluator whose fp32 outputs are built
     # (once per search) but whose ranges and quantized layers are not: each setting pays them
     ev = new_evaluator()
 
-    # 3. every setting scored both ways, interleaved (proxy, full, proxy, full, ...)
+    # 3. every setting scored both ways, interleaved (proxy, full, proxy, full, ...); mnist5k seeds
+    #    after the first reuse its full runs (same model and candidates: deterministic per policy)
     rows, t_proxy, t_full, proxy_cache = [], 0.0, 0.0, {}
     c_proxy = c_full = 0.0
     full_cache = memo.setdefault("full", {})
@@ -151,36 +147,57 @@ def run_one(data: str, seed: int, a: argparse.Namespace, memo: dict) -> dict:
         c_proxy += _cpu() - c
         t, c = time.perf_counter(), _cpu()
         if key not in full_cache:
-            full_cache[key] = full_score(model, pol, k, train, val, epochs=a.full_epochs)
+            full_cache[key] = full_score(model, pol, k, ctx["train"], ctx["val"], epochs=a.full_epochs)
         t_full += time.perf_counter() - t
         c_full += _cpu() - c
         s = proxy_cache[key]
         rows.append({"knobs": k.label(), "calib": k.calib_method, "policy": pol.summary(), "margin": s.margin,
                      "kl": s.kl, "proxy_acc": s.acc, "full_acc": full_cache[key]})
     load_after = open("/proc/loadavg").read().split()[:3]
-    if lock_f is not None:
-        lock_f.close()  # releases the flock
-    timed_full = "full_s" not in memo  # later mnist5k seeds reuse the first seed's full runs
+    timed_full = "full_s" not in memo
     memo.setdefault("full_s", (t_full, c_full))
     t_full, c_full = memo["full_s"]
-    ok = [r for r in rows if "full_acc" in r]
+    return {"res": res, "rows": rows, "unique_evals": len(proxy_cache), "tune_s": t_tune, "proxy_score_s": t_proxy,
+            "full_s": t_full, "full_timed_here": timed_full, "policy_s": t_policy,
+            "cpu": {"tune_s": c_tune, "proxy_score_s": c_proxy, "full_s": c_full, "policy_s": c_policy,
+                    "ratio_full_vs_tune": c_full / max(c_tune, 1e-9),
+                    "ratio_with_policies": (c_full + c_policy) / max(c_tune + c_policy, 1e-9),
+                    "ratio_full_vs_proxy_scoring": c_full / max(c_proxy, 1e-9)},
+            # the issue's ratio: full search (every setting KD-fine-tuned) vs the proxy search, both
+            # over the same precomputed candidate set
+            "ratio_full_vs_tune": t_full / t_tune,
+            # the same with the shared policy solves added to both sides
+            "ratio_with_policies": (t_full + t_policy) / (t_tune + t_policy),
+            # per evaluation: the same unique (policy, calibration) set scored both ways
+            "ratio_full_vs_proxy_scoring": t_full / max(t_proxy, 1e-9),
+            "loadavg_timed": [load_before, load_after]}
+
+
+def finish(ctx: dict, tm: dict, a: argparse.Namespace, memo: dict) -> dict:
+    """Step 4 (untimed): the choices fine-tuned with the final recipe, tau, oracle."""
+    from scipy.stats import kendalltau
+
+    from lcpaq.finetune import finetune
+
+    model, make, configs, data = ctx["model"], ctx["make"], ctx["configs"], ctx["data"]
+    res, ok = tm["res"], [r for r in tm["rows"] if "full_acc" in r]
     full = [r["full_acc"] for r in ok]
     tau = {m: float(kendalltau([r[m] for r in ok], full).statistic) for m in ("margin", "kl", "proxy_acc")}
     best_full = max(ok, key=lambda r: r["full_acc"])  # ties: the first setting in the trial order
     chosen = {"proxy": (res.best.knobs, res.best.policy),
               "full": next((k, make(k)) for k in configs if k.label() == best_full["knobs"])}
-
-    # 4. fine-tunes with the final recipe on the held-out half, mean over --final-seeds seeds (one
-    #    image is 0.56 pt on digits: a single fine-tune is too noisy to compare two policies at
-    #    0.3 pt): each side's choice, and with --oracle every candidate (the best reachable final,
-    #    and how well each side's scores rank the finals)
+    # fine-tunes with the final recipe on the held-out half, mean over --final-seeds seeds (one
+    # image is 0.56 pt on digits: a single fine-tune is too noisy to compare two policies at
+    # 0.3 pt): each side's choice, and with --oracle every candidate (the best reachable final,
+    # and how well each side's scores rank the finals)
     finals = memo.setdefault("final", {})
 
     def final_of(k, pol):
         key = (pol, k.calib_method)
         if key not in finals:  # deterministic per seed: a policy chosen twice is fine-tuned once
-            runs = [finetune(copy.deepcopy(model), pol, train, test, epochs=a.final_epochs, kd_temp=k.kd_temp,
-                             kd_alpha=k.kd_alpha, calib_method=k.calib_method, seed=sd) for sd in range(a.final_seeds)]
+            runs = [finetune(copy.deepcopy(model), pol, ctx["train"], ctx["test"], epochs=a.final_epochs,
+                             kd_temp=k.kd_temp, kd_alpha=k.kd_alpha, calib_method=k.calib_method, seed=sd)
+                    for sd in range(a.final_seeds)]
             finals[key] = {"fp32": runs[0].fp32_acc, "ptq": runs[0].ptq_acc,
                            "qat": sum(r.qat_acc for r in runs) / len(runs), "qat_per_seed": [r.qat_acc for r in runs]}
         return finals[key]
@@ -196,28 +213,17 @@ def run_one(data: str, seed: int, a: argparse.Namespace, memo: dict) -> dict:
         oracle = {"best_final": max(fin), "unique": len(uniq),
                   "tau_final": {m: float(kendalltau([r[m] for r in uniq], fin).statistic)
                                 for m in ("margin", "kl", "proxy_acc", "full_acc")}}
-    return {"data": data, "seed": seed, "proxy_share": sub.share, "proxy_samples": len(sub.indices),
-            "configs": len(configs), "unique_evals": len(proxy_cache), "tune_s": t_tune, "proxy_score_s": t_proxy,
-            "full_s": t_full, "full_timed_here": timed_full, "policy_s": t_policy,
-            "cpu": {"tune_s": c_tune, "proxy_score_s": c_proxy, "full_s": c_full, "policy_s": c_policy,
-                    "ratio_full_vs_tune": c_full / max(c_tune, 1e-9),
-                    "ratio_with_policies": (c_full + c_policy) / max(c_tune + c_policy, 1e-9),
-                    "ratio_full_vs_proxy_scoring": c_full / max(c_proxy, 1e-9)},
-            # the issue's ratio: full search (every setting KD-fine-tuned) vs the proxy search, both
-            # over the same precomputed candidate set
-            "ratio_full_vs_tune": t_full / t_tune,
-            # the same with the shared policy solves added to both sides
-            "ratio_with_policies": (t_full + t_policy) / (t_tune + t_policy),
-            # per evaluation: the same unique (policy, calibration) set scored both ways
-            "ratio_full_vs_proxy_scoring": t_full / max(t_proxy, 1e-9),
-            "same_choice": chosen["proxy"][1] == chosen["full"][1]
-            and chosen["proxy"][0].calib_method == chosen["full"][0].calib_method,
-            "gap_pt": final["proxy"]["qat"] - final["full"]["qat"], "oracle": oracle,
-            "kendall_tau": tau, "final": final, "rows": rows, "calibration": a.calibration,
-            "proxy_weights": a.proxy_weights, "metric": a.metric,
-            "sensitivity_probes": rep.probes, "full_epochs": a.full_epochs, "final_epochs": a.final_epochs,
-            "final_seeds": a.final_seeds, "select_val_images": len(sel_idx), "test_val_images": len(test_idx),
-            "loadavg_1min": os.getloadavg()[0], "loadavg_timed": [load_before, load_after], "locked": bool(a.lock)}
+    out = {k: v for k, v in tm.items() if k != "res"}
+    sub = ctx["sub"]
+    return out | {
+        "data": data, "seed": ctx["seed"], "proxy_share": sub.share, "proxy_samples": len(sub.indices),
+        "configs": len(configs), "same_choice": chosen["proxy"][1] == chosen["full"][1]
+        and chosen["proxy"][0].calib_method == chosen["full"][0].calib_method,
+        "gap_pt": final["proxy"]["qat"] - final["full"]["qat"], "oracle": oracle, "kendall_tau": tau, "final": final,
+        "calibration": a.calibration, "proxy_weights": a.proxy_weights, "metric": a.metric,
+        "sensitivity_probes": ctx["rep"].probes, "full_epochs": a.full_epochs, "final_epochs": a.final_epochs,
+        "final_seeds": a.final_seeds, "select_val_images": ctx["n_sel"], "test_val_images": ctx["n_test"],
+        "loadavg_1min": os.getloadavg()[0], "locked": bool(a.lock)}
 
 
 def summary(runs: list[dict]) -> dict:
@@ -270,12 +276,29 @@ def main() -> None:
     out: list[dict] = []
     for d in a.datasets.split(","):
         memo: dict = {}
-        for seed in [int(x) for x in (a.mnist_seeds if d == "mnist5k" else a.seeds).split(",")]:
-            r = run_one(d, seed, a, memo)
+        seeds = [int(x) for x in (a.mnist_seeds if d == "mnist5k" else a.seeds).split(",")]
+        # digits: each seed is another model, so the memo (full runs, fine-tunes) is per seed
+        memos = [memo if d == "mnist5k" else {} for _ in seeds]
+        ctxs = [prepare(d, sd, a, m) for sd, m in zip(seeds, memos, strict=True)]
+        # the timed steps of all seeds in one hold of the shared benchmark lock (no other benchmark
+        # beside them); training, sensitivity and the final fine-tunes run outside it
+        lock_f = open(a.lock, "a") if a.lock else None
+        if lock_f is not None:
+            import fcntl
+
+            fcntl.flock(lock_f, fcntl.LOCK_EX)
+            print(f"lock held from {time.strftime('%H:%M:%S')} load {open('/proc/loadavg').read().split()[:3]}")
+        try:
+            tms = [timed(c, a, m) for c, m in zip(ctxs, memos, strict=True)]
+        finally:
+            if lock_f is not None:
+                lock_f.close()  # releases the flock
+        for c, tm, m in zip(ctxs, tms, memos, strict=True):
+            r = finish(c, tm, a, m)
             out.append(r)
             (RESULTS / f"{a.out}.json").write_text(json.dumps({"runs": out, "summary": summary(out)}, indent=1,
                                                               default=str))
-            print(f"\n== {d} seed {seed}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
+            print(f"\n== {d} seed {r['seed']}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
                   f"{r['configs']} settings, {r['unique_evals']} unique (policy, calib)")
             for row in r["rows"]:
                 print("  ", row)

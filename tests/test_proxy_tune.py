@@ -218,3 +218,20 @@ def test_cli_tune_writes_a_feasible_policy_and_rejects_bad_proxy_options(tmp_pat
     assert main(base + ["--proxy-weights", "refit", "--proxy-calibration", "sequential",
                         "--out", str(tmp_path / "q.json")]) == 2
     assert not (tmp_path / "q.json").exists()
+
+
+def test_evaluator_keeps_its_own_weights(tiny_setup):
+    """Scores do not move when the caller later changes its model's weights in place."""
+    import copy
+
+    m0, inv, _, base = tiny_setup
+    m = copy.deepcopy(m0)
+    ev = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32", cache_models=0)
+    pol = Policy.uniform(inv.names, 4, 8)
+    before = ev.evaluate(pol)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(-3.0)
+    after = ev.evaluate(pol)
+    assert (before.margin, before.kl, before.acc) == (after.margin, after.kl, after.acc)
+    assert not any(p.requires_grad for p in ev.model.parameters())
