@@ -86,6 +86,7 @@ struct RowEpi;
 // vectorized helpers (epilogue.h), one copy per ISA
 void epilogue_row_scalar(const int32_t* c, int64_t n, const RowEpi& e, void* out);
 void epilogue_row_avx2(const int32_t* c, int64_t n, const RowEpi& e, void* out);
+void epilogue_row_avx512(const int32_t* c, int64_t n, const RowEpi& e, void* out);
 void widen_row_scalar(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
 void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
 void flip_row_scalar(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);

@@ -17,6 +17,7 @@
 
 #include <cstring>
 
+#include "epilogue.h"
 #include "qgemm.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -129,6 +130,51 @@ int32_t sum_row_avx512(const int8_t* d, int64_t n) {
   return static_cast<int32_t>(_mm512_reduce_add_epi64(acc) - 128 * i);
 }
 
+// The fused epilogue 16 columns at a time (masked tail): the same float operations in the same
+// order as epilogue_loop (mul, add, relu, then mul, round half-even, add, clamp), so bit-identical
+// to it; relu as max(0, y) keeps y = -0.0 like the scalar `y < 0 ? 0 : y`.
+template <int MODE, bool BIAS, bool RELU>
+static void epilogue_avx512(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  const __m512 inv = _mm512_set1_ps(e.inv_out), zp = _mm512_set1_ps(e.out_zp);
+  const __m512 lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512i ci = _mm512_maskz_loadu_epi32(m, c + i);
+    if (MODE == 0) {
+      _mm512_mask_storeu_epi32(static_cast<int32_t*>(out) + i, m, ci);
+      continue;
+    }
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(ci), _mm512_maskz_loadu_ps(m, e.scale + i));
+    if (BIAS) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.bias + i));
+    if (RELU) y = _mm512_max_ps(lo, y);
+    if (MODE == 1) {
+      _mm512_mask_storeu_ps(static_cast<float*>(out) + i, m, y);
+      continue;
+    }
+    __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(y, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, zp), lo), hi);
+    // integral and in [0, 255] already: the conversion and the byte truncation are exact
+    _mm_mask_storeu_epi8(static_cast<uint8_t*>(out) + i, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+}
+
+template <int MODE>
+static void epilogue_mode_avx512(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  if (e.bias != nullptr) {
+    if (e.relu) epilogue_avx512<MODE, true, true>(c, n, e, out);
+    else epilogue_avx512<MODE, true, false>(c, n, e, out);
+  } else {
+    if (e.relu) epilogue_avx512<MODE, false, true>(c, n, e, out);
+    else epilogue_avx512<MODE, false, false>(c, n, e, out);
+  }
+}
+
+void epilogue_row_avx512(const int32_t* c, int64_t n, const RowEpi& e, void* out) {
+  if (e.mode == 0) return epilogue_avx512<0, false, false>(c, n, e, out);
+  if (e.mode == 1) return epilogue_mode_avx512<1>(c, n, e, out);
+  epilogue_mode_avx512<2>(c, n, e, out);
+}
+
 bool cpu_has_avx512vnni() {
   __builtin_cpu_init();  // libgcc also checks that the OS saves the zmm state (XCR0)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -142,6 +188,7 @@ void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int6
                    int64_t) {}
 bool cpu_has_avx512vnni() { return false; }
 void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
+void epilogue_row_avx512(const int32_t*, int64_t, const RowEpi&, void*) {}
 int32_t sum_row_avx512(const int8_t*, int64_t) { return 0; }
 #endif
 
