@@ -141,10 +141,10 @@ def build_arrays(problem: Problem, objective: str, budgets: Budgets) -> MipArray
             y = {(a, b): m.var(integer=False, hi=np.inf) for a in range(len(rows)) for b in range(len(colsets))}
             for a, r in enumerate(rows):
                 m.row([(y[a, b], 1.0) for b in range(len(colsets))] + [(m.x[pl, cp[i]], -1.0) for i in r], 0.0, 0.0)
-            for b, c in enumerate(colsets):
-                m.row([(y[a, b], 1.0) for a in range(len(rows))] + [(m.x[cl, cc[j]], -1.0) for j in c], 0.0, 0.0)
-            trans += [(y[a, b], full[r[0]][c[0]]) for a, r in enumerate(rows) for b, c in enumerate(colsets)
-                      if full[r[0]][c[0]]]
+            for b, cset in enumerate(colsets):
+                m.row([(y[a, b], 1.0) for a in range(len(rows))] + [(m.x[cl, cc[j]], -1.0) for j in cset], 0.0, 0.0)
+            trans += [(y[a, b], full[r[0]][cs[0]]) for a, r in enumerate(rows) for b, cs in enumerate(colsets)
+                      if full[r[0]][cs[0]]]
 
     def terms(cost: str) -> list[tuple[int, float]]:
         tab = _table(problem, cost)
@@ -296,8 +296,8 @@ def solve_lp_first(m: MipArrays, *, gap: float, time_limit_s: float | None, bran
     nodes = int(info.mip_node_count)
     stats["mip_s"] = time.perf_counter() - t0 - stats["lp_s"] - stats["neighbourhood_s"]
     if st == highspy.HighsModelStatus.kOptimal:
-        vals = list(hm.getSolution().col_value)
-        return MipResult("Optimal", _bits(m, vals), info.objective_function_value, info.mip_dual_bound, "mip", nodes, stats)
+        final = list(hm.getSolution().col_value)
+        return MipResult("Optimal", _bits(m, final), info.objective_function_value, info.mip_dual_bound, "mip", nodes, stats)
     if st == highspy.HighsModelStatus.kInfeasible:
         return MipResult("Infeasible", None, None, None, "mip", nodes, stats)
     return MipResult(hm.modelStatusToString(st), None, None, None, "mip", nodes, stats)
