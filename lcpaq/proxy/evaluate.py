@@ -128,25 +128,16 @@ class ProxyEvaluator:
         from lcpaq.quant import quantizable_names
 
         self._float_layers = {n: self.model.get_submodule(n) for n in quantizable_names(self.model)}
-        self.fp32_logits, self.fp32_features = self._forward(self.model, len(self.y))
+        # with fp32 ranges, the one fp32 pass also records every quantizable layer's input
+        self.fp32_logits, self.fp32_features = self._forward(self.model, len(self.y),
+                                                             record=calibration == "fp32")
 
     @torch.no_grad()
     def _fp32_qparams(self, layer: str, bits: int, method: str, symmetric: bool) -> tuple[float, int]:
-        from lcpaq.quant import quantizable_names
 
-        if self._inputs is None:  # one fp32 pass records every quantizable layer's input
-            names = quantizable_names(self.model)
-            store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-            hooks = [self.model.get_submodule(n).register_forward_hook(
-                lambda m, i, o, n=n: store[n].append(i[0].detach())) for n in names]
-            try:
-                xc = self.x[: self.calib_samples]
-                for i in range(0, len(xc), self.batch_size):
-                    self.model(xc[i:i + self.batch_size])
-            finally:
-                for h in hooks:
-                    h.remove()
-            self._inputs = {n: torch.cat(v) for n, v in store.items()}
+        if self._inputs is None:  # recorded by the fp32 pass in __init__ when calibration="fp32"
+            self._forward(self.model, self.calib_samples, record=True)
+        assert self._inputs is not None
         key = (layer, bits, method)
         if key not in self._ranges:
             self._ranges[key] = act_qparams(self._inputs[layer], bits, method=method, symmetric=symmetric,
@@ -161,14 +152,22 @@ class ProxyEvaluator:
             self._layers.clear()
 
     @torch.inference_mode()
-    def _forward(self, model: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, model: nn.Module, n: int, *, record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and penultimate features of the first ``n`` samples; ``record`` also keeps the
+        inputs of every quantizable layer on the first ``calib_samples`` (fp32 model only)."""
         feats: list[torch.Tensor] = []
-        h = _last_linear(model).register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+        hooks = [_last_linear(model).register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))]
+        store: dict[str, list[torch.Tensor]] = {name: [] for name in self._float_layers} if record else {}
+        hooks += [self._float_layers[name].register_forward_hook(lambda m, i, o, name=name: store[name].append(i[0]))
+                  for name in store]
         try:
             x = self.x[:n]
             logits = torch.cat([model(x[i:i + self.batch_size]) for i in range(0, n, self.batch_size)])
         finally:
-            h.remove()
+            for h in hooks:
+                h.remove()
+        if record:
+            self._inputs = {name: torch.cat(v)[: self.calib_samples] for name, v in store.items()}
         return logits, torch.cat(feats)
 
     def quantized(self, policy: Policy, *, calib_method: str = "minmax") -> nn.Module:
