@@ -9,10 +9,14 @@ For each dataset (mnist5k with the embedded model; digits with a MnistResNet tra
   * Kendall tau between proxy scores (margin, -KL, acc) and full scores; wall-time ratio;
   * the policy each side chose, fine-tuned with the same KD recipe: final accuracy (mean over
     --final-seeds seeds) on the held-out half of the val split (the full search selects on the
-    other half).
-Timings interleave proxy and full per setting (A B A B). The machine is shared (2 cores).
+    other half); with --oracle (default: digits) every candidate too, giving the best reachable
+    final and how well each side's scores rank the held-out finals;
+  * --seeds: digits retrains its model per seed (a new candidate set each time); mnist5k
+    (--mnist-seeds) redraws the proxy subset, its full runs are made and timed once.
+Timings interleave proxy and full per setting (A B A B); the timed steps of all seeds of a dataset
+run in one hold of --lock. The machine is shared (2 cores).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_proxy.py [--trials 10] [--datasets mnist5k,digits]
+    OMP_NUM_THREADS=1 python benchmarks/bench_proxy.py --lock /tmp/lcpaq-bench.lock [--seeds 0,1,2,3,4]
 """
 
 from __future__ import annotations
