@@ -81,6 +81,8 @@ void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int6
 bool cpu_has_avx512vnni();
 void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
 int32_t sum_row_avx512(const int8_t* d, int64_t n);
+void quantize_row_avx512(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                         float hi);
 
 struct RowEpi;
 // vectorized helpers (epilogue.h), one copy per ISA

@@ -127,7 +127,9 @@ int32_t sum_row_avx512(const int8_t* d, int64_t n) {
     const __m512i v = _mm512_maskz_loadu_epi8(first_n(n - i), d + i);
     acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_xor_si512(v, flip), z));
   }
-  return static_cast<int32_t>(_mm512_reduce_add_epi64(acc) - 128 * i);
+  alignas(64) int64_t t[8];  // (not _mm512_reduce_add_epi64: GCC 12's header warns in it)
+  _mm512_store_si512(t, acc);
+  return static_cast<int32_t>(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7] - 128 * i);
 }
 
 // The fused epilogue 16 columns at a time (masked tail): the same float operations in the same
@@ -175,6 +177,21 @@ void epilogue_row_avx512(const int32_t* c, int64_t n, const RowEpi& e, void* out
   epilogue_mode_avx512<2>(c, n, e, out);
 }
 
+// quantize_row_impl 16 at a time: clamp(round_half_even(x / scale) + zp, lo, hi) with the same
+// IEEE division and rounding, so bit-identical to it; stored as the low byte (int8 two's complement)
+void quantize_row_avx512(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
+                         float hi) {
+  const __m512 vs = _mm512_set1_ps(sc), vz = _mm512_set1_ps(zp);
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, s + i), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, vz), vlo), vhi);
+    _mm_mask_storeu_epi8(d + i, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+}
+
 bool cpu_has_avx512vnni() {
   __builtin_cpu_init();  // libgcc also checks that the OS saves the zmm state (XCR0)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -189,6 +206,7 @@ void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int6
 bool cpu_has_avx512vnni() { return false; }
 void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
 void epilogue_row_avx512(const int32_t*, int64_t, const RowEpi&, void*) {}
+void quantize_row_avx512(const float*, uint8_t*, int64_t, float, float, float, float) {}
 int32_t sum_row_avx512(const int8_t*, int64_t) { return 0; }
 #endif
 

@@ -29,7 +29,6 @@ int isa_level() {
   if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return std::min(best, 1);
   return best;
 }
-bool use_avx2() { return isa_level() >= 1; }
 
 struct Epilogue {
   int mode = 1;  // 0: raw int32 sum x*q, 1: float32, 2: uint8 requantized
@@ -436,7 +435,8 @@ at::Tensor quantize_act_cpu(const at::Tensor& x, double scale, int64_t zp, int64
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   const float* s = xc.data_ptr<float>();
   uint8_t* d = static_cast<uint8_t*>(out.data_ptr());
-  const auto qrow = use_avx2() ? quantize_row_avx2 : quantize_row_scalar;
+  const int isa = isa_level();
+  const auto qrow = isa >= 2 ? quantize_row_avx512 : isa == 1 ? quantize_row_avx2 : quantize_row_scalar;
   at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
     qrow(s + b, d + b, e - b, sc, z, lo, hi);
   });
