@@ -23,6 +23,10 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it inside its own
+// headers at -O3 (not about this code)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define LCPAQ_HAVE_VNNI_TU 1
 #endif
 
