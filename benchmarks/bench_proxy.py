@@ -278,42 +278,44 @@ def main() -> None:
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: list[dict] = []
+    jobs = []  # (dataset, context, memo) for every dataset and seed
     for d in a.datasets.split(","):
         memo: dict = {}
-        seeds = [int(x) for x in (a.mnist_seeds if d == "mnist5k" else a.seeds).split(",")]
-        # digits: each seed is another model, so the memo (full runs, fine-tunes) is per seed
-        memos = [memo if d == "mnist5k" else {} for _ in seeds]
-        ctxs = [prepare(d, sd, a, m) for sd, m in zip(seeds, memos, strict=True)]
-        # the timed steps of all seeds in one hold of the shared benchmark lock (no other benchmark
-        # beside them); training, sensitivity and the final fine-tunes run outside it
-        lock_f = open(a.lock, "a") if a.lock else None
-        if lock_f is not None:
-            import fcntl
+        for sd in [int(x) for x in (a.mnist_seeds if d == "mnist5k" else a.seeds).split(",")]:
+            # digits: each seed is another model, so the memo (full runs, fine-tunes) is per seed
+            m = memo if d == "mnist5k" else {}
+            jobs.append((d, prepare(d, sd, a, m), m))
+    # the timed steps of every dataset and seed in one hold of the shared benchmark lock (no other
+    # benchmark beside them); training, sensitivity and the final fine-tunes run outside it
+    lock_f = open(a.lock, "a") if a.lock else None
+    if lock_f is not None:
+        import fcntl
 
-            fcntl.flock(lock_f, fcntl.LOCK_EX)
-            print(f"lock held from {time.strftime('%H:%M:%S')} load {open('/proc/loadavg').read().split()[:3]}")
-        try:
-            tms = [timed(c, a, m) for c, m in zip(ctxs, memos, strict=True)]
-        finally:
-            if lock_f is not None:
-                lock_f.close()  # releases the flock
-        for c, tm, m in zip(ctxs, tms, memos, strict=True):
-            r = finish(c, tm, a, m)
-            out.append(r)
-            (RESULTS / f"{a.out}.json").write_text(json.dumps({"runs": out, "summary": summary(out)}, indent=1,
-                                                              default=str))
-            print(f"\n== {d} seed {r['seed']}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
-                  f"{r['configs']} settings, {r['unique_evals']} unique (policy, calib)")
-            for row in r["rows"]:
-                print("  ", row)
-            print(f"  tau {r['kendall_tau']}  tune {r['tune_s']:.3f}s  proxy-scoring {r['proxy_score_s']:.3f}s  "
-                  f"full {r['full_s']:.1f}s{'' if r['full_timed_here'] else ' (first seed)'}  policies "
-                  f"{r['policy_s']:.2f}s  ratio full/tune {r['ratio_full_vs_tune']:.0f}x  (with policies "
-                  f"{r['ratio_with_policies']:.0f}x)  full/proxy-scoring {r['ratio_full_vs_proxy_scoring']:.0f}x  "
-                  f"CPU {r['cpu']['ratio_full_vs_tune']:.0f}x  load {r['loadavg_timed']}")
-            for side, f in r["final"].items():
-                print(f"  chosen by {side}: {f}")
-            print(f"  gap {r['gap_pt']:+.2f} pt  oracle {r['oracle']}")
+        fcntl.flock(lock_f, fcntl.LOCK_EX)
+        print(f"lock held from {time.strftime('%H:%M:%S')} load {open('/proc/loadavg').read().split()[:3]}")
+    try:
+        tms = [timed(c, a, m) for _, c, m in jobs]
+    finally:
+        if lock_f is not None:
+            lock_f.close()  # releases the flock
+            print(f"lock released {time.strftime('%H:%M:%S')}")
+    for (d, c, m), tm in zip(jobs, tms, strict=True):
+        r = finish(c, tm, a, m)
+        out.append(r)
+        (RESULTS / f"{a.out}.json").write_text(json.dumps({"runs": out, "summary": summary(out)}, indent=1,
+                                                          default=str))
+        print(f"\n== {d} seed {r['seed']}: proxy {100 * r['proxy_share']:.1f}% ({r['proxy_samples']} samples), "
+              f"{r['configs']} settings, {r['unique_evals']} unique (policy, calib)")
+        for row in r["rows"]:
+            print("  ", row)
+        print(f"  tau {r['kendall_tau']}  tune {r['tune_s']:.3f}s  proxy-scoring {r['proxy_score_s']:.3f}s  "
+              f"full {r['full_s']:.1f}s{'' if r['full_timed_here'] else ' (first seed)'}  policies "
+              f"{r['policy_s']:.2f}s  ratio full/tune {r['ratio_full_vs_tune']:.0f}x  (with policies "
+              f"{r['ratio_with_policies']:.0f}x)  full/proxy-scoring {r['ratio_full_vs_proxy_scoring']:.0f}x  "
+              f"CPU {r['cpu']['ratio_full_vs_tune']:.0f}x  load {r['loadavg_timed']}")
+        for side, f in r["final"].items():
+            print(f"  chosen by {side}: {f}")
+        print(f"  gap {r['gap_pt']:+.2f} pt  oracle {r['oracle']}")
     summ = summary(out)
     print(json.dumps(summ, indent=1))
     with (RESULTS / f"{a.out}.csv").open("w") as f:
