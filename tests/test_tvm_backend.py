@@ -36,7 +36,7 @@ def test_parse_target_profile_strings():
     assert t["mattr"] == ["+neon", "+fp-armv8"] and t["mtriple"] == "aarch64-linux-gnu"
 
 
-@pytest.mark.parametrize("bits,kernel", [((8, 8), "tvm:conv2d-int8"), ((4, 8), "tvm:conv2d-int8"),
+@pytest.mark.parametrize("bits,kernel", [((8, 8), "tvm:conv2d-int8-avx2"), ((4, 8), "tvm:conv2d-int8-avx2"),
                                          ((32, 32), "tvm:conv2d-fp32")], ids=["w8a8", "w4a8", "fp32"])
 def test_measures_tiny_conv_unit(tmp_path, bits, kernel):
     be = get_backend("tvm", _profile(tmp_path))

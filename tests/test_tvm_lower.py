@@ -126,3 +126,61 @@ def test_fp32_and_int8_units_lower_to_different_modules():
         low, _ = lower_qdq(from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False))
         texts.add(lift_constants(low)[0].script(show_meta=False))
     assert len(texts) == 2
+
+
+AVX2_CASES = [("conv3x3", (8, 8), "int8"), ("conv3x3", (2, 8), "fp32"), ("conv1x1s2", (4, 4), "fp32")]
+
+
+@pytest.mark.parametrize("name,bits,in_class", AVX2_CASES, ids=[_id(c) for c in AVX2_CASES])
+def test_avx2_int8_path_is_exact_vs_ort(name, bits, in_class):
+    """The NCHWc u8 x s8 conv (packed weights, layout transforms around it) equals ORT's output."""
+    layer = LAYERS[name]
+    onnx_bytes, feeds = build_unit(layer, bits, in_class, seed=4)
+    mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    low, kinds = lower_qdq(mod, avx2_int8=True)
+    assert kinds == ["conv2d-int8-avx2"]
+    text = low.script()
+    assert "R.nn.conv2d(" not in text and "conv2d_nchwc_u8s8" in text
+    out = _run(low, feeds)
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    diff = np.abs(out.astype(np.int32) - ref.astype(np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_avx2_intrinsic_is_exact_at_the_saturation_edge():
+    """Tensorized by hand (no tuning): all-255 activations x all-(+-63) weights, the worst case for
+    the vpmaddubsw i16 pair sum (2 * 255 * 63 = 32130), equal the int64 reference."""
+    from tvm import s_tir
+
+    from lcpaq.profiler.tvm_lower import AVX2_DOT_8X4, conv2d_nchwc_u8s8, register_avx2_intrin
+
+    register_avx2_intrin()
+    prim = conv2d_nchwc_u8s8((1, 8, 4, 4), 8, (1, 1), (1, 1), (0, 0, 0, 0))
+    sch = s_tir.Schedule(prim)
+    blk = sch.get_sblock("conv2d_nchwc")
+    b, o, y, x, o8, ic, kh, kw, c4 = sch.get_loops(blk)
+    sch.reorder(b, o, y, x, ic, kh, kw, o8, c4)
+    sch.decompose_reduction(blk, ic)
+    sch.tensorize(o8, AVX2_DOT_8X4)
+    assert "pmadd.ub.sw" in sch.mod.script()
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(HOST_TARGET))
+    dev = tvm.cpu()
+    xs = np.full((1, 2, 4, 4, 4), 255, np.uint8)
+    for sign in (1, -1):
+        w = np.full((1, 2, 1, 1, 8, 4), 63 * sign, np.int8)
+        out = tvm.runtime.tensor(np.zeros((1, 1, 4, 4, 8), np.int32), dev)
+        lib(tvm.runtime.tensor(xs, dev), tvm.runtime.tensor(w, dev), out)
+        np.testing.assert_array_equal(out.numpy(), np.full((1, 1, 4, 4, 8), sign * 255 * 63 * 8, np.int32))
+
+
+def test_avx2_path_keeps_generic_conv_for_full_range_weights():
+    """|w| > 63 could saturate vpmaddubsw: such a conv keeps the generic int8 lowering."""
+    onnx_bytes, _ = build_unit(LAYERS["conv3x3"], (8, 8), "int8", seed=4)
+    m = onnx.load_from_string(onnx_bytes)
+    for t in m.graph.initializer:
+        if t.name == "wq":
+            w = onnx.numpy_helper.to_array(t).copy()
+            w.flat[0] = 127
+            t.CopyFrom(onnx.numpy_helper.from_array(w, "wq"))
+    _, kinds = lower_qdq(from_onnx(m, keep_params_in_input=False), avx2_int8=True)
+    assert kinds == ["conv2d-int8"]

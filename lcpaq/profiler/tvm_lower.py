@@ -14,6 +14,18 @@ fuse into the same kernel). A non-zero activation zero point is subtracted in in
 ONNX padding value is the zero point, so ``conv(x) - zx * sum(w)`` would be wrong at borders).
 Weights must be symmetric (zero point 0), as lcpaq exports them; anything else is left alone.
 
+AVX2 int8 path (``lower_qdq(mod, avx2_int8=True)``, x86 targets with AVX2 and no AVX-512: TVM
+0.27 ships int8 tensor intrinsics for VNNI / AVX-512 only, so its int8 conv was a plain int32 loop
+nest here, slower than its own fp32 conv): a u8 x s8 conv with C % 4 == 0, O % 8 == 0, groups 1
+and weights within +-63 runs as ``conv2d_nchwc_u8s8`` in NCHW4c x OIHW[i/4][8o][4i] layouts with
+the data packed by a ``layout_transform`` and the weights packed offline. Its 8x4 inner block is
+the tensor intrinsic :data:`AVX2_DOT_8X4` (vpmaddubsw u8 x s8 -> i16 pairs, vpmaddwd by ones ->
+i32), which MetaSchedule's ``MultiLevelTilingWithIntrin`` rule tiles for. vpmaddubsw saturates an
+i16 pair sum: 2 * 255 * 63 = 32130 fits, so it is exact for |w| <= 63 (lcpaq's 8-bit weights use
+a 7-bit grid for the same reason on ORT); larger weights keep the generic path. The output comes
+back to NCHW before the requantize epilogue (one more elementwise kernel: a whole-model TVM
+deployment would keep NCHWc between layers, so this unit form is conservative).
+
 Example:
     >>> mod = from_onnx(onnx.load("unit.onnx"), keep_params_in_input=False)  # doctest: +SKIP
     >>> mod, kinds = lower_qdq(mod)  # doctest: +SKIP
@@ -26,6 +38,78 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+AVX2_DOT_8X4 = "lcpaq_dot_8x4_u8i8i32_avx2"
+AVX2_MAX_ABS_W = 63  # 2 * 255 * 63 = 32130 <= 32767: the vpmaddubsw pair sum never saturates
+
+
+def register_avx2_intrin() -> str:
+    """Register :data:`AVX2_DOT_8X4` with TVM once per process (needed wherever a schedule that
+    uses it is created or replayed: tuning, applying the database); returns its name."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    try:
+        TensorIntrin.get(AVX2_DOT_8X4)
+        return AVX2_DOT_8X4
+    except Exception:  # noqa: BLE001 - not registered yet (TVM raises a plain ValueError/TVMError)
+        pass
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "int8", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "int8", offset_factor=1),
+             c: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            a_i32 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")  # 4 input channels
+            pairs = T.call_llvm_pure_intrin(  # 16 x (u8*s8 + u8*s8) -> i16
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32"), b.vload([0, 0], dtype="int8x32"),
+                dtype="int16x16")
+            c[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(  # pairs of i16 -> 8 x i32
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+
+    TensorIntrin.register(AVX2_DOT_8X4, desc, impl)
+    return AVX2_DOT_8X4
+
+
+def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strides: Any, padding: Any) -> Any:
+    """PrimFunc: x u8 [N, C/4, H, W, 4] (*) w s8 [O/8, C/4, KH, KW, 8, 4] -> i32 [N, O/8, OH, OW, 8];
+    zero padding (the activation zero point is 0 on this path)."""
+    from tvm import te, tirx
+
+    n, c, h, w = shape
+    kh, kw = k
+    sh, sw = (int(v) for v in strides)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    x = te.placeholder((n, c // 4, h, w, 4), "uint8", name="x")
+    wt = te.placeholder((oc // 8, c // 4, kh, kw, 8, 4), "int8", name="w")
+    xp = te.compute(
+        (n, c // 4, h + pt + pb, w + pl + pr, 4),
+        lambda b, ci, y, xx, c4: tirx.if_then_else(
+            tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl), x[b, ci, y - pt, xx - pl, c4],
+            tirx.const(0, "uint8")), name="pad")
+    ric, rkh, rkw, rc4 = (te.reduce_axis((0, e), nm) for e, nm in ((c // 4, "ic"), (kh, "kh"), (kw, "kw"), (4, "c4")))
+    out = te.compute(
+        (n, oc // 8, oh, ow, 8),
+        lambda b, o, y, xx, o8: te.sum(
+            xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4].astype("int32")
+            * wt[o, ric, rkh, rkw, o8, rc4].astype("int32"), axis=[ric, rkh, rkw, rc4]),
+        name="conv2d_nchwc")
+    return te.create_prim_func([x, wt, out])
 
 
 def _const_np(expr: Any) -> np.ndarray | None:
@@ -48,17 +132,20 @@ def _int_operand(x: Any, zp: np.ndarray | None, dtype: str) -> tuple[Any, str]:
     return relax.op.subtract(relax.op.astype(x, "int16"), z), "int16"
 
 
-def lower_qdq(mod: Any) -> tuple[Any, list[str]]:
+def lower_qdq(mod: Any, *, avx2_int8: bool = False) -> tuple[Any, list[str]]:
     """Rewrite QDQ conv2d/matmul in ``mod['main']`` to int32-accumulating integer ops.
 
     Returns the new module (dead dequantize ops removed) and the kinds of kernels lowered, e.g.
-    ``["conv2d-int8"]``; an empty list means nothing matched (an fp32 unit).
+    ``["conv2d-int8"]`` (``"conv2d-int8-avx2"`` on the AVX2 path, see the module doc); an empty
+    list means nothing matched (an fp32 unit).
     """
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     kinds: list[str] = []
+    prims: dict[str, Any] = {}  # name -> (GlobalVar, PrimFunc) added for the AVX2 path
+    builder = relax.BlockBuilder(mod)
     x, sx, zx = wildcard(), is_const(), is_const()
     w, sw, zw = is_const(), is_const(), is_const()
     dqx = is_op("relax.dequantize")(x, sx, zx)
@@ -86,11 +173,43 @@ def lower_qdq(mod: Any) -> tuple[Any, list[str]]:
         scale = (float(sxv.reshape(())) * swv.astype(np.float64)).astype(np.float32)
         return xi, wi, scale, "int16" if xdt == "int16" else "int8"
 
+    def avx2_conv(m: dict, xi: Any, wv: np.ndarray, scale: np.ndarray) -> Any | None:
+        a = m[conv].attrs
+        shape = [int(d) for d in m[x].ty.shape]
+        o, c = wv.shape[:2]
+        if (str(m[x].ty.dtype) != "uint8" or not xi.same_as(m[x]) or str(wv.dtype) != "int8" or int(a.groups) != 1
+                or c % 4 or o % 8 or len(shape) != 4 or any(int(d) != 1 for d in a.dilation)
+                or (a.data_layout, a.kernel_layout) != ("NCHW", "OIHW")
+                or np.abs(wv.astype(np.int32)).max() > AVX2_MAX_ABS_W):
+            return None
+        kh, kw = wv.shape[2:]
+        name = f"conv2d_nchwc_u8s8_{'x'.join(map(str, shape))}_o{o}_k{kh}x{kw}_s{a.strides[0]}x{a.strides[1]}" \
+               f"_p{'x'.join(str(int(p)) for p in a.padding)}"
+        if name not in prims:  # a typed GlobalVar, as call_tir's normalizer requires
+            prim = conv2d_nchwc_u8s8(tuple(shape), o, (kh, kw), a.strides, a.padding)
+            prims[name] = (builder.add_func(prim.with_attr("global_symbol", name), name), prim)
+        # offline weight packing (a constant): OIHW -> [O/8, C/4, KH, KW, 8o, 4i]
+        wp = wv.reshape(o // 8, 8, c // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3).copy()
+        xc = relax.op.layout_transform(xi, index_map=lambda b, ch, y, xx: (b, ch // 4, y, xx, ch % 4))
+        oshape = [int(d) for d in m[conv].ty.shape]
+        acc = relax.call_tir(prims[name][0], [xc, relax.const(wp)], relax.TensorType(
+            (oshape[0], o // 8, oshape[2], oshape[3], 8), "int32"))
+        # back to NCHW: [N, O/8, OH, OW, 8] -> [N, O/8, 8, OH, OW] -> [N, O, OH, OW]
+        acc = relax.op.reshape(relax.op.permute_dims(acc, [0, 1, 4, 2, 3]), oshape)
+        c_ = scale.size
+        s_ = relax.const(scale.reshape((1, c_, 1, 1)) if c_ > 1 else scale.reshape(()))
+        kinds.append("conv2d-int8-avx2")
+        return relax.op.multiply(relax.op.astype(acc, "float32"), s_)
+
     def rw_conv(expr: Any, m: dict) -> Any:
         ops = operands(m)
         if ops is None:
             return expr
         xi, wi, scale, kind = ops
+        if avx2_int8 and kind == "int8":
+            fast = avx2_conv(m, xi, _const_np(m[w]), scale)
+            if fast is not None:
+                return fast
         a = m[conv].attrs
         acc = relax.op.nn.conv2d(
             xi, wi, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
@@ -118,6 +237,8 @@ def lower_qdq(mod: Any) -> tuple[Any, list[str]]:
             fn = rewrite_call(conv, rw_conv, fn)
             fn = rewrite_call(mm, rw_mm, fn)
         funcs[gv] = fn
+    for pgv, _ in prims.values():
+        funcs[pgv] = builder.get()[pgv]
     new = tvm.IRModule(funcs, attrs=mod.attrs)
     new = relax.transform.DeadCodeElimination()(new)
     new = relax.transform.FoldConstant()(new)

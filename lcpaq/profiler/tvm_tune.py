@@ -33,7 +33,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TUNED_OPS = ("conv2d", "matmul", "dense")
+# Task names of the kernels worth trials. The layout transforms are those of the AVX2 int8 path
+# (tvm_lower): without a schedule they run as scalar loops next to a ~1 ms tensorized conv.
+TUNED_OPS = ("conv2d", "matmul", "dense", "layout_transform", "permute_dims")
 _INTRIN_MODULE = "tvm.s_tir.tensor_intrin"
 
 
@@ -93,6 +95,19 @@ def skip_tensor_intrin(target: Any) -> Iterator[None]:
     finally:
         if sys.modules.get(_INTRIN_MODULE) is stub:
             del sys.modules[_INTRIN_MODULE]
+
+
+def avx2_int8_target(target: Any) -> bool:
+    """True for x86 llvm targets with AVX2 and no AVX-512 (where tvm_lower's AVX2 int8 path and
+    its tensor intrinsic apply; TVM's own int8 intrinsics need AVX-512 / VNNI)."""
+    from tvm.target import codegen
+
+    if str(target.kind.name) != "llvm":
+        return False
+    try:
+        return bool(codegen.target_has_features("avx2", target)) and not needs_tensor_intrin(target)
+    except Exception:  # noqa: BLE001 - an unknown triple
+        return False
 
 
 def open_database(work_dir: str | Path) -> Any:
@@ -182,12 +197,25 @@ class Tuner:
 
         if str(self.target.kind.name) != "llvm":
             return "post-order-apply"
-        rules = [ms.schedule_rule.ParallelizeVectorizeUnroll(
-                     max_jobs_per_core=16, max_vectorize_extent=64,
-                     unroll_max_steps=list(self.config.unroll_max_steps), unroll_explicit=True)
-                 if type(r).__name__ == "ParallelizeVectorizeUnroll" else r
-                 for r in ms.schedule_rule.ScheduleRule.create("llvm")]
-        return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs="from-target",
+        rules, postprocs = [], list(ms.postproc.Postproc.create("llvm"))
+        for r in ms.schedule_rule.ScheduleRule.create("llvm"):
+            name = type(r).__name__
+            if name == "ParallelizeVectorizeUnroll":
+                r = ms.schedule_rule.ParallelizeVectorizeUnroll(
+                    max_jobs_per_core=16, max_vectorize_extent=64,
+                    unroll_max_steps=list(self.config.unroll_max_steps), unroll_explicit=True)
+            elif name == "MultiLevelTiling" and avx2_int8_target(self.target):
+                # what TVM does for VNNI, with the AVX2 8x4 u8 x s8 intrinsic (tvm_lower): tiles the
+                # blocks it matches (the NCHWc int8 conv), the plain rule covers the others
+                from lcpaq.profiler.tvm_lower import register_avx2_intrin
+
+                rules.append(ms.schedule_rule.MultiLevelTilingWithIntrin(
+                    register_avx2_intrin(), structure="SSRSRS", tile_binds=None, max_innermost_factor=64,
+                    vector_load_lens=None, reuse_read=None,
+                    reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")))
+                postprocs.insert(-1, ms.postproc.RewriteTensorize(vectorize_init_loop=True))
+            rules.append(r)
+        return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
                                                  mutator_probs="from-target")
 
     def _get_pools(self) -> tuple[Any, Any, Any]:
@@ -243,6 +271,10 @@ class Tuner:
 
         miss, n = self.missing([mod])
         tune_s = self.tune(miss)
+        if avx2_int8_target(self.target):  # records that use the intrinsic are replayed here
+            from lcpaq.profiler.tvm_lower import register_avx2_intrin
+
+            register_avx2_intrin()
         with self.target:
             ex = ms.relax_integration.compile_relax(self.db, mod, self.target, params=None)
         return ex, {"tuned": True, "tasks": n, "tuned_now": len(miss), "tune_s": round(tune_s, 2)}

@@ -91,6 +91,10 @@ class TvmBackend:
         self.work_dir = Path(wd) if wd else None
         self.rpc = getattr(profile, "rpc", None) if profile is not None else None
         self.threads = threads
+        # the AVX2 u8 x s8 int8 conv path (tvm_lower) on x86 targets without AVX-512;
+        # profile [tvm] avx2_int8 = false keeps TVM's generic int8 conv
+        self.avx2_int8 = bool(tvm_cfg.get("avx2_int8", True))
+        self._avx2: bool | None = None
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
 
@@ -125,9 +129,12 @@ class TvmBackend:
         from tvm.relax.frontend.onnx import from_onnx
 
         from lcpaq.profiler.tvm_lower import kernel_label, lift_constants, lower_qdq
+        from lcpaq.profiler.tvm_tune import avx2_int8_target
 
         mod = from_onnx(onnx.load_from_string(unit.onnx), keep_params_in_input=False)
-        mod, kinds = lower_qdq(mod)
+        if self._avx2 is None:
+            self._avx2 = bool(self.avx2_int8) and avx2_int8_target(self.target())
+        mod, kinds = lower_qdq(mod, avx2_int8=self._avx2)
         kernel = kernel_label(kinds, mod)
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
