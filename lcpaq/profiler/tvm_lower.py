@@ -224,9 +224,14 @@ def lower_qdq(mod: Any, *, avx2_int8: bool = False) -> tuple[Any, list[str]]:
         ops = operands(m)
         if ops is None:
             return expr
-        xi, wi, scale, kind = ops
+        xi, _, scale, kind = ops
         perm = m[tw].attrs.axes
-        acc = relax.op.matmul(xi, relax.op.permute_dims(wi, perm), out_dtype="int32")
+        # transpose the constant weights here: once lifted to a parameter, a permute_dims would
+        # run at every call (fp32 units come from ONNX with the weights stored transposed)
+        wt = _const_np(m[w])
+        wt = np.ascontiguousarray(np.transpose(wt, None if perm is None else [int(a) for a in perm]))
+        wc = relax.const(wt.astype(np.int16) if kind == "int16" else wt)
+        acc = relax.op.matmul(xi, wc, out_dtype="int32")
         s = relax.const(scale.reshape((1, -1)) if scale.size > 1 else scale.reshape(()))
         kinds.append(f"matmul-{kind}")
         return relax.op.multiply(relax.op.astype(acc, "float32"), s)

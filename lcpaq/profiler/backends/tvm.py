@@ -93,7 +93,7 @@ class TvmBackend:
         self.threads = threads
         # the AVX2 u8 x s8 int8 conv path (tvm_lower) on x86 targets without AVX-512;
         # profile [tvm] avx2_int8 = false keeps TVM's generic int8 conv
-        self.avx2_int8 = bool(tvm_cfg.get("avx2_int8", True))
+        self.avx2_int8 = bool(tvm_cfg.get("avx2_int8", False))
         self._avx2: bool | None = None
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
