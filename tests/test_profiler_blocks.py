@@ -234,3 +234,21 @@ def test_latency_model_reads_a_block_table(blocknet, tmp_path):
     other = _synthetic_table(_plan(), 0.0, 0.0).save(tmp_path / "other.json")
     with pytest.raises(TableError, match="other layers"):
         latency_model(other, inv, CANDS)
+
+
+def test_profile_blocks_covers_every_context_on_ort(blocknet):
+    pytest.importorskip("onnxruntime")
+    from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.blocks import profile_blocks
+
+    st = MeasureSettings(warmup=1, number=1, repeat=3)
+    table, lm = profile_blocks(blocknet, _BlockNet.input_shape, CANDS, settings=st, n_whole=6)
+    for b, ctx in table.plan.context.items():
+        assert len(table.keys[b]) == 2 ** len(ctx)
+    assert all(np.isfinite(v) for v in table.ms.values())
+    assert len(table.whole) == 6 and lm.meta["whole_rows"] == 6
+    pol = Policy({n: CANDS[i % 3] for i, n in enumerate(table.plan.layers)})
+    assert np.isfinite(lm.predict(pol))
+    coef, _, _ = fit_correction(table, features=lm.meta["correction_features"])
+    expected = sum(table.block_ms(pol).values()) + coef[0] + coef[1:] @ edge_features(table.plan, pol)
+    assert lm.predict(pol) == pytest.approx(expected, rel=1e-9)
