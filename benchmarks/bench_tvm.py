@@ -105,13 +105,14 @@ def full_table(inv, hw, table_dir: Path, model: str) -> dict:
     return out
 
 
-def ratios(inv, hw, n_layers: int | None, rounds: int) -> list[dict]:
+def ratios(inv, hw, n_layers: int | None, rounds: int, only: str | None = None) -> list[dict]:
     """Interleaved ORT vs TVM on the dense 3x3 convs (module doc)."""
     dense = [ly for ly in unique_layers(inv) if ly.kind == "conv" and ly.groups == 1
              and ly.kernel_size == (3, 3) and ly.in_shape[1] > 3][:n_layers]
     tvm_be, ort_be = get_backend("tvm", hw), get_backend("ort", None)
     units = [(ly, bits, Unit(workload_key(ly), *build_unit(ly, bits, ic), bits=bits))
-             for ly in dense for bits, ic in (((8, 8), "int8"), ((32, 32), "fp32"))]
+             for ly in dense for bits, ic in (((8, 8), "int8"), ((32, 32), "fp32"))
+             if only in (None, "w8a8" if bits == (8, 8) else "fp32")]
     info = tvm_be.tune([u for _, _, u in units])  # no-op when the database has them all
     st = MeasureSettings(warmup=3, number=5, repeat=7, min_repeat_ms=20, metric="wall")
     rows = []
@@ -144,6 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--db", default=None, help="tuning work dir (default: the profile's [tvm] work_dir)")
     ap.add_argument("--tables", default=str(RESULTS / "tvm_tables"), help="where --full writes tables")
     ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--int8-intrin", choices=("auto", "off", "vnni", "avx2"), default=None,
+                    help="the tensor-intrinsic int8 conv path (default: the profile's [tvm] int8_intrin)")
+    ap.add_argument("--target", default=None, help="TVM target string (default: the profile's)")
+    ap.add_argument("--bits", default=None, help="ratio phase: only these units, e.g. w8a8 or fp32")
     args = ap.parse_args(argv)
     import dataclasses
 
@@ -155,15 +160,21 @@ def main(argv=None) -> int:
         tvm_cfg["trials"] = args.trials
     if args.db:
         tvm_cfg["work_dir"] = args.db
+    if args.int8_intrin:
+        tvm_cfg["int8_intrin"] = args.int8_intrin
     tvm_cfg["work_dir"] = str((ROOT / tvm_cfg["work_dir"]).resolve())
-    hw = dataclasses.replace(hw, tvm=tvm_cfg)
+    hw = dataclasses.replace(hw, tvm=tvm_cfg, target=args.target or hw.target)
     inv = inventory(args.model)
     res: dict = {"load_start": load(), "profile": str(PROFILE.relative_to(ROOT)), "work_dir": tvm_cfg["work_dir"],
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count()}
     if args.full:
         Path(args.tables).mkdir(parents=True, exist_ok=True)
         res["full"] = full_table(inv, hw, Path(args.tables), args.model)
-    res["ratios"] = ratios(inv, hw, args.layers, args.rounds)
+    from lcpaq.profiler.backends.tvm import parse_target
+
+    res["target"] = parse_target(hw.target)
+    res["int8_intrin"] = tvm_cfg.get("int8_intrin", "auto")
+    res["ratios"] = ratios(inv, hw, args.layers, args.rounds, args.bits)
     res["load_end"] = load()
     print(f"{'workload':58s} {'bits':5s} {'ORT ms':>8s} {'TVM ms':>8s} {'TVM/ORT':>8s}")
     for r in res["ratios"]:

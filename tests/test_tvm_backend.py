@@ -20,9 +20,9 @@ SETTINGS = MeasureSettings(warmup=1, number=3, repeat=5, min_repeat_ms=0)
 PROFILE = "hw_profiles/host-cpu-tvm.toml"
 
 
-def _profile(tmp_path, trials=0):
+def _profile(tmp_path, trials=0, intrin="avx2"):  # AVX2 runs on every host these tests target
     prof = load_profile(os.path.join(os.path.dirname(__file__), "..", PROFILE))
-    return dataclasses.replace(prof, tvm={"trials": trials, "work_dir": str(tmp_path / "tvm_db")})
+    return dataclasses.replace(prof, tvm={"trials": trials, "work_dir": str(tmp_path / "tvm_db"), "int8_intrin": intrin})
 
 
 def _unit(layer, bits, in_class="int8"):
@@ -36,10 +36,12 @@ def test_parse_target_profile_strings():
     assert t["mattr"] == ["+neon", "+fp-armv8"] and t["mtriple"] == "aarch64-linux-gnu"
 
 
-@pytest.mark.parametrize("bits,kernel", [((8, 8), "tvm:conv2d-int8-avx2"), ((4, 8), "tvm:conv2d-int8-avx2"),
-                                         ((32, 32), "tvm:conv2d-fp32")], ids=["w8a8", "w4a8", "fp32"])
-def test_measures_tiny_conv_unit(tmp_path, bits, kernel):
-    be = get_backend("tvm", _profile(tmp_path))
+@pytest.mark.parametrize("bits,intrin,kernel", [
+    ((8, 8), "avx2", "tvm:conv2d-int8-avx2"), ((4, 8), "avx2", "tvm:conv2d-int8-avx2"),
+    ((8, 8), "off", "tvm:conv2d-int8"), ((32, 32), "avx2", "tvm:conv2d-fp32")],
+    ids=["w8a8-avx2", "w4a8-avx2", "w8a8-generic", "fp32"])
+def test_measures_tiny_conv_unit(tmp_path, bits, intrin, kernel):
+    be = get_backend("tvm", _profile(tmp_path, intrin=intrin))
     assert be.versions()["tvm"].startswith("0.")
     m = be.measure(_unit(conv_layer(c=8, o=16, hw=10), bits, "int8"), SETTINGS)
     assert m.ok, m.error
@@ -83,7 +85,24 @@ def test_bit_pairs_at_a8_share_one_library_key(tmp_path):
     assert first.ok and second.ok and second.extra["cached_lib"] == "memory"
 
 
-def test_tensor_intrin_stub_is_scoped_to_targets_without_avx512():
+def test_bad_int8_intrin_setting_is_a_profile_error(tmp_path):
+    from lcpaq.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="int8_intrin"):
+        get_backend("tvm", _profile(tmp_path, intrin="sse"))
+
+
+def test_int8_intrin_kind_follows_target_features():
+    import tvm
+
+    from lcpaq.profiler.tvm_tune import int8_intrin_kind
+
+    kinds = [int8_intrin_kind(tvm.target.Target(parse_target(f"llvm -mcpu={cpu}")))
+             for cpu in ("znver3", "znver4", "x86-64")]
+    assert kinds == ["avx2", "vnni", None]
+
+
+def test_tensor_intrin_stub_is_scoped():
     import sys
 
     import tvm
@@ -94,13 +113,14 @@ def test_tensor_intrin_stub_is_scoped_to_targets_without_avx512():
     if name in sys.modules:
         pytest.skip("the real tensor intrinsics are already imported in this process")
     host, vnni = (tvm.target.Target(parse_target(f"llvm -mcpu={cpu}")) for cpu in ("znver3", "cascadelake"))
-    assert not needs_tensor_intrin(host) and needs_tensor_intrin(vnni)
+    assert not needs_tensor_intrin(host) and not needs_tensor_intrin(vnni)  # own rule list on llvm
+    assert needs_tensor_intrin(tvm.target.Target({"kind": "cuda"}))
     with skip_tensor_intrin(host):
         import tvm.s_tir.tensor_intrin as stub  # noqa: F401 - what TuneContext does: instant
 
         assert "lcpaq stub" in (stub.__doc__ or "")
     assert name not in sys.modules  # removed on exit: a later real import still works
-    with skip_tensor_intrin(vnni):
+    with skip_tensor_intrin(tvm.target.Target({"kind": "cuda"})):
         assert name not in sys.modules
 
 

@@ -24,8 +24,8 @@ LAYERS = {
 }
 
 
-def _run(mod, feeds):
-    ex = tvm.compile(mod, target=tvm.target.Target(HOST_TARGET))
+def _run(mod, feeds, target=HOST_TARGET):
+    ex = tvm.compile(mod, target=tvm.target.Target(target))
     dev = tvm.cpu()
     vm = relax.VirtualMachine(ex, dev)
     return vm["main"](*[tvm.runtime.tensor(v, dev) for v in feeds.values()]).numpy()
@@ -128,52 +128,72 @@ def test_fp32_and_int8_units_lower_to_different_modules():
     assert len(texts) == 2
 
 
-AVX2_CASES = [("conv3x3", (8, 8), "int8"), ("conv3x3", (2, 8), "fp32"), ("conv1x1s2", (4, 4), "fp32")]
+def _host_has(feature: str) -> bool:
+    from tvm.target import codegen
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+    return bool(codegen.target_has_features(feature, host))
 
 
-@pytest.mark.parametrize("name,bits,in_class", AVX2_CASES, ids=[_id(c) for c in AVX2_CASES])
-def test_avx2_int8_path_is_exact_vs_ort(name, bits, in_class):
+INTRIN_CASES = [(k, *c) for k in ("avx2", "vnni") for c in
+                (("conv3x3", (8, 8), "int8"), ("conv3x3", (2, 8), "fp32"), ("conv1x1s2", (4, 4), "fp32"))]
+
+
+@pytest.mark.parametrize("kind,name,bits,in_class", INTRIN_CASES, ids=[f"{c[0]}-{_id(c[1:])}" for c in INTRIN_CASES])
+def test_int8_intrinsic_path_is_exact_vs_ort(kind, name, bits, in_class):
     """The NCHWc u8 x s8 conv (packed weights, layout transforms around it) equals ORT's output."""
+    from lcpaq.profiler.tvm_lower import INT8_INTRINS
+
+    if kind == "vnni" and not _host_has("avx512vnni"):
+        pytest.skip("this host has no AVX-512 VNNI")
+    target = dict(HOST_TARGET, mcpu="znver4") if kind == "vnni" else HOST_TARGET  # the path only
     layer = LAYERS[name]
+    if layer.out_channels % INT8_INTRINS[kind][1]:
+        layer = conv_layer(c=8, o=16, hw=9, k=1, stride=2, act=False)
     onnx_bytes, feeds = build_unit(layer, bits, in_class, seed=4)
     mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
-    low, kinds = lower_qdq(mod, avx2_int8=True)
-    assert kinds == ["conv2d-int8-avx2"]
+    low, kinds = lower_qdq(mod, int8_intrin=kind)
+    assert kinds == [f"conv2d-int8-{kind}"]
     text = low.script()
-    assert "R.nn.conv2d(" not in text and "conv2d_nchwc_u8s8" in text
-    out = _run(low, feeds)
+    assert "R.nn.conv2d(" not in text and f"conv2d_nchwc{INT8_INTRINS[kind][1]}_u8s8" in text
+    out = _run(low, feeds, target)
     ref = session(onnx_bytes, 1).run(None, feeds)[0]
     diff = np.abs(out.astype(np.int32) - ref.astype(np.int32))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_avx2_intrinsic_is_exact_at_the_saturation_edge():
-    """Tensorized by hand (no tuning): all-255 activations x all-(+-63) weights, the worst case for
+@pytest.mark.parametrize("kind", ["avx2", "vnni"])
+def test_int8_intrinsic_is_exact_at_the_saturation_edge(kind):
+    """Tensorized by hand (no tuning): all-255 activations x all-(+-max) weights, the worst case for
     the vpmaddubsw i16 pair sum (2 * 255 * 63 = 32130), equal the int64 reference."""
     from tvm import s_tir
 
-    from lcpaq.profiler.tvm_lower import AVX2_DOT_8X4, conv2d_nchwc_u8s8, register_avx2_intrin
+    from lcpaq.profiler.tvm_lower import INT8_INTRINS, conv2d_nchwc_u8s8, register_int8_intrin
 
-    register_avx2_intrin()
-    prim = conv2d_nchwc_u8s8((1, 8, 4, 4), 8, (1, 1), (1, 1), (0, 0, 0, 0))
+    if kind == "vnni" and not _host_has("avx512vnni"):
+        pytest.skip("this host has no AVX-512 VNNI")
+    name, lanes, max_w = INT8_INTRINS[kind]
+    assert register_int8_intrin(kind) == name
+    prim = conv2d_nchwc_u8s8((1, 8, 4, 4), lanes, (1, 1), (1, 1), (0, 0, 0, 0), lanes)
     sch = s_tir.Schedule(prim)
     blk = sch.get_sblock("conv2d_nchwc")
     b, o, y, x, o8, ic, kh, kw, c4 = sch.get_loops(blk)
     sch.reorder(b, o, y, x, ic, kh, kw, o8, c4)
     sch.decompose_reduction(blk, ic)
-    sch.tensorize(o8, AVX2_DOT_8X4)
-    assert "pmadd.ub.sw" in sch.mod.script()
-    lib = tvm.compile(sch.mod, target=tvm.target.Target(HOST_TARGET))
+    sch.tensorize(o8, name)
+    assert ("pmadd.ub.sw" if kind == "avx2" else "vpdpbusd") in sch.mod.script()
+    lib = tvm.compile(sch.mod, target=tvm.target.Target(dict(HOST_TARGET, mcpu="znver4") if kind == "vnni"
+                                                       else HOST_TARGET))
     dev = tvm.cpu()
     xs = np.full((1, 2, 4, 4, 4), 255, np.uint8)
     for sign in (1, -1):
-        w = np.full((1, 2, 1, 1, 8, 4), 63 * sign, np.int8)
-        out = tvm.runtime.tensor(np.zeros((1, 1, 4, 4, 8), np.int32), dev)
+        w = np.full((1, 2, 1, 1, lanes, 4), max_w * sign, np.int8)
+        out = tvm.runtime.tensor(np.zeros((1, 1, 4, 4, lanes), np.int32), dev)
         lib(tvm.runtime.tensor(xs, dev), tvm.runtime.tensor(w, dev), out)
-        np.testing.assert_array_equal(out.numpy(), np.full((1, 1, 4, 4, 8), sign * 255 * 63 * 8, np.int32))
+        np.testing.assert_array_equal(out.numpy(), np.full((1, 1, 4, 4, lanes), sign * 255 * max_w * 8, np.int32))
 
 
-def test_avx2_path_keeps_generic_conv_for_full_range_weights():
+def test_avx2_path_keeps_generic_conv_for_full_range_weights():  # VNNI is exact for any int8
     """|w| > 63 could saturate vpmaddubsw: such a conv keeps the generic int8 lowering."""
     onnx_bytes, _ = build_unit(LAYERS["conv3x3"], (8, 8), "int8", seed=4)
     m = onnx.load_from_string(onnx_bytes)
@@ -182,5 +202,5 @@ def test_avx2_path_keeps_generic_conv_for_full_range_weights():
             w = onnx.numpy_helper.to_array(t).copy()
             w.flat[0] = 127
             t.CopyFrom(onnx.numpy_helper.from_array(w, "wq"))
-    _, kinds = lower_qdq(from_onnx(m, keep_params_in_input=False), avx2_int8=True)
-    assert kinds == ["conv2d-int8"]
+    assert lower_qdq(from_onnx(m, keep_params_in_input=False), int8_intrin="avx2")[1] == ["conv2d-int8"]
+    assert lower_qdq(from_onnx(m, keep_params_in_input=False), int8_intrin="vnni")[1] == ["conv2d-int8-vnni"]

@@ -23,7 +23,7 @@ def test_profiles_workloads_through_loopback_tracker(tmp_path):
                  (linear_layer(), (4, 8))]
     with local_tracker(key="lcpaq-test") as rpc:
         assert rpc.host == "127.0.0.1"
-        remote = dataclasses.replace(prof, rpc=rpc, tvm={"trials": 0})
+        remote = dataclasses.replace(prof, rpc=rpc, tvm={"trials": 0, "int8_intrin": "avx2"})
         be = get_backend("tvm", remote)
         assert be.versions()["rpc"] == f"127.0.0.1:{rpc.port}/lcpaq-test"
         results = []

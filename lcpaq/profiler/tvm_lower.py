@@ -14,17 +14,18 @@ fuse into the same kernel). A non-zero activation zero point is subtracted in in
 ONNX padding value is the zero point, so ``conv(x) - zx * sum(w)`` would be wrong at borders).
 Weights must be symmetric (zero point 0), as lcpaq exports them; anything else is left alone.
 
-AVX2 int8 path (``lower_qdq(mod, avx2_int8=True)``, x86 targets with AVX2 and no AVX-512: TVM
-0.27 ships int8 tensor intrinsics for VNNI / AVX-512 only, so its int8 conv was a plain int32 loop
-nest here, slower than its own fp32 conv): a u8 x s8 conv with C % 4 == 0, O % 8 == 0, groups 1
-and weights within +-63 runs as ``conv2d_nchwc_u8s8`` in NCHW4c x OIHW[i/4][8o][4i] layouts with
-the data packed by a ``layout_transform`` and the weights packed offline. Its 8x4 inner block is
-the tensor intrinsic :data:`AVX2_DOT_8X4` (vpmaddubsw u8 x s8 -> i16 pairs, vpmaddwd by ones ->
-i32), which MetaSchedule's ``MultiLevelTilingWithIntrin`` rule tiles for. vpmaddubsw saturates an
-i16 pair sum: 2 * 255 * 63 = 32130 fits, so it is exact for |w| <= 63 (lcpaq's 8-bit weights use
-a 7-bit grid for the same reason on ORT); larger weights keep the generic path. The output comes
-back to NCHW before the requantize epilogue (one more elementwise kernel: a whole-model TVM
-deployment would keep NCHWc between layers, so this unit form is conservative).
+Tensor-intrinsic int8 path (``lower_qdq(mod, int8_intrin="vnni" | "avx2")``): TVM 0.27's own x86
+int8 intrinsics sit behind a 34 s import and its generic int8 conv is a plain int32 loop nest, as
+slow as its fp32 conv. Here a u8 x s8 conv with C % 4 == 0, O % L == 0, groups 1 (and, for AVX2,
+weights within +-63) runs as ``conv2d_nchwc{L}_u8s8`` in NCHW4c x OIHW[i/4][L o][4 i] layouts, the
+data packed by a ``layout_transform`` and the weights packed offline. Its L x 4 inner block is one
+call of a tensor intrinsic from :data:`INT8_INTRINS` (VNNI: vpdpbusd, L = 16; AVX2: vpmaddubsw +
+vpmaddwd by ones, L = 8), which MetaSchedule's ``MultiLevelTilingWithIntrin`` rule tiles for.
+vpmaddubsw saturates an i16 pair sum: 2 * 255 * 63 = 32130 fits, so AVX2 is exact for |w| <= 63
+(lcpaq's 8-bit weights use a 7-bit grid for the same reason on ORT); larger weights keep the
+generic path. The output comes back to NCHW before the requantize epilogue (one more elementwise
+kernel: a whole-model TVM deployment would keep NCHWc between layers, so this unit form is
+conservative).
 
 Example:
     >>> mod = from_onnx(onnx.load("unit.onnx"), keep_params_in_input=False)  # doctest: +SKIP
@@ -39,36 +40,44 @@ from typing import Any
 
 import numpy as np
 
-AVX2_DOT_8X4 = "lcpaq_dot_8x4_u8i8i32_avx2"
-AVX2_MAX_ABS_W = 63  # 2 * 255 * 63 = 32130 <= 32767: the vpmaddubsw pair sum never saturates
+# int8 tensor intrinsics, by kind: (name, output channels per call (lanes), max |w| for exactness)
+INT8_INTRINS = {
+    # AVX2: vpmaddubsw (u8 x s8 -> i16 pair sums, saturating) + vpmaddwd by ones -> 8 x i32.
+    # 2 * 255 * 63 = 32130 <= 32767: exact for |w| <= 63.
+    "avx2": ("lcpaq_dot_8x4_u8i8i32_avx2", 8, 63),
+    # AVX-512 VNNI: vpdpbusd, u8 x s8 summed in groups of 4 straight into 16 x i32: always exact.
+    "vnni": ("lcpaq_dot_16x4_u8i8i32_vnni", 16, 127),
+}
 
 
-def register_avx2_intrin() -> str:
-    """Register :data:`AVX2_DOT_8X4` with TVM once per process (needed wherever a schedule that
-    uses it is created or replayed: tuning, applying the database); returns its name."""
+def register_int8_intrin(kind: str) -> str:
+    """Register the ``kind`` ("avx2" or "vnni") 4-deep u8 x s8 dot intrinsic with TVM once per
+    process (needed wherever a schedule that uses it is created or replayed: tuning, applying the
+    database); returns its name. C[i] += sum_k A[k] * B[i, k], i < lanes, k < 4."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
+    name, lanes, _ = INT8_INTRINS[kind]
     try:
-        TensorIntrin.get(AVX2_DOT_8X4)
-        return AVX2_DOT_8X4
+        TensorIntrin.get(name)
+        return name
     except Exception:  # noqa: BLE001 - not registered yet (TVM raises a plain ValueError/TVMError)
         pass
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "int8", offset_factor=1),
-             c: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
-            T.writes(c[0:8])
-            for i in T.serial(0, 8):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "int8", offset_factor=1),
+    def avx2(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((8, 4), "int8", offset_factor=1),
              c: T.Buffer((8,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(c[0:8], a[0:4], b[0:8, 0:4])
@@ -81,13 +90,27 @@ def register_avx2_intrin() -> str:
             c[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(  # pairs of i16 -> 8 x i32
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
-    TensorIntrin.register(AVX2_DOT_8X4, desc, impl)
-    return AVX2_DOT_8X4
+    @T.prim_func(s_tir=True)
+    def vnni(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            a_i32 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(  # c += 4-deep u8.s8 dots
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c.vload([0], dtype="int32x16"),
+                # LLVM >= 19 declares the two u8/s8 operands as <64 x i8>
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"), b.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    TensorIntrin.register(name, desc, avx2 if kind == "avx2" else vnni)
+    return name
 
 
-def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strides: Any, padding: Any) -> Any:
-    """PrimFunc: x u8 [N, C/4, H, W, 4] (*) w s8 [O/8, C/4, KH, KW, 8, 4] -> i32 [N, O/8, OH, OW, 8];
-    zero padding (the activation zero point is 0 on this path)."""
+def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strides: Any, padding: Any,
+                      lanes: int = 8) -> Any:
+    """PrimFunc: x u8 [N, C/4, H, W, 4] (*) w s8 [O/L, C/4, KH, KW, L, 4] -> i32 [N, O/L, OH, OW, L]
+    with L = ``lanes``; zero padding (the activation zero point is 0 on this path)."""
     from tvm import te, tirx
 
     n, c, h, w = shape
@@ -96,7 +119,7 @@ def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strid
     pt, pl, pb, pr = (int(v) for v in padding)
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
     x = te.placeholder((n, c // 4, h, w, 4), "uint8", name="x")
-    wt = te.placeholder((oc // 8, c // 4, kh, kw, 8, 4), "int8", name="w")
+    wt = te.placeholder((oc // lanes, c // 4, kh, kw, lanes, 4), "int8", name="w")
     xp = te.compute(
         (n, c // 4, h + pt + pb, w + pl + pr, 4),
         lambda b, ci, y, xx, c4: tirx.if_then_else(
@@ -104,7 +127,7 @@ def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strid
             tirx.const(0, "uint8")), name="pad")
     ric, rkh, rkw, rc4 = (te.reduce_axis((0, e), nm) for e, nm in ((c // 4, "ic"), (kh, "kh"), (kw, "kw"), (4, "c4")))
     out = te.compute(
-        (n, oc // 8, oh, ow, 8),
+        (n, oc // lanes, oh, ow, lanes),
         lambda b, o, y, xx, o8: te.sum(
             xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4].astype("int32")
             * wt[o, ric, rkh, rkw, o8, rc4].astype("int32"), axis=[ric, rkh, rkw, rc4]),
@@ -132,19 +155,20 @@ def _int_operand(x: Any, zp: np.ndarray | None, dtype: str) -> tuple[Any, str]:
     return relax.op.subtract(relax.op.astype(x, "int16"), z), "int16"
 
 
-def lower_qdq(mod: Any, *, avx2_int8: bool = False) -> tuple[Any, list[str]]:
+def lower_qdq(mod: Any, *, int8_intrin: str | None = None) -> tuple[Any, list[str]]:
     """Rewrite QDQ conv2d/matmul in ``mod['main']`` to int32-accumulating integer ops.
 
     Returns the new module (dead dequantize ops removed) and the kinds of kernels lowered, e.g.
-    ``["conv2d-int8"]`` (``"conv2d-int8-avx2"`` on the AVX2 path, see the module doc); an empty
-    list means nothing matched (an fp32 unit).
+    ``["conv2d-int8"]`` (``"conv2d-int8-avx2"`` / ``"-vnni"`` on the tensor-intrinsic path that
+    ``int8_intrin`` = "avx2" / "vnni" enables, see the module doc); an empty list means nothing
+    matched (an fp32 unit).
     """
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
     kinds: list[str] = []
-    prims: dict[str, Any] = {}  # name -> (GlobalVar, PrimFunc) added for the AVX2 path
+    prims: dict[str, Any] = {}  # name -> (GlobalVar, PrimFunc) added for the intrinsic path
     builder = relax.BlockBuilder(mod)
     x, sx, zx = wildcard(), is_const(), is_const()
     w, sw, zw = is_const(), is_const(), is_const()
@@ -173,32 +197,33 @@ def lower_qdq(mod: Any, *, avx2_int8: bool = False) -> tuple[Any, list[str]]:
         scale = (float(sxv.reshape(())) * swv.astype(np.float64)).astype(np.float32)
         return xi, wi, scale, "int16" if xdt == "int16" else "int8"
 
-    def avx2_conv(m: dict, xi: Any, wv: np.ndarray, scale: np.ndarray) -> Any | None:
+    def intrin_conv(m: dict, xi: Any, wv: np.ndarray, scale: np.ndarray) -> Any | None:
+        _, lanes, max_w = INT8_INTRINS[int8_intrin]  # type: ignore[index]
         a = m[conv].attrs
         shape = [int(d) for d in m[x].ty.shape]
         o, c = wv.shape[:2]
         if (str(m[x].ty.dtype) != "uint8" or not xi.same_as(m[x]) or str(wv.dtype) != "int8" or int(a.groups) != 1
-                or c % 4 or o % 8 or len(shape) != 4 or any(int(d) != 1 for d in a.dilation)
+                or c % 4 or o % lanes or len(shape) != 4 or any(int(d) != 1 for d in a.dilation)
                 or (a.data_layout, a.kernel_layout) != ("NCHW", "OIHW")
-                or np.abs(wv.astype(np.int32)).max() > AVX2_MAX_ABS_W):
+                or np.abs(wv.astype(np.int32)).max() > max_w):
             return None
         kh, kw = wv.shape[2:]
-        name = f"conv2d_nchwc_u8s8_{'x'.join(map(str, shape))}_o{o}_k{kh}x{kw}_s{a.strides[0]}x{a.strides[1]}" \
+        name = f"conv2d_nchwc{lanes}_u8s8_{'x'.join(map(str, shape))}_o{o}_k{kh}x{kw}_s{a.strides[0]}x{a.strides[1]}" \
                f"_p{'x'.join(str(int(p)) for p in a.padding)}"
         if name not in prims:  # a typed GlobalVar, as call_tir's normalizer requires
-            prim = conv2d_nchwc_u8s8(tuple(shape), o, (kh, kw), a.strides, a.padding)
+            prim = conv2d_nchwc_u8s8(tuple(shape), o, (kh, kw), a.strides, a.padding, lanes)
             prims[name] = (builder.add_func(prim.with_attr("global_symbol", name), name), prim)
-        # offline weight packing (a constant): OIHW -> [O/8, C/4, KH, KW, 8o, 4i]
-        wp = wv.reshape(o // 8, 8, c // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3).copy()
+        # offline weight packing (a constant): OIHW -> [O/L, C/4, KH, KW, L o, 4 i]
+        wp = wv.reshape(o // lanes, lanes, c // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3).copy()
         xc = relax.op.layout_transform(xi, index_map=lambda b, ch, y, xx: (b, ch // 4, y, xx, ch % 4))
         oshape = [int(d) for d in m[conv].ty.shape]
         acc = relax.call_tir(prims[name][0], [xc, relax.const(wp)], relax.TensorType(
-            (oshape[0], o // 8, oshape[2], oshape[3], 8), "int32"))
-        # back to NCHW: [N, O/8, OH, OW, 8] -> [N, O/8, 8, OH, OW] -> [N, O, OH, OW]
+            (oshape[0], o // lanes, oshape[2], oshape[3], lanes), "int32"))
+        # back to NCHW: [N, O/L, OH, OW, L] -> [N, O/L, L, OH, OW] -> [N, O, OH, OW]
         acc = relax.op.reshape(relax.op.permute_dims(acc, [0, 1, 4, 2, 3]), oshape)
         c_ = scale.size
         s_ = relax.const(scale.reshape((1, c_, 1, 1)) if c_ > 1 else scale.reshape(()))
-        kinds.append("conv2d-int8-avx2")
+        kinds.append(f"conv2d-int8-{int8_intrin}")
         return relax.op.multiply(relax.op.astype(acc, "float32"), s_)
 
     def rw_conv(expr: Any, m: dict) -> Any:
@@ -206,8 +231,8 @@ def lower_qdq(mod: Any, *, avx2_int8: bool = False) -> tuple[Any, list[str]]:
         if ops is None:
             return expr
         xi, wi, scale, kind = ops
-        if avx2_int8 and kind == "int8":
-            fast = avx2_conv(m, xi, _const_np(m[w]), scale)
+        if int8_intrin and kind == "int8":
+            fast = intrin_conv(m, xi, _const_np(m[w]), scale)
             if fast is not None:
                 return fast
         a = m[conv].attrs

@@ -14,9 +14,9 @@ Two workarounds for this 2-core x86 host (shared FINDINGS, notes/tvm.md):
 
 - The builder: MetaSchedule's default build imports ``tvm.s_tir.tensor_intrin`` in every fresh
   worker (34-42 s, over the 30 s build timeout); ``build_no_intrin`` skips it.
-- ``TuneContext.__init__`` does the same import in the tuning process (34 s at load 0.4). The
-  x86 intrinsics it registers are VNNI / AVX-512 only, which the default schedule rules use only
-  on targets that have them: :func:`skip_tensor_intrin` stubs the module for other targets.
+- ``TuneContext.__init__`` does the same import in the tuning process (34 s at load 0.4). On llvm
+  targets the design space here is built explicitly (TVM's generic CPU rules + lcpaq's own int8
+  intrinsic), which never looks up TVM's intrinsics: :func:`skip_tensor_intrin` stubs the module.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Task names of the kernels worth trials. The layout transforms are those of the AVX2 int8 path
 # (tvm_lower): without a schedule they run as scalar loops next to a ~1 ms tensorized conv.
-TUNED_OPS = ("conv2d", "matmul", "dense", "layout_transform", "permute_dims")
+TUNED_OPS = ("conv2d", "matmul", "dense", "layout_transform", "transpose")
 _INTRIN_MODULE = "tvm.s_tir.tensor_intrin"
 
 
@@ -66,16 +66,29 @@ def build_no_intrin(mod: Any, target: Any, _params: Any) -> Any:
 
 
 def needs_tensor_intrin(target: Any) -> bool:
-    """True when TVM's default schedule rules can use its x86 int8 intrinsics on ``target``."""
+    """True when tuning for ``target`` may use TVM's own registered tensor intrinsics.
+
+    On llvm targets :meth:`Tuner.space` builds the rule list itself from TVM's generic CPU rules
+    plus lcpaq's int8 intrinsic (tvm_lower), so TVM's intrinsics are never looked up there.
+    """
+    return str(target.kind.name) != "llvm"
+
+
+def int8_intrin_kind(target: Any) -> str | None:
+    """Which lcpaq int8 tensor intrinsic applies to ``target``: "vnni" (AVX-512 VNNI), "avx2",
+    or None (not x86, or neither feature)."""
     from tvm.target import codegen
 
     if str(target.kind.name) != "llvm":
-        return True  # other targets (arm, cuda...): keep TVM's own behaviour
+        return None
     try:
-        return bool(codegen.target_has_features("avx512bw", target)
-                    or codegen.target_has_features("avx512vnni", target))
-    except Exception:  # noqa: BLE001 - an unknown triple: be safe, import the intrinsics
-        return True
+        if codegen.target_has_features("avx512vnni", target):
+            return "vnni"
+        if codegen.target_has_features("avx2", target):
+            return "avx2"
+    except Exception:  # noqa: BLE001 - a triple LLVM does not know
+        return None
+    return None
 
 
 @contextlib.contextmanager
@@ -95,19 +108,6 @@ def skip_tensor_intrin(target: Any) -> Iterator[None]:
     finally:
         if sys.modules.get(_INTRIN_MODULE) is stub:
             del sys.modules[_INTRIN_MODULE]
-
-
-def avx2_int8_target(target: Any) -> bool:
-    """True for x86 llvm targets with AVX2 and no AVX-512 (where tvm_lower's AVX2 int8 path and
-    its tensor intrinsic apply; TVM's own int8 intrinsics need AVX-512 / VNNI)."""
-    from tvm.target import codegen
-
-    if str(target.kind.name) != "llvm":
-        return False
-    try:
-        return bool(codegen.target_has_features("avx2", target)) and not needs_tensor_intrin(target)
-    except Exception:  # noqa: BLE001 - an unknown triple
-        return False
 
 
 def open_database(work_dir: str | Path) -> Any:
@@ -204,13 +204,13 @@ class Tuner:
                 r = ms.schedule_rule.ParallelizeVectorizeUnroll(
                     max_jobs_per_core=16, max_vectorize_extent=64,
                     unroll_max_steps=list(self.config.unroll_max_steps), unroll_explicit=True)
-            elif name == "MultiLevelTiling" and avx2_int8_target(self.target):
-                # what TVM does for VNNI, with the AVX2 8x4 u8 x s8 intrinsic (tvm_lower): tiles the
-                # blocks it matches (the NCHWc int8 conv), the plain rule covers the others
-                from lcpaq.profiler.tvm_lower import register_avx2_intrin
+            elif name == "MultiLevelTiling" and int8_intrin_kind(self.target):
+                # what TVM does for its VNNI targets, with lcpaq's int8 intrinsic (tvm_lower): tiles
+                # the blocks it matches (the NCHWc int8 conv), the plain rule covers the others
+                from lcpaq.profiler.tvm_lower import register_int8_intrin
 
                 rules.append(ms.schedule_rule.MultiLevelTilingWithIntrin(
-                    register_avx2_intrin(), structure="SSRSRS", tile_binds=None, max_innermost_factor=64,
+                    register_int8_intrin(int8_intrin_kind(self.target)), structure="SSRSRS", tile_binds=None, max_innermost_factor=64,
                     vector_load_lens=None, reuse_read=None,
                     reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")))
                 postprocs.insert(-1, ms.postproc.RewriteTensorize(vectorize_init_loop=True))
@@ -271,10 +271,10 @@ class Tuner:
 
         miss, n = self.missing([mod])
         tune_s = self.tune(miss)
-        if avx2_int8_target(self.target):  # records that use the intrinsic are replayed here
-            from lcpaq.profiler.tvm_lower import register_avx2_intrin
+        if int8_intrin_kind(self.target):  # records that use the intrinsic are replayed here
+            from lcpaq.profiler.tvm_lower import register_int8_intrin
 
-            register_avx2_intrin()
+            register_int8_intrin(int8_intrin_kind(self.target))
         with self.target:
             ex = ms.relax_integration.compile_relax(self.db, mod, self.target, params=None)
         return ex, {"tuned": True, "tasks": n, "tuned_now": len(miss), "tune_s": round(tune_s, 2)}

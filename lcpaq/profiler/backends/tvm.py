@@ -60,6 +60,10 @@ def parse_target(target: str | dict | None) -> dict[str, Any]:
         k, v = p.lstrip("-").split("=", 1)
         if k == "mattr":
             out[k] = v.split(",")
+        elif k == "mcpu" and v == "native":  # this host's CPU, as LLVM names it (e.g. znver5)
+            from tvm.target import codegen
+
+            out[k] = str(codegen.llvm_get_system_cpu())
         elif v.lstrip("-").isdigit():
             out[k] = int(v)
         else:
@@ -91,10 +95,12 @@ class TvmBackend:
         self.work_dir = Path(wd) if wd else None
         self.rpc = getattr(profile, "rpc", None) if profile is not None else None
         self.threads = threads
-        # the AVX2 u8 x s8 int8 conv path (tvm_lower) on x86 targets without AVX-512;
-        # profile [tvm] avx2_int8 = false keeps TVM's generic int8 conv
-        self.avx2_int8 = bool(tvm_cfg.get("avx2_int8", False))
-        self._avx2: bool | None = None
+        # the tensor-intrinsic int8 conv (tvm_lower): "auto" = VNNI or AVX2 from the target's
+        # features, "off" = TVM's generic int8 conv, or force "vnni" / "avx2"
+        self.int8_intrin = str(tvm_cfg.get("int8_intrin", "auto"))
+        if self.int8_intrin not in ("auto", "off", "vnni", "avx2"):
+            raise ProfileError(f"[tvm] int8_intrin = '{self.int8_intrin}': use auto, off, vnni or avx2")
+        self._intrin: str | None = "auto"
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
 
@@ -129,12 +135,13 @@ class TvmBackend:
         from tvm.relax.frontend.onnx import from_onnx
 
         from lcpaq.profiler.tvm_lower import kernel_label, lift_constants, lower_qdq
-        from lcpaq.profiler.tvm_tune import avx2_int8_target
+        from lcpaq.profiler.tvm_tune import int8_intrin_kind
 
         mod = from_onnx(onnx.load_from_string(unit.onnx), keep_params_in_input=False)
-        if self._avx2 is None:
-            self._avx2 = bool(self.avx2_int8) and avx2_int8_target(self.target())
-        mod, kinds = lower_qdq(mod, avx2_int8=self._avx2)
+        if self._intrin == "auto":
+            self._intrin = int8_intrin_kind(self.target()) if self.int8_intrin == "auto" else (
+                None if self.int8_intrin == "off" else self.int8_intrin)
+        mod, kinds = lower_qdq(mod, int8_intrin=self._intrin)
         kernel = kernel_label(kinds, mod)
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
