@@ -309,7 +309,7 @@ def bench_blocks(args: argparse.Namespace) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="bench_blocks_"))
         whole_files = []
         for i, pol in enumerate(pols):
-            b = export_qdq(model, pol, shape, calib=[x])
+            b = export_qdq(model, pol, shape, calib=[x], unshare=True)
             todo += keys.add(cut_groups(b, model, pol, plan.groups), pol)
             keys.ms.update({u.key: float("nan") for u in todo})  # seen: do not collect twice
             if i in whole_idx:
@@ -320,18 +320,19 @@ def bench_blocks(args: argparse.Namespace) -> int:
         tests_files = []
         for k in range(args.policies):
             pol = random_class_policy(plan.layers, np.random.default_rng(k), cands)
-            b = export_qdq(model, pol, shape, calib=[x])
+            b = export_qdq(model, pol, shape, calib=[x], unshare=True)
             units = cut_groups(b, model, pol, plan.groups)
             mismatch = [g for g, u in units.items() if keys.keys[g].get(plan.context_of(pol, g)) != u.key]
             (tmp / f"test{k}.onnx").write_bytes(b)
             tests_files.append((k, pol, tmp / f"test{k}.onnx", mismatch))
-        ref_b = export_qdq(model, Policy.uniform(plan.layers, 8, 8), shape, calib=[x])
+        ref_b = export_qdq(model, Policy.uniform(plan.layers, 8, 8), shape, calib=[x], unshare=True)
         t_export = time.perf_counter() - t0
         print(f"  {len(todo)} block units to time; exports took {t_export:.0f} s", flush=True)
-        for threads in threads_list:
-            st = _settings(model_name, threads)
-            table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()})
-            with _bench_lock():
+        timed = []
+        with _bench_lock():  # one hold per model for every thread count (fewer waits in the queue)
+            for threads in threads_list:
+                st = _settings(model_name, threads)
+                table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()})
                 load0, t1 = os.getloadavg(), time.perf_counter()
                 timer = OrtTimer(st, x)
                 for u in todo:
@@ -341,11 +342,13 @@ def bench_blocks(args: argparse.Namespace) -> int:
                     table.whole.append(timer.whole_row(pol, f.read_bytes(), ref_b))
                 tests = [(k, pol, timer.whole_row(pol, f.read_bytes(), ref_b), mm) for k, pol, f, mm in tests_files]
                 load1, t_timed = os.getloadavg(), time.perf_counter() - t1
+                extra = {"designed_policies": len(pols), "block_units": len(todo), "export_s": round(t_export, 1),
+                         "unit_timing_s": round(t_units, 1), "locked_s": round(t_timed, 1),
+                         "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": load1,
+                         "overhead_ms": timer.overhead_ms}
+                timed.append((threads, table, tests, extra))
+        for threads, table, tests, extra in timed:
             table.save(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
-            extra = {"designed_policies": len(pols), "block_units": len(todo), "export_s": round(t_export, 1),
-                     "unit_timing_s": round(t_units, 1), "locked_s": round(t_timed, 1),
-                     "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": load1,
-                     "overhead_ms": timer.overhead_ms}
             table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra))
         for f in tmp.iterdir():
             f.unlink()

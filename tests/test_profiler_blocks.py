@@ -252,3 +252,23 @@ def test_profile_blocks_covers_every_context_on_ort(blocknet):
     coef, _, _ = fit_correction(table, features=lm.meta["correction_features"])
     expected = sum(table.block_ms(pol).values()) + coef[0] + coef[1:] @ edge_features(table.plan, pol)
     assert lm.predict(pol) == pytest.approx(expected, rel=1e-9)
+
+
+def test_unshare_initializers_gives_each_node_its_own_copy():
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lcpaq.profiler.onnx_export import unshare_initializers
+
+    b = numpy_helper.from_array(np.zeros(2, np.float32), "b")
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y1"]), helper.make_node("Conv", ["y1", "w", "b"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])], [w, b])
+    m = helper.make_model(g)
+    assert unshare_initializers(m) == 2
+    a, c = m.graph.node
+    assert a.input[1:] == ["w", "b"] and set(c.input[1:]).isdisjoint({"w", "b"})
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    assert np.array_equal(inits[c.input[2]], inits["b"]) and len(inits) == 4
+    assert unshare_initializers(m) == 0

@@ -111,7 +111,7 @@ def block_plan(model: Any, input_shape: tuple[int, ...], *, calib: Any = None,
     pols = [Policy.uniform(names, 32, 32), Policy.uniform(names, 8, 8),
             Policy({n: ((8, 8) if i % 2 else (32, 32)) for i, n in enumerate(names)})]
     for pol in pols:
-        single = cut_groups(export_qdq(model, pol, input_shape, calib=cal), model, pol, {n: n for n in names})
+        single = cut_groups(export_qdq(model, pol, input_shape, calib=cal, unshare=True), model, pol, {n: n for n in names})
         for lname, u in single.items():
             for nb in u.neighbours:
                 if groups[nb] != groups[lname]:
@@ -380,9 +380,9 @@ def profile_blocks(
     table = BlockTable(plan)
     timer = OrtTimer(st, x)
     whole_idx = set(np.linspace(0, len(pols) - 1, min(n_whole, len(pols))).round().astype(int).tolist())
-    ref = export_qdq(model, Policy.uniform(plan.layers, 8, 8), input_shape, calib=cal)
+    ref = export_qdq(model, Policy.uniform(plan.layers, 8, 8), input_shape, calib=cal, unshare=True)
     for i, pol in enumerate(pols):
-        b = export_qdq(model, pol, input_shape, calib=cal)
+        b = export_qdq(model, pol, input_shape, calib=cal, unshare=True)
         for u in table.add(cut_groups(b, model, pol, plan.groups), pol):
             table.ms[u.key] = timer.unit(u)
         if i in whole_idx:

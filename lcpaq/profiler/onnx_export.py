@@ -61,8 +61,11 @@ def precision_class(pair: BitPair) -> str:
     return "fp32" if is_fp32(pair) else "int8"
 
 
-def export_fp32(model: Any, input_shape: tuple[int, ...], *, opset: int = 17) -> bytes:
-    """Export ``model`` (eval mode) to ONNX fp32 with BN folded; input 'input', output 'output'."""
+def export_fp32(model: Any, input_shape: tuple[int, ...], *, opset: int = 17, unshare: bool = False) -> bytes:
+    """Export ``model`` (eval mode) to ONNX fp32 with BN folded; input 'input', output 'output'.
+
+    ``unshare``: give every node its own copy of an initializer the exporter deduplicated (see
+    :func:`unshare_initializers`)."""
     import torch
 
     model = model.eval()
@@ -78,7 +81,37 @@ def export_fp32(model: Any, input_shape: tuple[int, ...], *, opset: int = 17) ->
 
     proto = onnx.load_from_string(f.getvalue())
     _drop_initializer_identities(proto)
+    if unshare:
+        unshare_initializers(proto)
     return proto.SerializeToString()
+
+
+def unshare_initializers(proto: Any) -> int:
+    """In place: an initializer used by several nodes gets one copy per extra node; returns #copies.
+
+    The TorchScript exporter deduplicates equal tensors. In an untrained model every BN-folded bias
+    of one width is zero, so e.g. all of mobilenet_v2's 64-channel project convs share one bias;
+    ``quantize_static`` then puts a DequantizeLinear on it as soon as one of them is int8, and an
+    fp32 conv far away gets a non-constant bias (no NCHWc kernel in ORT). Latency work wants each
+    layer's graph to depend on its own precision and its neighbours' only, as in a trained model."""
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for n in g.node:
+        for j, t in enumerate(n.input):
+            if t not in inits:
+                continue
+            if t not in seen:
+                seen.add(t)
+                continue
+            copies += 1
+            dup = type(inits[t])()
+            dup.CopyFrom(inits[t])
+            dup.name = f"{t}__u{copies}"
+            g.initializer.append(dup)
+            n.input[j] = dup.name
+    return copies
 
 
 def _drop_initializer_identities(proto: Any) -> None:
@@ -203,11 +236,13 @@ def export_qdq(
     calib: Iterable[Any] | None = None,
     seed: int = 0,
     opset: int = 17,
+    unshare: bool = False,
 ) -> bytes:
     """Export ``model`` under ``policy`` to ONNX QDQ bytes runnable on ONNX Runtime.
 
     ``calib``: input batches (arrays/tensors, or (x, y) pairs) for activation ranges (min-max);
     None uses two seeded random-normal batches (fine for latency work, not for accuracy).
+    ``unshare``: no initializer shared between layers (:func:`unshare_initializers`).
 
     >>> from lcpaq.testing.models import TinyResNet
     >>> m = TinyResNet(); names = quantizable_names(m)
@@ -224,7 +259,7 @@ def export_qdq(
     policy.validate(names)
     mods = dict(model.named_modules())
     shapes = {n: tuple(mods[n].weight.shape) for n in names}
-    proto = onnx.load_from_string(export_fp32(model, input_shape, opset=opset))
+    proto = onnx.load_from_string(export_fp32(model, input_shape, opset=opset, unshare=unshare))
     amap = anchor_map(proto, names, shapes)
     owner = ownership(proto, amap.values())
     fp32_anchor = {amap[n] for n in names if is_fp32(policy[n])}
@@ -335,5 +370,5 @@ def kernel_name(pair: BitPair, op: str = "Conv") -> str:
 
 __all__ = [
     "FP32", "export_fp32", "export_qdq", "quantizable_names", "precision_class", "is_fp32",
-    "anchor_map", "ownership", "kernel_name", "WEIGHT_QMAX_8BIT",
+    "anchor_map", "ownership", "kernel_name", "WEIGHT_QMAX_8BIT", "unshare_initializers",
 ]
