@@ -215,8 +215,10 @@ class Tuner:
                     reuse_write=ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")))
                 postprocs.insert(-1, ms.postproc.RewriteTensorize(vectorize_init_loop=True))
             rules.append(r)
+        # all three explicit: if any is "from-target", TVM builds the target's full default set,
+        # which names its own VNNI intrinsic on AVX-512 VNNI targets (not registered: stubbed)
         return ms.space_generator.PostOrderApply(sch_rules=rules, postprocs=postprocs,
-                                                 mutator_probs="from-target")
+                                                 mutator_probs=dict(ms.mutator.Mutator.create("llvm")))
 
     def _get_pools(self) -> tuple[Any, Any, Any]:
         if self._pools is None:
