@@ -319,7 +319,6 @@ def kernel_label(kinds: list[str], mod: Any = None) -> str:
     """The `kernel` column of a measurement: 'tvm:conv2d-int8', 'tvm:conv2d-fp32', ..."""
     if kinds:
         return "tvm:" + "+".join(sorted(set(kinds)))
-    op = "conv2d"
-    if mod is not None and "matmul" in str(mod["main"].script()) and "conv2d" not in str(mod["main"].script()):
-        op = "matmul"
+    text = str(mod["main"].script()) if mod is not None else "conv2d"
+    op = "conv2d" if "conv2d" in text else "matmul" if "matmul" in text else "elementwise"
     return f"tvm:{op}-fp32"
