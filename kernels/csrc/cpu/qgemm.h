@@ -56,6 +56,9 @@ void decode_w2_scalar(const uint8_t*, int64_t, uint8_t*);
 void decode_w8_avx2(const uint8_t*, int64_t, uint8_t*);
 void decode_w4_avx2(const uint8_t*, int64_t, uint8_t*);
 void decode_w2_avx2(const uint8_t*, int64_t, uint8_t*);
+// signed q = u - 2^(bits-1), same layout (the VNNI route's int8 weight operand)
+void decode_w4s_avx2(const uint8_t*, int64_t, uint8_t*);
+void decode_w2s_avx2(const uint8_t*, int64_t, uint8_t*);
 void micro_w8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_u8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w8_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
@@ -70,14 +73,10 @@ void micro_w7_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, i
 bool cpu_has_avx2_fma();
 
 // AVX-512 VNNI (qgemm_vnni.cpp): C[kMR][32] (or [kMR][16] when W1 is null) += A-tile x two
-// decoded panels, one vpdpbusd per 4-k step and 16 channels. _xu: activations unsigned, weights
-// int8 (the W7 decode, any int8 value); _wu: weights unsigned (W4/W2 decode), activations int8.
-using MicroPair = void (*)(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
-                           int64_t steps, int32_t* C, int64_t ldc);
-void micro_vnni_xu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
-                   int64_t);
-void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
-                   int64_t);
+// decoded panels, one vpdpbusd per 4-k step and 16 channels: uint8 activations x int8 weights
+// (decode_w7_avx2 for 8-bit blobs, any int8 value; decode_w4s/w2s_avx2 for 4/2-bit ones).
+void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
+                int64_t);
 bool cpu_has_avx512vnni();
 void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
 int32_t sum_row_avx512(const int8_t* d, int64_t n);

@@ -95,27 +95,35 @@ void decode_w8_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
   }
 }
 
-void decode_w4_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
-  const __m256i m = _mm256_set1_epi8(0x0F);
+// OFF: 0 gives the offset-binary u, 2^(bits-1) the signed q = u - 2^(bits-1) (VNNI xu route)
+template <int OFF>
+static inline void decode_w4_t(const uint8_t* W, int64_t steps, uint8_t* out) {
+  const __m256i m = _mm256_set1_epi8(0x0F), off = _mm256_set1_epi8(OFF);
   for (int64_t s = 0; s < steps; ++s) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + s * 32));
     __m256i* o = reinterpret_cast<__m256i*>(out + s * kDecStep);
-    _mm256_storeu_si256(o, _mm256_and_si256(v, m));
-    _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), m));
+    _mm256_storeu_si256(o, _mm256_sub_epi8(_mm256_and_si256(v, m), off));
+    _mm256_storeu_si256(o + 1, _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), off));
   }
 }
 
-void decode_w2_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
-  const __m256i m = _mm256_set1_epi8(0x03);
+template <int OFF>
+static inline void decode_w2_t(const uint8_t* W, int64_t steps, uint8_t* out) {
+  const __m256i m = _mm256_set1_epi8(0x03), off = _mm256_set1_epi8(OFF);
   for (int64_t s = 0; s < steps; s += 2) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + (s / 2) * 32));
     __m256i* o = reinterpret_cast<__m256i*>(out + s * kDecStep);
-    _mm256_storeu_si256(o, _mm256_and_si256(v, m));
-    _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(v, 2), m));
-    _mm256_storeu_si256(o + 2, _mm256_and_si256(_mm256_srli_epi16(v, 4), m));
-    _mm256_storeu_si256(o + 3, _mm256_and_si256(_mm256_srli_epi16(v, 6), m));
+    _mm256_storeu_si256(o, _mm256_sub_epi8(_mm256_and_si256(v, m), off));
+    _mm256_storeu_si256(o + 1, _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 2), m), off));
+    _mm256_storeu_si256(o + 2, _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), off));
+    _mm256_storeu_si256(o + 3, _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 6), m), off));
   }
 }
+
+void decode_w4_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w4_t<0>(W, steps, out); }
+void decode_w2_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w2_t<0>(W, steps, out); }
+void decode_w4s_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w4_t<8>(W, steps, out); }
+void decode_w2s_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w2_t<2>(W, steps, out); }
 
 #define LCPAQ_AI inline __attribute__((always_inline))
 
@@ -339,6 +347,9 @@ void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp
 void decode_w8_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w8_scalar(W, s, o); }
 void decode_w4_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w4_scalar(W, s, o); }
 void decode_w2_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w2_scalar(W, s, o); }
+// never called: the xu route for W4/W2 is VNNI-only
+void decode_w4s_avx2(const uint8_t*, int64_t, uint8_t*) {}
+void decode_w2s_avx2(const uint8_t*, int64_t, uint8_t*) {}
 void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
   micro_w8_scalar(A, lda, W, s, C, ldc);

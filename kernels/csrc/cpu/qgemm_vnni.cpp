@@ -7,12 +7,13 @@
 // Exactness: vpdpbusd multiplies unsigned bytes by signed bytes and adds the four products of a
 // 32-bit lane to the int32 accumulator without saturation (vpdpbusds would saturate; not used), so
 // every step is exact and the int32 sums wrap like the AVX2 kernels' (final |sum| < 2^31: the
-// K <= 65536 check of the ops). This lifts the AVX2 range limits:
-//  * W4/W2 (weights unsigned u in [0, 15] / [0, 3], activations a = x - 128 signed): same operands
-//    and corrections as the AVX2 vpmaddubsw kernels, no int16 stage, no widening.
-//  * W8 and W7 (activations unsigned x, int8 weights in 4-k steps from decode_w7_avx2): the full
-//    int8 weight range is exact here (the AVX2 W7 kernel needs |q| <= 64), so 8-bit blobs run on
-//    this route too: one instruction per 64 MACs instead of AVX2 W8's two per 16.
+// K <= 65536 check of the ops). One route for every width: activations in the unsigned slot
+// (uint8 as stored, int8 flipped to x + 128 and corrected with 128 * colsum), int8 weights in the
+// signed slot, 4-k steps: W8/W7 from decode_w7_avx2 (the full int8 range is exact here; the AVX2
+// W7 kernel needs |q| <= 64), W4/W2 from decode_w4s/w2s_avx2 (q = u - 2^(bits-1)). No int16
+// stage, no row sums: one instruction per 64 MACs (AVX2: W8 two per 16, W4 about one per 32).
+// (Weights unsigned and activations shifted to int8, as on AVX2, measured 18 % slower on the 7x7
+// stem GEMM, K=147, for the row sums and the flip, and equal elsewhere.)
 #include <immintrin.h>
 
 #include <cstring>
@@ -43,8 +44,7 @@ static LCPAQ_AI __m512i bcast32z(const uint8_t* p) {
 }
 
 // One 4-k step for rows a0 + {0,1,2}*lda and a3 + {0,1,2}*lda against NP decoded panels.
-// XU: activations in the unsigned slot (W8/W7 route); else the weights are (W4/W2 route).
-template <bool XU, int NP>
+template <int NP>
 static LCPAQ_AI void vnni_step(__m512i (&c)[kMR][2], const uint8_t* a0, const uint8_t* a3,
                                int64_t lda, const uint8_t* w0p, const uint8_t* w1p) {
   const __m512i w0 = _mm512_loadu_si512(w0p);
@@ -52,18 +52,13 @@ static LCPAQ_AI void vnni_step(__m512i (&c)[kMR][2], const uint8_t* a0, const ui
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
     const __m512i a = bcast32z((r < 3 ? a0 : a3) + (r % 3) * lda);
-    if (XU) {
-      c[r][0] = _mm512_dpbusd_epi32(c[r][0], a, w0);
-      if (NP == 2) c[r][1] = _mm512_dpbusd_epi32(c[r][1], a, w1);
-    } else {
-      c[r][0] = _mm512_dpbusd_epi32(c[r][0], w0, a);
-      if (NP == 2) c[r][1] = _mm512_dpbusd_epi32(c[r][1], w1, a);
-    }
+    c[r][0] = _mm512_dpbusd_epi32(c[r][0], a, w0);
+    if (NP == 2) c[r][1] = _mm512_dpbusd_epi32(c[r][1], a, w1);
   }
 }
 
-template <bool XU, int NP>
-static void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
+template <int NP>
+static void micro_vnni_t(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
                        int64_t steps, int32_t* C, int64_t ldc) {
   __m512i c[kMR][2];
 #pragma GCC unroll 6
@@ -77,12 +72,12 @@ static void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const u
   for (; s + 4 <= steps; s += 4) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      vnni_step<XU, NP>(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, W0 + (s + j) * kDecStep,
+      vnni_step<NP>(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, W0 + (s + j) * kDecStep,
                         W1 + (s + j) * kDecStep);
     }
   }
   for (; s < steps; ++s) {
-    vnni_step<XU, NP>(c, a0 + 4 * s, a3 + 4 * s, lda, W0 + s * kDecStep, W1 + s * kDecStep);
+    vnni_step<NP>(c, a0 + 4 * s, a3 + 4 * s, lda, W0 + s * kDecStep, W1 + s * kDecStep);
   }
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
@@ -91,16 +86,10 @@ static void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const u
   }
 }
 
-void micro_vnni_xu(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
-                   int64_t steps, int32_t* C, int64_t ldc) {
-  if (W1 != nullptr) return micro_vnni<true, 2>(A, lda, W0, W1, steps, C, ldc);
-  micro_vnni<true, 1>(A, lda, W0, W0, steps, C, ldc);
-}
-
-void micro_vnni_wu(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
-                   int64_t steps, int32_t* C, int64_t ldc) {
-  if (W1 != nullptr) return micro_vnni<false, 2>(A, lda, W0, W1, steps, C, ldc);
-  micro_vnni<false, 1>(A, lda, W0, W0, steps, C, ldc);
+void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1,
+                int64_t steps, int32_t* C, int64_t ldc) {
+  if (W1 != nullptr) return micro_vnni_t<2>(A, lda, W0, W1, steps, C, ldc);
+  micro_vnni_t<1>(A, lda, W0, W0, steps, C, ldc);
 }
 
 // lanes [0, n) of a 64-byte chunk, n <= 64
@@ -203,10 +192,8 @@ bool cpu_has_avx512vnni() {
 }
 
 #else  // no AVX-512 VNNI code in this build: never dispatched
-void micro_vnni_xu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
-                   int64_t) {}
-void micro_vnni_wu(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
-                   int64_t) {}
+void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
+                int64_t) {}
 bool cpu_has_avx512vnni() { return false; }
 void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
 void epilogue_row_avx512(const int32_t*, int64_t, const RowEpi&, void*) {}

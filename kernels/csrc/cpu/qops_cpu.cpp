@@ -101,6 +101,9 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   // for the full int8 range there (vpdpbusd does not saturate)
   if (bits == 8 && vnni) bits = 7;
   const bool w7 = bits == 7;
+  // unsigned activations x signed weights (4-k steps): W7 on AVX2, every width on VNNI (W4/W2
+  // weights decoded to q = u - 2^(bits-1) there: no activation flip, no row sums)
+  const bool xu = w7 || vnni;
   const int lbits = int(layout_bits(bits));
   // W7: 4-k steps over the 8-bit blob's 2-k steps (bsteps per panel)
   const int64_t bsteps = num_ksteps(lbits, K);
@@ -126,16 +129,16 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
       std::fill(d + K, d + Kpad, int16_t(0));
       return 0;
     }
-    // W4/W2: a = x - 128 for uint8 (flip the top bit), a = x for int8;
-    // W7: uint8 as is, int8 + 128 (flip) for the unsigned slot
+    // W4/W2 on AVX2: a = x - 128 for uint8 (flip the top bit), a = x for int8;
+    // xu route: uint8 as is, int8 + 128 (flip) for the unsigned slot
     int8_t* d = reinterpret_cast<int8_t*>(row);
-    const uint8_t flip = (xs8 != w7) ? 0 : 0x80;
+    const uint8_t flip = (xs8 != xu) ? 0 : 0x80;
     const int8_t padv = int8_t(src.pad ^ flip);
     src.row(
         m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, flip); },
         [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
     std::fill(d + K, d + Kpad, int8_t(0));
-    return w7 ? 0 : sumr(d, K);  // W7 needs no row sums (weights are not offset)
+    return xu ? 0 : sumr(d, K);  // xu needs no row sums (weights are not offset)
   };
 
   const int32_t* colsum = reinterpret_cast<const int32_t*>(blob);
@@ -158,13 +161,12 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
                       : bits == 8 ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
                       : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_u8_scalar)
                                   : (avx2 ? micro_w2_avx2 : micro_u8_scalar);
-  const MicroPair vmicro = w7 ? micro_vnni_xu : micro_vnni_wu;
   const Decode decode = bits == 8   ? (avx2 ? decode_w8_avx2 : decode_w8_scalar)
-                        : bits == 4 ? (avx2 ? decode_w4_avx2 : decode_w4_scalar)
-                                    : (avx2 ? decode_w2_avx2 : decode_w2_scalar);
-  const int64_t h = (bits == 8 || w7) ? 0 : (int64_t(1) << (bits - 1));
-  // W4/W2 shift uint8 activations by -128; W7 shifts int8 ones by +128
-  const int64_t offx = w7 ? (xs8 ? -128 : 0) : ((xs8 || w8) ? 0 : 128);
+                        : bits == 4 ? (xu ? decode_w4s_avx2 : avx2 ? decode_w4_avx2 : decode_w4_scalar)
+                                    : (xu ? decode_w2s_avx2 : avx2 ? decode_w2_avx2 : decode_w2_scalar);
+  const int64_t h = (bits == 8 || xu) ? 0 : (int64_t(1) << (bits - 1));
+  // W4/W2 on AVX2 shift uint8 activations by -128; the xu route shifts int8 ones by +128
+  const int64_t offx = xu ? (xs8 ? -128 : 0) : ((xs8 || w8) ? 0 : 128);
 
   // rows [m0, m0 + mrows) (A points at row m0, rs at its row sums) x panels [p0, p0 + np)
   auto compute = [&](const uint8_t* A, const int32_t* rs, int64_t m0, int64_t mrows, int64_t p0,
@@ -198,7 +200,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
           dec(p, k0, ks, wd);
           if (two) dec(p + 1, k0, ks, wd1);
           for (int64_t r = 0; r < mrows; r += kMR) {
-            vmicro(A + r * lda + k0 * 4, lda, wd, two ? wd1 : nullptr, ks,
+            micro_vnni(A + r * lda + k0 * 4, lda, wd, two ? wd1 : nullptr, ks,
                    cbuf + r * ldc + p * kNR, ldc);
           }
         }
