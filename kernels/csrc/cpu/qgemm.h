@@ -79,7 +79,6 @@ void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t
                 int64_t);
 bool cpu_has_avx512vnni();
 void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
-int32_t sum_row_avx512(const int8_t* d, int64_t n);
 void quantize_row_avx512(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                          float hi);
 

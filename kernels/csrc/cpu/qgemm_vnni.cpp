@@ -97,7 +97,7 @@ static LCPAQ_AI __mmask64 first_n(int64_t n) {
   return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
 }
 
-// flip_row / sum_row of the AVX2 TU with masked tails: im2col rows are short runs (the 7x7 stem
+// flip_row of the AVX2 TU with a masked tail: im2col rows are short runs (the 7x7 stem
 // copies 21 bytes per kernel row), which the 32-byte loops did mostly in scalar code
 void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   const __m512i f = _mm512_set1_epi8(static_cast<char>(flip));
@@ -109,20 +109,6 @@ void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
     const __mmask64 m = first_n(n - i);
     _mm512_mask_storeu_epi8(d + i, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, s + i), f));
   }
-}
-
-// sum of int8 a: vpsadbw of a ^ 0x80 = a + 128; masked-off lanes load 0 and count as a = 0
-int32_t sum_row_avx512(const int8_t* d, int64_t n) {
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), z = _mm512_setzero_si512();
-  __m512i acc = z;
-  int64_t i = 0;
-  for (; i < n; i += 64) {
-    const __m512i v = _mm512_maskz_loadu_epi8(first_n(n - i), d + i);
-    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_xor_si512(v, flip), z));
-  }
-  alignas(64) int64_t t[8];  // (not _mm512_reduce_add_epi64: GCC 12's header warns in it)
-  _mm512_store_si512(t, acc);
-  return static_cast<int32_t>(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7] - 128 * i);
 }
 
 // The fused epilogue 16 columns at a time (masked tail): the same float operations in the same
@@ -198,7 +184,6 @@ bool cpu_has_avx512vnni() { return false; }
 void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
 void epilogue_row_avx512(const int32_t*, int64_t, const RowEpi&, void*) {}
 void quantize_row_avx512(const float*, uint8_t*, int64_t, float, float, float, float) {}
-int32_t sum_row_avx512(const int8_t*, int64_t) { return 0; }
 #endif
 
 }  // namespace lcpaq

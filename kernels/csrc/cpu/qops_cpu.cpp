@@ -116,7 +116,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   if (lda % 1024 == 0) lda += 64;
   const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
   const auto flipr = vnni ? flip_row_avx512 : avx2 ? flip_row_avx2 : flip_row_scalar;
-  const auto sumr = vnni ? sum_row_avx512 : avx2 ? sum_row_avx2 : sum_row_scalar;
+  const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;  // (the VNNI route needs no sums)
   const auto epir = vnni ? epilogue_row_avx512 : avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
   // one packed activation row; returns its sum (W4/W2 correction term)
   auto pack_row = [&](int64_t m, uint8_t* row) -> int32_t {
