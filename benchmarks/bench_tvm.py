@@ -60,7 +60,7 @@ def unique_layers(inv):
     return uniq
 
 
-def full_table(inv, hw, table_dir: Path, model: str) -> dict:
+def full_table(inv, hw, table_dir: Path, model: str, reprofile: bool = True) -> dict:
     """Phases 1-4 of the module doc; returns the figures."""
     from lcpaq.profiler.run import plan_units, profile
 
@@ -91,6 +91,9 @@ def full_table(inv, hw, table_dir: Path, model: str) -> dict:
     t_table = table(f"{model}.jsonl")
     out["full_table_s"] = round(time.perf_counter() - t_start, 1)
     out["full_table_min"] = round(out["full_table_s"] / 60, 2)
+    out["table_s"] = round(t_table, 1)
+    if not reprofile:
+        return out
     table(f"{model}.reprofile-libs.jsonl")
     libs = Path(hw.tvm["work_dir"]) / "libs"
     aside = libs.with_name("libs.aside")
@@ -101,7 +104,6 @@ def full_table(inv, hw, table_dir: Path, model: str) -> dict:
     finally:
         shutil.rmtree(libs, ignore_errors=True)
         aside.rename(libs)
-    out["table_s"] = round(t_table, 1)
     return out
 
 
@@ -138,6 +140,7 @@ def ratios(inv, hw, n_layers: int | None, rounds: int, only: str | None = None) 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="tune + full table + re-profiles")
+    ap.add_argument("--no-reprofile", action="store_true", help="--full without the two re-profile runs")
     ap.add_argument("--model", default="resnet18", help="registered model (resnet18; mnist_resnet for a smoke run)")
     ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per task (profile's)")
     ap.add_argument("--layers", type=int, default=None, help="dense convs in the ratio phase (all)")
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count()}
     if args.full:
         Path(args.tables).mkdir(parents=True, exist_ok=True)
-        res["full"] = full_table(inv, hw, Path(args.tables), args.model)
+        res["full"] = full_table(inv, hw, Path(args.tables), args.model, not args.no_reprofile)
     from lcpaq.profiler.backends.tvm import parse_target
 
     res["target"] = parse_target(hw.target)
@@ -182,9 +185,10 @@ def main(argv=None) -> int:
     if "full" in res:
         f = res["full"]
         print(f"full table: {f['full_table_min']} min (setup {f['setup_s']} s, tune {f['tune']['tune_s']} s "
-              f"for {f['tune']['tuned_now']}/{f['tune']['tasks']} tasks, table {f['table_s']} s, "
-              f"{f['units']} units); re-profile: kept libs {f[args.model + '.reprofile-libs.jsonl']['s']} s, "
-              f"database only {f[args.model + '.reprofile-db.jsonl']['s']} s")
+              f"for {f['tune']['tuned_now']}/{f['tune']['tasks']} tasks, table {f['table_s']} s, {f['units']} units)")
+        if not args.no_reprofile:
+            print(f"re-profile: kept libs {f[args.model + '.reprofile-libs.jsonl']['s']} s, "
+                  f"database only {f[args.model + '.reprofile-db.jsonl']['s']} s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"bench_tvm_{args.model}_{'full_' if args.full else ''}t{tvm_cfg['trials']}{args.tag}.json"
     (RESULTS / name).write_text(json.dumps(res, indent=1))
