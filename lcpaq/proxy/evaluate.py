@@ -134,7 +134,7 @@ class ProxyEvaluator:
 
     @torch.no_grad()
     def _fp32_qparams(self, layer: str, bits: int, method: str, symmetric: bool) -> tuple[float, int]:
-
+        """(scale, zero point) of ``layer``'s input from the fp32 activations, cached per key."""
         if self._inputs is None:  # recorded by the fp32 pass in __init__ when calibration="fp32"
             self._forward(self.model, self.calib_samples, record=True)
         assert self._inputs is not None
@@ -206,8 +206,7 @@ class ProxyEvaluator:
                 aq = (torch.tensor(sc).abs().clamp_min(1e-8), zp, act_range(a_bits, False))
             with torch.no_grad():
                 if self.weights == "refit" and w_bits != FP32_BITS:
-                    self._fp32_qparams(name, 8, "minmax", False)  # records the fp32 layer inputs
-                    assert self._inputs is not None
+                    assert self._inputs is not None  # refit implies fp32 ranges: recorded in __init__
                     qw = refit_weight(mod, self._inputs[name], w_bits)
                 else:
                     qw = fake_quant_weight(mod.weight, w_bits).detach()
