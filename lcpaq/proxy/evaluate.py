@@ -125,6 +125,7 @@ class ProxyEvaluator:
         self.cache_models = max(0, cache_models)
         self._models: dict[tuple[Policy, str], nn.Module] = {}
         self._layers: dict[tuple[str, int, int, str], nn.Module] = {}
+        self._qweights: dict[tuple[str, int], torch.Tensor] = {}
         from lcpaq.quant import quantizable_names
 
         self._float_layers = {n: self.model.get_submodule(n) for n in quantizable_names(self.model)}
@@ -150,6 +151,7 @@ class ProxyEvaluator:
         self._models.clear()
         if layers:
             self._layers.clear()
+            self._qweights.clear()
 
     @torch.inference_mode()
     def _forward(self, model: nn.Module, n: int, *, record: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,12 +206,15 @@ class ProxyEvaluator:
             if a_bits != FP32_BITS:  # asymmetric activations, as apply_policy's default
                 sc, zp = self._fp32_qparams(name, a_bits, method, False)
                 aq = (torch.tensor(sc).abs().clamp_min(1e-8), zp, act_range(a_bits, False))
-            with torch.no_grad():
-                if self.weights == "refit" and w_bits != FP32_BITS:
-                    assert self._inputs is not None  # refit implies fp32 ranges: recorded in __init__
-                    qw = refit_weight(mod, self._inputs[name], w_bits)
-                else:
-                    qw = fake_quant_weight(mod.weight, w_bits).detach()
+            qw = self._qweights.get((name, w_bits))  # shared by every a_bits and method
+            if qw is None:
+                with torch.no_grad():
+                    if self.weights == "refit" and w_bits != FP32_BITS:
+                        assert self._inputs is not None  # refit implies fp32 ranges: recorded in __init__
+                        qw = refit_weight(mod, self._inputs[name], w_bits)
+                    else:
+                        qw = fake_quant_weight(mod.weight, w_bits).detach()
+                self._qweights[(name, w_bits)] = qw
             q = _frozen(mod, qw, aq, w_bits, a_bits)
             self._layers[key] = q
         return q
