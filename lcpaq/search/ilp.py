@@ -23,6 +23,7 @@ SOLVERS = ("cbc", "highs")
 # "Optimal" means proven within this relative MIP gap (both solvers' convention; HiGHS's default).
 MIP_GAP = 1e-4
 AUTO_HIGHS_LAYERS = 100  # HiGHS (lcpaq.search.mip, LP bound first) from this many layers up
+AUTO_HIGHS_LAYERS_TRANSITIONS = 40  # ... or from this many when latency transitions are budgeted
 
 
 def _solver(name: str, time_limit_s: float | None):
@@ -34,18 +35,19 @@ def _solver(name: str, time_limit_s: float | None):
 
 
 def default_solver(n_layers: int | None = None, *, transitions: bool = False) -> str:
-    """CBC below ``AUTO_HIGHS_LAYERS`` layers, HiGHS (if highspy is installed) from there up.
+    """CBC below ``AUTO_HIGHS_LAYERS`` layers (``AUTO_HIGHS_LAYERS_TRANSITIONS`` when latency
+    transition terms are budgeted), HiGHS (if highspy is installed) from there up.
 
-    Measured (notes/search.md, session 5; CPU seconds): on 54-layer synthetic problems CBC took
-    0.10-0.16 s on four seeds without transition terms where HiGHS took 0.08-0.33 s, and they tie
-    with transitions; from 200 layers HiGHS's LP-first path is as fast without transitions and
-    1.8x faster with them, and at 1,000 layers with transitions CBC hits its time limit. Below the
-    threshold ``solve_ilp`` still tries HiGHS's LP bound first (milliseconds; it proves the traced
-    ResNet problems optimal at once) before calling CBC. ``transitions`` is kept for callers; the
-    rule no longer depends on it.
+    Measured (benchmarks/bench_search.py, notes/search.md, session 5, load ~1-2): without
+    transitions CBC and HiGHS tie at 54 and 200 layers (0.14 s, 1.1 s) and HiGHS is 1.9x faster at
+    1,000; with a_bits transitions CBC wins at 21 layers (0.11 vs 0.49 s), HiGHS at 54 (0.46 vs
+    0.60 s, seeds vary), 200 (3.1 vs 5.5 s) and 1,000 layers (2.8 s; CBC hits its limit), and with
+    unstructured transition tables at 21 and 54 layers. When the rule picks CBC, ``solve_ilp``
+    first tries HiGHS's LP bound (milliseconds on structured problems; it proves the traced ResNets
+    optimal at once).
     """
-    del transitions
-    if n_layers is not None and n_layers < AUTO_HIGHS_LAYERS:
+    limit = AUTO_HIGHS_LAYERS_TRANSITIONS if transitions else AUTO_HIGHS_LAYERS
+    if n_layers is not None and n_layers < limit:
         return "cbc"
     try:
         import highspy  # noqa: F401
