@@ -131,7 +131,9 @@ def test_tuning_database_is_kept_and_reused(tmp_path):
     be = get_backend("tvm", _profile(tmp_path, trials=1))
     layer = conv_layer(c=8, o=8, hw=8)
     info = be.tune([_unit(layer, (8, 8)), _unit(layer, (4, 8)), _unit(layer, (32, 32), "fp32")])
-    assert info["tasks"] == 2 and info["tuned_now"] == 2  # int8 conv + fp32 conv; w4 shares w8's
+    # int8 NCHWc conv + its input layout transform + its epilogue, fp32 conv; w4 shares w8's
+    assert info["tasks"] == 4 and info["tuned_now"] == 4
+    assert be.tune([_unit(layer, (2, 8))])["tuned_now"] == 0
     assert (tmp_path / "tvm_db" / "database_tuning_record.json").stat().st_size > 0
     first = be.measure(_unit(layer, (8, 8)), SETTINGS)
     assert first.ok, first.error

@@ -113,6 +113,10 @@ def skip_tensor_intrin(target: Any) -> Iterator[None]:
 def open_database(work_dir: str | Path) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
+    from lcpaq.profiler.tvm_lower import INT8_INTRINS, register_int8_intrin
+
+    for kind in INT8_INTRINS:  # loading a record replays its trace: its intrinsic must exist
+        register_int8_intrin(kind)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(work_dir=str(work_dir))
 
