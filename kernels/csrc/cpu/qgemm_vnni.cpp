@@ -14,14 +14,13 @@
 // stage, no row sums: one instruction per 64 MACs (AVX2: W8 two per 16, W4 about one per 32).
 // (Weights unsigned and activations shifted to int8, as on AVX2, measured 18 % slower on the 7x7
 // stem GEMM, K=147, for the row sums and the flip, and equal elsewhere.)
-#include <immintrin.h>
-
 #include <cstring>
 
 #include "epilogue.h"
 #include "qgemm.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and warn about it inside its own
