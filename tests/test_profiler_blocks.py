@@ -13,6 +13,7 @@ from lcpaq.policy import Policy
 from lcpaq.profiler.blocks import (
     BlockPlan,
     BlockTable,
+    correction_features,
     design_policies,
     edge_features,
     fit_block_model,
@@ -250,7 +251,7 @@ def test_profile_blocks_covers_every_context_on_ort(blocknet):
     pol = Policy({n: CANDS[i % 3] for i, n in enumerate(table.plan.layers)})
     assert np.isfinite(lm.predict(pol))
     coef, _, _ = fit_correction(table, features=lm.meta["correction_features"])
-    expected = sum(table.block_ms(pol).values()) + coef[0] + coef[1:] @ edge_features(table.plan, pol)
+    expected = sum(table.block_ms(pol).values()) + coef[0] + coef[1:] @ correction_features(table.plan, pol)
     assert lm.predict(pol) == pytest.approx(expected, rel=1e-9)
 
 
@@ -272,3 +273,27 @@ def test_unshare_initializers_gives_each_node_its_own_copy():
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     assert np.array_equal(inits[c.input[2]], inits["b"]) and len(inits) == 4
     assert unshare_initializers(m) == 0
+
+
+def test_edge_correction_learns_one_boundary_cost_and_auto_picks_it():
+    plan = _plan()
+    t = _synthetic_table(plan, c0=0.05, per_edge_size=0.0)
+    for row in t.whole:  # one boundary (a2 fp32 -> b1 int8) costs 0.3 ms more in the whole graph
+        if row["policy"]["a2"] == [32, 32] and row["policy"]["b1"] != [32, 32]:
+            row["ms"] += 0.3
+    coef, rms, chosen = fit_correction(t, features="auto")
+    assert chosen == "edge"
+    j = plan.edges.index(("a2", "b1"))
+    others = [abs(c) for k, c in enumerate(coef[5:]) if k != 3 * j + 2]
+    assert coef[5 + 3 * j + 2] > 0.1 > max(others)  # the "fi" indicator of that edge (ridge shrinks it)
+    lm = fit_block_model(t, CANDS, features="edge")
+    errs = []
+    for row in t.whole:
+        pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
+        errs.append(lm.predict(pol) - row["ms"])
+    assert np.sqrt(np.mean(np.square(errs))) < 0.05  # the const-only fit is off by ~0.15 ms rms
+    c_errs = [fit_block_model(t, CANDS, features="const").predict(Policy({n: tuple(p) for n, p in r["policy"].items()}))
+              - r["ms"] for r in t.whole]
+    assert np.sqrt(np.mean(np.square(c_errs))) > 0.1
+    with pytest.raises(Exception, match="unknown correction"):
+        fit_correction(t, features="nope")

@@ -241,7 +241,31 @@ def edge_features(plan: BlockPlan, policy: Policy, *, scale: float = 1e-5) -> np
     return f
 
 
-_FEATURES = {"const": [], "count": [0, 1], "size": [2, 3], "both": [0, 1, 2, 3]}
+EDGE_PAIRS = ("ff", "ii", "fi")  # per cross edge; "if" is the baseline (the four add up to 1 per edge)
+RIDGE = 1.0  # ms^2 per coefficient^2, only for the per-edge variant (3 x edges coefficients)
+
+
+def correction_features(plan: BlockPlan, policy: Policy) -> np.ndarray:
+    """:func:`edge_features` (4) followed by one indicator per cross edge and class pair (3 x edges)."""
+    per_edge = np.zeros(len(EDGE_PAIRS) * len(plan.edges))
+    for j, (p, c) in enumerate(plan.edges):
+        pair = precision_class(policy[p])[0] + precision_class(policy[c])[0]
+        if pair in EDGE_PAIRS:
+            per_edge[len(EDGE_PAIRS) * j + EDGE_PAIRS.index(pair)] = 1.0
+    return np.r_[edge_features(plan, policy), per_edge]
+
+
+def _variants(plan: BlockPlan) -> dict[str, list[int]]:
+    edge = list(range(4, 4 + len(EDGE_PAIRS) * len(plan.edges)))
+    return {"const": [], "count": [0, 1], "size": [2, 3], "both": [0, 1, 2, 3], "edge": edge}
+
+
+def _solve(X: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    if not ridge:
+        return np.linalg.lstsq(X, y, rcond=None)[0]
+    pen = np.eye(X.shape[1]) * ridge
+    pen[0, 0] = 0.0  # the constant is not shrunk
+    return np.linalg.solve(X.T @ X + pen, X.T @ y)
 
 
 def smooth_drift(refs: Sequence[float], window: int = 7) -> np.ndarray:
@@ -264,39 +288,46 @@ def _correction_data(table: BlockTable, sel: Sequence[int]) -> tuple[np.ndarray,
     for row, d in zip(table.whole, drift, strict=True):
         pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
         whole = row["ms"] / d  # the machine's drift since the table was built
-        X.append(np.r_[1.0, edge_features(table.plan, pol)[list(sel)]])
+        X.append(np.r_[1.0, correction_features(table.plan, pol)[list(sel)]])
         y.append(whole - sum(table.block_ms(pol).values()))
         tot.append(whole)
     return np.array(X).reshape(len(X), 1 + len(sel)), np.array(y), np.array(tot)
 
 
 def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.ndarray, float, str]:
-    """Least squares ``whole_ms - sum(block ms) = c0 + w . features`` over the table's whole rows.
+    """Fit ``whole_ms - sum(block ms) = c0 + w . features`` over the table's whole rows.
 
-    ``features``: "const" (c0 only), "count" (+ edge counts per class pair), "size" (+ the edges'
-    tensor sizes), "both", or "auto": the one with the smallest leave-one-out relative error.
-    Returns (5 coefficients: c0, ff and ii counts, ff and ii sizes; the relative rms; the choice)."""
+    ``features``: "const" (c0 only), "count" (+ counts of same-class cross edges), "size" (+ their
+    tensor sizes), "both", "edge" (+ one cost per cross edge and class pair, ridge-regularised:
+    what each boundary really adds in the whole graph), or "auto": the one with the smallest
+    leave-one-out relative error on the whole rows. Returns (coefficients: c0, then one per entry of
+    :func:`correction_features`, zero where the variant does not use it; the relative rms; the choice)."""
+    variants = _variants(table.plan)
     if features == "auto":
         best = None
-        for name, sel in _FEATURES.items():
+        for name, sel in variants.items():
             X, y, tot = _correction_data(table, sel)
-            if len(y) <= X.shape[1] + 1:
+            ridge = RIDGE if name == "edge" else 0.0
+            if len(y) <= (X.shape[1] + 1 if not ridge else 2):
                 continue
             loo = []
             for i in range(len(y)):
                 m = np.arange(len(y)) != i
-                c = np.linalg.lstsq(X[m], y[m], rcond=None)[0]
-                loo.append((X[i] @ c - y[i]) / tot[i])
+                loo.append((X[i] @ _solve(X[m], y[m], ridge) - y[i]) / tot[i])
             err = float(np.sqrt(np.mean(np.square(loo))))
             if best is None or err < best[0]:
                 best = (err, name)
         features = best[1] if best else "const"
-    sel = _FEATURES[features]
-    full = np.zeros(5)
+    if features not in variants:
+        from lcpaq.errors import ConfigError
+
+        raise ConfigError(f"unknown correction features {features!r}; use one of auto, {', '.join(variants)}")
+    sel = variants[features]
+    full = np.zeros(1 + 4 + len(EDGE_PAIRS) * len(table.plan.edges))
     if not table.whole:
         return full, float("nan"), features
     X, y, tot = _correction_data(table, sel)
-    coef = np.linalg.lstsq(X, y, rcond=None)[0]
+    coef = _solve(X, y, RIDGE if features == "edge" else 0.0)
     rms = float(np.sqrt(np.mean(((X @ coef - y) / tot) ** 2)))
     full[0] = coef[0]
     for j, k in enumerate(sel):
@@ -344,9 +375,12 @@ def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, feature
             add_pair(ctxl[i], ctxl[j], diff=float(w[1 + len(mem) + k]))
         resid = {c: float(obs[c] - A[r] @ w) for r, c in enumerate(ctxs)}
         groups.append(GroupCost(b, ctxl, resid))
-    for p, c in plan.edges:
+    for e, (p, c) in enumerate(plan.edges):
         size = plan.edge_numel.get(p, 0) * 1e-5
-        add_pair(p, c, by_class={k: coef[1 + j] + coef[3 + j] * size for j, k in enumerate(SAME)})
+        by_class = {k: coef[1 + j] + coef[3 + j] * size for j, k in enumerate(SAME)}
+        for j, k in enumerate(EDGE_PAIRS):
+            by_class[k] = by_class.get(k, 0.0) + coef[5 + len(EDGE_PAIRS) * e + j]
+        add_pair(p, c, by_class=by_class)
     return LatencyModel(unary, pairwise, float(coef[0]), groups=tuple(groups),  # type: ignore[arg-type]
                         meta={"source": "lcpaq.profiler.blocks.fit_block_model", "correction": coef.tolist(),
                               "correction_features": features, "fit_rms_rel": rms,
@@ -423,5 +457,5 @@ class OrtTimer:
         return {"policy": {n: list(v) for n, v in pol.items()}, "ms": min(p), "ref_ms": min(r)}
 
 
-__all__ = ["smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
+__all__ = ["correction_features", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
            "fit_correction", "fit_block_model", "profile_blocks", "OrtTimer"]
