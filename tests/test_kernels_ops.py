@@ -21,8 +21,9 @@ from lcpaq.kernels import reference as ref
 needs_ext = pytest.mark.skipif(not available(), reason="lcpaq/_C extension not built")
 
 BITS = [pytest.param(b, id=f"w{b}") for b in (8, 7, 4, 2)]
-# "best": what the CPU has (AVX-512 VNNI where present); "avx2" forces the AVX2 micro-kernels
-ISAS = ["best", "avx2"]
+# "best": what the CPU has (AVX-512 VNNI where present); "avx2" forces the AVX2 micro-kernels,
+# "avxvnni" the ymm vpdpbusd one (AVX2 where the CPU lacks AVX-VNNI)
+ISAS = ["best", "avx2", "avxvnni"]
 XDT = [pytest.param(torch.uint8, id="u8"), pytest.param(torch.int8, id="s8")]
 SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(1, 1, 1), (7, 13, 37), (13, 1000, 100), (50, 33, 777), (400, 20, 70)]]
 
@@ -153,10 +154,10 @@ def test_qconv2d_matches_reference(bits: int, xdt: torch.dtype, cfg: dict, threa
 @needs_ext
 @pytest.mark.parametrize("xdt", XDT)
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni"])
 def test_forced_isa_is_exact(bits: int, xdt: torch.dtype, isa: str, threads: int,
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """LCPAQ_KERNELS_ISA=scalar|avx2 runs the lower paths (the default one is the best the CPU
+    """LCPAQ_KERNELS_ISA=scalar|avx2|avxvnni runs the lower paths (the default one is the best the CPU
     has): each exact, so all paths agree bit for bit. 50 rows x 40 channels: an odd panel count
     (the VNNI kernel's single-panel tile) and a partial row tile."""
     g = torch.Generator().manual_seed(3)

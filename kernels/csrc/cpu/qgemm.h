@@ -78,6 +78,9 @@ bool cpu_has_avx2_fma();
 void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
                 int64_t);
 bool cpu_has_avx512vnni();
+// AVX-VNNI (VEX, ymm; qgemm_avxvnni.cpp): the same route 16 channels at a time (Micro signature)
+void micro_avxvnni(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+bool cpu_has_avxvnni();
 void flip_row_avx512(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
 void quantize_row_avx512(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                          float hi);

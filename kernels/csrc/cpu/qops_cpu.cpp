@@ -19,14 +19,19 @@
 namespace lcpaq {
 namespace {
 
-// Instruction set of the kernels: 0 scalar, 1 AVX2+FMA, 2 AVX-512 VNNI (micro-kernels; packing,
-// decode and epilogue stay AVX2). The best the CPU has, or lower with LCPAQ_KERNELS_ISA=scalar|avx2
-// (read per call, so tests and benchmarks can compare the paths in one process).
+// Instruction set of the kernels: 0 scalar, 1 AVX2+FMA, 2 AVX-VNNI (ymm vpdpbusd micro-kernel,
+// the rest AVX2), 3 AVX-512 VNNI (zmm micro-kernel, AVX-512 flip/epilogue/quantize; decode AVX2).
+// The best the CPU has, or lower with LCPAQ_KERNELS_ISA=scalar|avx2|avxvnni (read per call, so
+// tests and benchmarks can compare the paths in one process; avxvnni falls back to avx2 on CPUs
+// without it, e.g. Zen 4, which has AVX-512 VNNI only).
 int isa_level() {
-  static const int best = cpu_has_avx2_fma() ? (cpu_has_avx512vnni() ? 2 : 1) : 0;
+  static const bool avx2 = cpu_has_avx2_fma(), avxvnni = avx2 && cpu_has_avxvnni();
+  static const int best = !avx2 ? 0 : cpu_has_avx512vnni() ? 3 : avxvnni ? 2 : 1;
   const char* isa = std::getenv("LCPAQ_KERNELS_ISA");
-  if (isa != nullptr && std::strcmp(isa, "scalar") == 0) return 0;
-  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return std::min(best, 1);
+  if (isa == nullptr) return best;
+  if (std::strcmp(isa, "scalar") == 0) return 0;
+  if (std::strcmp(isa, "avx2") == 0) return std::min(best, 1);
+  if (std::strcmp(isa, "avxvnni") == 0) return avxvnni ? 2 : std::min(best, 1);
   return best;
 }
 
@@ -95,7 +100,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
           const Epilogue& ep) {
   const int64_t K = src.K;
   const int isa = isa_level();
-  const bool avx2 = isa >= 1, vnni = isa >= 2;
+  const bool avx2 = isa >= 1, vnni = isa >= 2, zmm = isa >= 3;
   if (bits == 7 && !avx2) bits = 8;  // same blob, exact either way
   // VNNI: 8-bit blobs take the 7-bit route (uint8 activations x int8 weights in 4-k steps), exact
   // for the full int8 range there (vpdpbusd does not saturate)
@@ -115,9 +120,9 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   int64_t lda = Kpad * esize;
   if (lda % 1024 == 0) lda += 64;
   const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
-  const auto flipr = vnni ? flip_row_avx512 : avx2 ? flip_row_avx2 : flip_row_scalar;
+  const auto flipr = zmm ? flip_row_avx512 : avx2 ? flip_row_avx2 : flip_row_scalar;
   const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;  // (the VNNI route needs no sums)
-  const auto epir = vnni ? epilogue_row_avx512 : avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
+  const auto epir = zmm ? epilogue_row_avx512 : avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
   // one packed activation row; returns its sum (W4/W2 correction term)
   auto pack_row = [&](int64_t m, uint8_t* row) -> int32_t {
     if (w8) {
@@ -157,7 +162,8 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const int64_t MC = ((Mpad + mb0 - 1) / mb0 + kMR - 1) / kMR * kMR;
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
-  const Micro micro = w7          ? micro_w7_avx2
+  const Micro micro = vnni        ? micro_avxvnni  // (zmm: micro_vnni below)
+                      : w7        ? micro_w7_avx2
                       : bits == 8 ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
                       : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_u8_scalar)
                                   : (avx2 ? micro_w2_avx2 : micro_u8_scalar);
@@ -193,7 +199,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
     };
     for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
       const int64_t ks = std::min(KC, ksteps - k0);
-      if (vnni) {  // two panels (32 channels) per micro-tile
+      if (zmm) {  // two panels (32 channels) per micro-tile
         uint8_t* wd1 = wd + KC * kDecStep;
         for (int64_t p = 0; p < np; p += 2) {
           const bool two = p + 1 < np;
@@ -438,7 +444,7 @@ at::Tensor quantize_act_cpu(const at::Tensor& x, double scale, int64_t zp, int64
   const float* s = xc.data_ptr<float>();
   uint8_t* d = static_cast<uint8_t*>(out.data_ptr());
   const int isa = isa_level();
-  const auto qrow = isa >= 2 ? quantize_row_avx512 : isa == 1 ? quantize_row_avx2 : quantize_row_scalar;
+  const auto qrow = isa >= 3 ? quantize_row_avx512 : isa == 1 ? quantize_row_avx2 : quantize_row_scalar;
   at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
     qrow(s + b, d + b, e - b, sc, z, lo, hi);
   });
