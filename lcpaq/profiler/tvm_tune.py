@@ -110,6 +110,16 @@ def skip_tensor_intrin(target: Any) -> Iterator[None]:
             del sys.modules[_INTRIN_MODULE]
 
 
+def target_tag(target: Any) -> str:
+    """A directory name for ``target``, e.g. ``llvm-znver5`` (or ``llvm-<hash>`` with -mattr etc.)."""
+    import hashlib
+
+    d = {k: str(v) for k, v in dict(target.export()).items() if k not in ("num-cores", "tag", "keys")}
+    name = f"{d.pop('kind', 'llvm')}-{d.pop('mcpu', 'generic')}"
+    rest = {k: v for k, v in d.items() if v not in ("", "[]", "{}", "None", "0")}
+    return name if not rest else f"{name}-{hashlib.sha256(str(sorted(rest.items())).encode()).hexdigest()[:8]}"
+
+
 def open_database(work_dir: str | Path) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
@@ -166,8 +176,11 @@ class Tuner:
 
     def __init__(self, target: Any, work_dir: str | Path, config: TuneConfig = TuneConfig(), *,
                  rpc: Any = None) -> None:
-        self.target, self.work_dir, self.config, self.rpc = target, Path(work_dir), config, rpc
-        self.db = open_database(work_dir)
+        self.target, self.config, self.rpc = target, config, rpc
+        # one database per target: MetaSchedule's JSON database matches records on the workload
+        # only, so a znver3 schedule would silently be applied to a znver5 build
+        self.work_dir = Path(work_dir) / target_tag(target)
+        self.db = open_database(self.work_dir)
         self._tuned: set[int] = set()  # tasks tuned (or found tuned) in this process
         self._pools: tuple[Any, Any, Any] | None = None
         self.tune_s = 0.0
