@@ -24,6 +24,7 @@ SOLVERS = ("cbc", "highs")
 MIP_GAP = 1e-4
 AUTO_HIGHS_LAYERS = 100  # HiGHS (lcpaq.search.mip, LP bound first) from this many layers up
 AUTO_HIGHS_LAYERS_TRANSITIONS = 40  # ... or from this many when latency transitions are budgeted
+AUTO_HIGHS_FIRST_S = 0.03  # below those sizes: HiGHS in-process first, for at most this long, then CBC
 
 
 def _solver(name: str, time_limit_s: float | None):
@@ -43,8 +44,8 @@ def default_solver(n_layers: int | None = None, *, transitions: bool = False) ->
     1,000; with a_bits transitions CBC wins at 21 layers (0.11 vs 0.49 s), HiGHS at 54 (0.46 vs
     0.60 s, seeds vary), 200 (3.1 vs 5.5 s) and 1,000 layers (2.8 s; CBC hits its limit), and with
     unstructured transition tables at 21 and 54 layers. When the rule picks CBC, ``solve_ilp``
-    first tries HiGHS's LP bound (milliseconds on structured problems; it proves the traced ResNets
-    optimal at once).
+    first gives HiGHS ``AUTO_HIGHS_FIRST_S`` in this process (1-10 ms on small one-budget
+    problems where CBC takes 7-24 ms; the traced ResNets are proven optimal at the LP bound).
     """
     limit = AUTO_HIGHS_LAYERS_TRANSITIONS if transitions else AUTO_HIGHS_LAYERS
     if n_layers is not None and n_layers < limit:
@@ -215,9 +216,11 @@ def _solve_highs(problem: Problem, objective: str, budgets: Budgets, time_limit_
     return res.status, res.status == "Optimal" and res.bits is not None, res.bits, time.perf_counter() - t0
 
 
-def _lp_bound_probe(problem: Problem, time_limit_s: float | None) -> SearchResult | None:
-    """HiGHS's LP bound + one neighbourhood (lcpaq.search.mip, no branching): the result when that
-    proves optimality within MIP_GAP, else None (also when highspy is missing)."""
+def _highs_first(problem: Problem, time_limit_s: float | None) -> SearchResult | None:
+    """HiGHS's LP-first path (lcpaq.search.mip) in this process, capped at ``AUTO_HIGHS_FIRST_S``:
+    the result when it proves optimality within MIP_GAP in that time, else None (also when
+    highspy is missing). Small and structured problems finish in 1-70 ms this way, without
+    CBC's process start and file exchange (~7-10 ms); hard ones cost the cap and go to CBC."""
     try:
         import highspy  # noqa: F401
     except ImportError:
@@ -225,15 +228,16 @@ def _lp_bound_probe(problem: Problem, time_limit_s: float | None) -> SearchResul
     from lcpaq.search.mip import build_arrays, solve_lp_first
 
     t0 = time.perf_counter()
-    res = solve_lp_first(build_arrays(problem, "omega", problem.budgets), gap=MIP_GAP,
-                         time_limit_s=time_limit_s, branch=False)
+    cap = AUTO_HIGHS_FIRST_S if time_limit_s is None else min(time_limit_s, AUTO_HIGHS_FIRST_S)
+    res = solve_lp_first(build_arrays(problem, "omega", problem.budgets), gap=MIP_GAP, time_limit_s=cap)
     if res.status != "Optimal" or res.bits is None:
         return None
     ev = problem.evaluate(res.bits)
+    name = f"ilp/highs-{res.path}"
     return SearchResult(
-        policy=Policy(res.bits, meta={"solver": "ilp/highs-lp-bound", "objective": ev["omega"]}),
+        policy=Policy(res.bits, meta={"solver": name, "objective": ev["omega"]}),
         status="Optimal", objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
-        budgets=dict(problem.budgets.items()), solve_time_s=time.perf_counter() - t0, solver="ilp/highs-lp-bound",
+        budgets=dict(problem.budgets.items()), solve_time_s=time.perf_counter() - t0, solver=name,
     )
 
 
@@ -303,9 +307,9 @@ def solve_ilp(problem: Problem, *, solver: str | None = None, time_limit_s: floa
     auto = solver is None
     solver = solver or default_solver(len(problem.layers), transitions=trans)
     if auto and solver == "cbc":
-        probe = _lp_bound_probe(problem, time_limit_s)
-        if probe is not None:
-            return probe
+        first = _highs_first(problem, time_limit_s)
+        if first is not None:
+            return first
     status, ok, bits, dt = _solve(problem, "omega", problem.budgets, solver, time_limit_s)
     if not ok:
         if status in ("Infeasible", "Undefined"):  # CBC may say Undefined for an infeasible MIP
