@@ -241,16 +241,27 @@ def _highs_first(problem: Problem, time_limit_s: float | None) -> SearchResult |
     )
 
 
-def minimum_policy(problem: Problem, cost: str, *, solver: str = "cbc") -> tuple[float, dict[str, BitPair]]:
+def _unbudgeted_solver() -> str:
+    """Minimising one cost with no budget row is easy (the LP is integral on chains and trees):
+    HiGHS in-process proves it at the LP bound in milliseconds; CBC when highspy is missing."""
+    try:
+        import highspy  # noqa: F401
+
+        return "highs"
+    except ImportError:
+        return "cbc"
+
+
+def minimum_policy(problem: Problem, cost: str, *, solver: str | None = None) -> tuple[float, dict[str, BitPair]]:
     """The smallest achievable value of one cost (ties and pins respected, no budgets), exactly
     (an ILP minimising that cost, transitions included), and a policy that achieves it."""
-    status, ok, bits, _ = _solve(problem, cost, Budgets(), solver, None)
+    status, ok, bits, _ = _solve(problem, cost, Budgets(), solver or _unbudgeted_solver(), None)
     if not ok or bits is None:
         raise SolverError(f"could not minimise {cost}: solver status {status}")
     return problem.evaluate(bits)[cost], bits
 
 
-def minimum_cost(problem: Problem, cost: str, *, solver: str = "cbc") -> float:
+def minimum_cost(problem: Problem, cost: str, *, solver: str | None = None) -> float:
     """Smallest achievable value of one cost under ties/pins only (no budgets).
 
     >>> # minimum_cost(problem, "latency_ms")  # e.g. 2.61
@@ -262,7 +273,7 @@ _ADD = {"size_mb": "lower weight bits (e.g. w2a8)", "gbops": "lower weight/activ
         "latency_ms": "pairs with a faster kernel on this device (e.g. int8 instead of fp32/int4-dequant)"}
 
 
-def infeasibility_error(problem: Problem, *, solver: str = "cbc") -> InfeasibleBudgetError:
+def infeasibility_error(problem: Problem, *, solver: str | None = None) -> InfeasibleBudgetError:
     """Explain why no policy meets every budget: per budget, the exact minimum achievable value
     (and the policy reaching it), which budget(s) to relax and which candidates to add.
 
