@@ -122,6 +122,35 @@ def _build(layer: Mapping[str, Any], bits: tuple[int, int]) -> tuple[Callable[[]
                                   0.0, 0, epi_relu)), f"lcpaq:qlinear-w{kb}a8"
 
 
+
+def kernel_isa() -> str:
+    """The instruction set the CPU kernels run on here, as the extension picks it (qops_cpu.cpp
+    ``isa_level``): 'avx512vnni', 'avxvnni', 'avx2' or 'scalar', lowered by LCPAQ_KERNELS_ISA.
+    Part of the table header's versions, so a table is never resumed on another kernel path."""
+    import os
+    from pathlib import Path
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    avx2 = {"avx2", "fma"} <= flags
+    avxvnni = avx2 and "avx_vnni" in flags
+    best = ("avx512vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else
+            "avxvnni" if avxvnni else "avx2") if avx2 else "scalar"
+    forced = os.environ.get("LCPAQ_KERNELS_ISA", "")
+    if forced == "scalar":
+        return "scalar"
+    if forced == "avx2":
+        return "avx2" if avx2 else "scalar"
+    if forced == "avxvnni":
+        return "avxvnni" if avxvnni else ("avx2" if avx2 else "scalar")
+    return best
+
 class KernelsBackend:
     """Times units on lcpaq's compiled integer kernels (CPU)."""
 
@@ -141,7 +170,7 @@ class KernelsBackend:
 
         from lcpaq.kernels import status
 
-        return {"torch": torch.__version__, "lcpaq-kernels": "cpu-avx2" + ("+cuda" if status().cuda else "")}
+        return {"torch": torch.__version__, "lcpaq-kernels": f"cpu-{kernel_isa()}" + ("+cuda" if status().cuda else "")}
 
     def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
         import torch
