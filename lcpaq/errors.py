@@ -40,6 +40,11 @@ class TableError(LcpaqError):
     """A latency table is unreadable, corrupt, or from an incompatible schema."""
 
 
+class TableSetupError(TableError):
+    """A table exists at the path but was measured on another setup (host ISA, runtime versions,
+    threads, settings): resuming it would mix two setups' rows."""
+
+
 class MissingLatencyError(TableError):
     """A prediction needs workloads that the latency table does not hold."""
 

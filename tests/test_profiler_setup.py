@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from lcpaq.errors import TableError
+from lcpaq.errors import TableSetupError
 from lcpaq.profiler.table import TableWriter, header_changes, host_isa, keep_previous, read_table
 
 BASE = {"profile": "p", "backend": "fake", "threads": 1, "settings": {"repeat": 3},
@@ -39,7 +39,7 @@ def test_resume_refuses_another_setup(tmp_path, field, value):
         tw.append(_row("a", 1.0))
     with TableWriter(path, dict(BASE, date="later")) as tw:  # same setup: resumes
         assert tw.done == {"a"}
-    with pytest.raises(TableError, match=f"{field}.*--fresh"):
+    with pytest.raises(TableSetupError, match=f"{field}.*--fresh"):
         TableWriter(path, dict(BASE, **{field: value}))
     assert set(read_table(path).rows) == {"a"}  # untouched
 
@@ -133,3 +133,32 @@ def test_profile_cli_refuses_other_setup_then_fresh_keeps_old(tmp_path, cli):
     kept = [p for p in tmp_path.glob("t.*.jsonl")]
     assert len(kept) == 1 and len(read_table(kept[0])) == n == len(read_table(out))
     assert read_table(out).header["settings"]["repeat"] == 3
+
+
+def test_demo_profile_stage_restarts_a_table_from_another_setup(tmp_path):
+    """`lcpaq demo` resumes its own table, but one measured on another setup is kept aside under a
+    dated name and the table is measured again (the demo must not fail after a host change)."""
+    from lcpaq.deploy.demo import stage_profile
+    from lcpaq.graph import trace
+    from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.testing.models import TinyResNet
+
+    class Prog:
+        def add_task(self, *a, **k):
+            return 0
+
+        def update(self, *a, **k):
+            pass
+
+    (tmp_path / "hw.toml").write_text(PROFILE)
+    hw = load_profile(tmp_path / "hw.toml")
+    inv = trace(TinyResNet(), TinyResNet.input_shape, name="tiny")
+    path = stage_profile(inv, hw, tmp_path, Prog())
+    n = len(read_table(path))
+    with TableWriter(tmp_path / "other.jsonl", dict(read_table(path).header, host_isa="elsewhere")) as tw:
+        tw.append(_row("x", 1.0))
+    (tmp_path / "other.jsonl").replace(path)  # the report folder now holds another setup's table
+    path = stage_profile(inv, hw, tmp_path, Prog())
+    assert len(read_table(path)) == n and read_table(path).header["host_isa"] == host_isa()
+    kept = [p for p in tmp_path.glob("latency_table.*.jsonl")]
+    assert len(kept) == 1 and set(read_table(kept[0]).rows) == {"x"}

@@ -86,6 +86,7 @@ def stage_hw_profile(backend: str, st: DemoSettings) -> Any:
 
 def stage_profile(inventory: Any, hw: Any, out: Path, prog: Any) -> Path:
     """Measure every unit of the embedded model on this host into ``out/latency_table.jsonl``."""
+    from lcpaq.errors import TableSetupError
     from lcpaq.profiler.run import profile
 
     task = prog.add_task(f"profile ({hw.backend})", total=None, info="")
@@ -93,7 +94,14 @@ def stage_profile(inventory: Any, hw: Any, out: Path, prog: Any) -> Path:
     def cb(done: int, total: int, name: str) -> None:
         prog.update(task, completed=done, total=total, info=name)
 
-    table = profile(inventory, hw, out / "latency_table.jsonl", candidates=hw.candidates, progress=cb)
+    path = out / "latency_table.jsonl"
+    try:  # an interrupted demo resumes its table ...
+        table = profile(inventory, hw, path, candidates=hw.candidates, progress=cb)
+    except TableSetupError:  # ... unless it was measured on another setup: keep it aside, start again
+        from lcpaq.profiler.table import keep_previous
+
+        prog.update(task, info=f"previous table (another setup) kept as {keep_previous(path).name}")
+        table = profile(inventory, hw, path, candidates=hw.candidates, progress=cb)
     prog.update(task, info="done")
     return table
 

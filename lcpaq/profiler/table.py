@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcpaq.errors import TableError
+from lcpaq.errors import TableError, TableSetupError
 
 TABLE_SCHEMA = "lcpaq.latency_table/1"
 
@@ -182,7 +182,7 @@ class TableWriter:
             changed = header_changes(old.header, header)
             if changed:  # resuming would mix rows measured on two setups
                 what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
-                raise TableError(
+                raise TableSetupError(
                     f"{self.path} was measured on another setup ({what}); resuming would mix its rows "
                     "with new ones. Profile into another --out and compare with `lcpaq tables diff OLD "
                     "NEW`, or pass --fresh to keep the old table under a dated name and start again"
