@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--int8-intrin", choices=("auto", "off", "vnni", "avx2"), default=None,
                     help="the tensor-intrinsic int8 conv path (default: the profile's [tvm] int8_intrin)")
+    ap.add_argument("--fp32-layout", choices=("nchw", "nchwc"), default=None,
+                    help="float conv layout (default: the profile's [tvm] fp32_layout)")
     ap.add_argument("--target", default=None, help="TVM target string (default: the profile's)")
     ap.add_argument("--bits", default=None, help="ratio phase: only these units, e.g. w8a8 or fp32")
     args = ap.parse_args(argv)
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
         tvm_cfg["work_dir"] = args.db
     if args.int8_intrin:
         tvm_cfg["int8_intrin"] = args.int8_intrin
+    if args.fp32_layout:
+        tvm_cfg["fp32_layout"] = args.fp32_layout
     tvm_cfg["work_dir"] = str((ROOT / tvm_cfg["work_dir"]).resolve())
     hw = dataclasses.replace(hw, tvm=tvm_cfg, target=args.target or hw.target)
     inv = inventory(args.model)
@@ -177,6 +181,7 @@ def main(argv=None) -> int:
 
     res["target"] = parse_target(hw.target)
     res["int8_intrin"] = tvm_cfg.get("int8_intrin", "auto")
+    res["fp32_layout"] = tvm_cfg.get("fp32_layout", "nchw")
     res["ratios"] = ratios(inv, hw, args.layers, args.rounds, args.bits)
     res["load_end"] = load()
     print(f"{'workload':58s} {'bits':5s} {'ORT ms':>8s} {'TVM ms':>8s} {'TVM/ORT':>8s}")

@@ -204,3 +204,13 @@ def test_avx2_path_keeps_generic_conv_for_full_range_weights():  # VNNI is exact
             t.CopyFrom(onnx.numpy_helper.from_array(w, "wq"))
     assert lower_qdq(from_onnx(m, keep_params_in_input=False), int8_intrin="avx2")[1] == ["conv2d-int8"]
     assert lower_qdq(from_onnx(m, keep_params_in_input=False), int8_intrin="vnni")[1] == ["conv2d-int8-vnni"]
+
+
+@pytest.mark.parametrize("name,in_class", [("conv3x3", "fp32"), ("conv1x1s2", "int8")])
+def test_fp32_nchwc_conv_matches_ort(name, in_class):
+    """The NCHWc float conv (weights packed offline, layout transforms around it) = ORT's output."""
+    onnx_bytes, feeds = build_unit(LAYERS[name], (32, 32), in_class, seed=6)
+    low, kinds = lower_qdq(from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False), fp32_nchwc=8)
+    assert kinds == ["conv2d-fp32-nchwc"] and "R.nn.conv2d(" not in low.script()
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    np.testing.assert_allclose(_run(low, feeds), ref, rtol=1e-4, atol=1e-4)

@@ -135,6 +135,34 @@ def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strid
     return te.create_prim_func([x, wt, out])
 
 
+def conv2d_nchwc_f32(shape: tuple[int, ...], oc: int, k: tuple[int, int], strides: Any, padding: Any,
+                     lanes: int = 16) -> Any:
+    """PrimFunc: x f32 [N, C/4, H, W, 4] (*) w f32 [O/L, C/4, KH, KW, 4, L] -> f32 [N, O/L, OH, OW, L]:
+    the output-channel block is innermost in the weights and the output, one vector FMA per input
+    value (the x86 NCHWc form; TVM's NCHW conv vectorizes poorly at 64 trials)."""
+    from tvm import te, tirx
+
+    n, c, h, w = shape
+    kh, kw = k
+    sh, sw = (int(v) for v in strides)
+    pt, pl, pb, pr = (int(v) for v in padding)
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    x = te.placeholder((n, c // 4, h, w, 4), "float32", name="x")
+    wt = te.placeholder((oc // lanes, c // 4, kh, kw, 4, lanes), "float32", name="w")
+    xp = te.compute(
+        (n, c // 4, h + pt + pb, w + pl + pr, 4),
+        lambda b, ci, y, xx, c4: tirx.if_then_else(
+            tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl), x[b, ci, y - pt, xx - pl, c4],
+            tirx.const(0, "float32")), name="pad")
+    ric, rkh, rkw, rc4 = (te.reduce_axis((0, e), nm) for e, nm in ((c // 4, "ic"), (kh, "kh"), (kw, "kw"), (4, "c4")))
+    out = te.compute(
+        (n, oc // lanes, oh, ow, lanes),
+        lambda b, o, y, xx, ol: te.sum(xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4] * wt[o, ric, rkh, rkw, rc4, ol],
+                                       axis=[ric, rkh, rkw, rc4]),
+        name="conv2d_nchwc_f32")
+    return te.create_prim_func([x, wt, out])
+
+
 def _const_np(expr: Any) -> np.ndarray | None:
     import tvm
 
@@ -155,13 +183,14 @@ def _int_operand(x: Any, zp: np.ndarray | None, dtype: str) -> tuple[Any, str]:
     return relax.op.subtract(relax.op.astype(x, "int16"), z), "int16"
 
 
-def lower_qdq(mod: Any, *, int8_intrin: str | None = None) -> tuple[Any, list[str]]:
+def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0) -> tuple[Any, list[str]]:
     """Rewrite QDQ conv2d/matmul in ``mod['main']`` to int32-accumulating integer ops.
 
     Returns the new module (dead dequantize ops removed) and the kinds of kernels lowered, e.g.
     ``["conv2d-int8"]`` (``"conv2d-int8-avx2"`` / ``"-vnni"`` on the tensor-intrinsic path that
     ``int8_intrin`` = "avx2" / "vnni" enables, see the module doc); an empty list means nothing
-    matched (an fp32 unit).
+    matched (an fp32 unit). ``fp32_nchwc`` = L > 0 also rewrites float convs (C % 4 == 0,
+    O % L == 0, groups 1) to :func:`conv2d_nchwc_f32`; their kind is then ``"conv2d-fp32-nchwc"``.
     """
     import tvm
     from tvm import relax
@@ -261,11 +290,39 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None) -> tuple[Any, list[st
         kinds.append(f"matmul-{kind}")
         return relax.op.multiply(relax.op.astype(acc, "float32"), s)
 
+    fx, fw = wildcard(), is_const()
+    conv_f = is_op("relax.nn.conv2d")(fx, fw)
+
+    def rw_conv_f32(expr: Any, m: dict) -> Any:
+        a, wv = m[conv_f].attrs, _const_np(m[fw])
+        shape = [int(d) for d in m[fx].ty.shape] if len(m[fx].ty.shape or []) == 4 else []
+        lanes = fp32_nchwc
+        if (wv is None or str(wv.dtype) != "float32" or str(m[fx].ty.dtype) != "float32" or not shape
+                or int(a.groups) != 1 or wv.shape[1] % 4 or wv.shape[0] % lanes
+                or any(int(d) != 1 for d in a.dilation) or (a.data_layout, a.kernel_layout) != ("NCHW", "OIHW")):
+            return expr
+        o, c, kh, kw = wv.shape
+        name = f"conv2d_nchwc{lanes}_f32_{'x'.join(map(str, shape))}_o{o}_k{kh}x{kw}_s{a.strides[0]}x{a.strides[1]}" \
+               f"_p{'x'.join(str(int(p)) for p in a.padding)}"
+        if name not in prims:
+            prim = conv2d_nchwc_f32(tuple(shape), o, (kh, kw), a.strides, a.padding, lanes)
+            prims[name] = (builder.add_func(prim.with_attr("global_symbol", name), name), prim)
+        # OIHW -> [O/L, C/4, KH, KW, 4 i, L o], packed offline (a constant)
+        wp = wv.reshape(o // lanes, lanes, c // 4, 4, kh, kw).transpose(0, 2, 4, 5, 3, 1).copy()
+        xc = relax.op.layout_transform(m[fx], index_map=lambda b, ch, y, xx: (b, ch // 4, y, xx, ch % 4))
+        oshape = [int(d) for d in m[conv_f].ty.shape]
+        acc = relax.call_tir(prims[name][0], [xc, relax.const(wp)], relax.TensorType(
+            (oshape[0], o // lanes, oshape[2], oshape[3], lanes), "float32"))
+        kinds.append("conv2d-fp32-nchwc")
+        return relax.op.reshape(relax.op.permute_dims(acc, [0, 1, 4, 2, 3]), oshape)
+
     funcs = {}
     for gv, fn in mod.functions.items():
         if isinstance(fn, relax.Function):
             fn = rewrite_call(conv, rw_conv, fn)
             fn = rewrite_call(mm, rw_mm, fn)
+            if fp32_nchwc:
+                fn = rewrite_call(conv_f, rw_conv_f32, fn)
         funcs[gv] = fn
     for pgv, _ in prims.values():
         funcs[pgv] = builder.get()[pgv]

@@ -101,6 +101,11 @@ class TvmBackend:
         if self.int8_intrin not in ("auto", "off", "vnni", "avx2"):
             raise ProfileError(f"[tvm] int8_intrin = '{self.int8_intrin}': use auto, off, vnni or avx2")
         self._intrin: str | None = "auto"
+        # "nchwc": float convs as an NCHW4c x [O/L..L] conv with the output-channel block innermost
+        # (tvm_lower.conv2d_nchwc_f32, L = 16 with AVX-512, else 8); "nchw": as imported
+        self.fp32_layout = str(tvm_cfg.get("fp32_layout", "nchw"))
+        if self.fp32_layout not in ("nchw", "nchwc"):
+            raise ProfileError(f"[tvm] fp32_layout = '{self.fp32_layout}': use nchw or nchwc")
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
 
@@ -141,7 +146,12 @@ class TvmBackend:
         if self._intrin == "auto":
             self._intrin = int8_intrin_kind(self.target()) if self.int8_intrin == "auto" else (
                 None if self.int8_intrin == "off" else self.int8_intrin)
-        mod, kinds = lower_qdq(mod, int8_intrin=self._intrin)
+        lanes = 0
+        if self.fp32_layout == "nchwc":
+            from tvm.target import codegen
+
+            lanes = 16 if codegen.target_has_features("avx512f", self.target()) else 8
+        mod, kinds = lower_qdq(mod, int8_intrin=self._intrin, fp32_nchwc=lanes)
         kernel = kernel_label(kinds, mod)
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
