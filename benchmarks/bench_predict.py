@@ -368,7 +368,8 @@ def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dic
 
     plan = table.plan
     ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
-    variants = {v: fit_block_model(table, cands, features=v) for v in ("auto", "const", "count", "size", "both")}
+    variants = {v: fit_block_model(table, cands, features=v)
+                for v in ("auto", "const", "count", "size", "both", "edge")}
     # drift of the machine since the table: the test references' running median (smooth_drift),
     # relative to the training references' median; per-policy and no rescaling are reported beside it
     test_refs = [r["ref_ms"] for _, _, r, _ in tests]
@@ -397,7 +398,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dic
               f"{drift:.3f} mismatch {len(mismatch)}", flush=True)
     errs = [abs(r["error_pct"]) for r in rows]
     lm = variants["auto"]
-    names = ("uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both")
+    names = ("uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both", "edge")
     summ = {"method": "blocks", "threads": threads, "model": model_name, "policies": len(rows),
             "blocks": len(plan.blocks), "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
             "correction_coef": lm.meta["correction"], "fit_rms_rel": lm.meta["fit_rms_rel"],
