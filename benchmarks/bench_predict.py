@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--train", type=int, default=6)
-    ap.add_argument("--whole", type=int, default=40,
-                    help="blocks: designed policies also timed whole, to fit the isolation correction")
+    ap.add_argument("--whole", type=int, default=1000,
+                    help="blocks: designed policies also timed whole, to fit the isolation correction (default all)")
     ap.add_argument("--retest", type=int, default=0,
                     help="blocks: time the saved test policies N more times (noise floor), score against the mean")
     ap.add_argument("--rescore", action="store_true",

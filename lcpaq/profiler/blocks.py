@@ -394,12 +394,15 @@ def profile_blocks(
     *,
     settings: Any = None,
     calib: Any = None,
-    n_whole: int = 40,
+    n_whole: int | None = None,
     seed: int = 1000,
     progress: Any = None,
 ) -> tuple[BlockTable, LatencyModel]:
     """Export the designed policies, cut and time every new block unit (per-call overhead removed),
-    time ``n_whole`` of those policies whole against an interleaved uniform-int8 reference, and fit.
+    time ``n_whole`` of those policies (None: all) whole against an interleaved uniform-int8
+    reference, and fit. On mobilenet_v2 the correction fitted on all 192 rather than 40 whole rows
+    took the test error from 6.3 % / 12.2 % to 3.7 % / 8.9 %; timing them costs ~1 min, the exports
+    (needed for the units anyway) dominate.
 
     >>> # table, lm = profile_blocks(get_model("mobilenet_v2"), (1, 3, 224, 224), [(32, 32), (8, 8)])
     """
@@ -413,7 +416,8 @@ def profile_blocks(
     pols = design_policies(plan, candidates, np.random.default_rng(seed))
     table = BlockTable(plan)
     timer = OrtTimer(st, x)
-    whole_idx = set(np.linspace(0, len(pols) - 1, min(n_whole, len(pols))).round().astype(int).tolist())
+    n = len(pols) if n_whole is None else min(n_whole, len(pols))
+    whole_idx = set(np.linspace(0, len(pols) - 1, n).round().astype(int).tolist())
     ref = export_qdq(model, Policy.uniform(plan.layers, 8, 8), input_shape, calib=cal, unshare=True)
     for i, pol in enumerate(pols):
         b = export_qdq(model, pol, input_shape, calib=cal, unshare=True)
