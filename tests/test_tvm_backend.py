@@ -20,9 +20,10 @@ SETTINGS = MeasureSettings(warmup=1, number=3, repeat=5, min_repeat_ms=0)
 PROFILE = "hw_profiles/host-cpu-tvm.toml"
 
 
-def _profile(tmp_path, trials=0, intrin="avx2"):  # AVX2 runs on every host these tests target
+def _profile(tmp_path, trials=0, intrin="avx2", fp32="nchwc"):  # AVX2 runs on every host targeted here
     prof = load_profile(os.path.join(os.path.dirname(__file__), "..", PROFILE))
-    return dataclasses.replace(prof, tvm={"trials": trials, "work_dir": str(tmp_path / "tvm_db"), "int8_intrin": intrin})
+    return dataclasses.replace(prof, tvm={"trials": trials, "work_dir": str(tmp_path / "tvm_db"),
+                                          "int8_intrin": intrin, "fp32_layout": fp32})
 
 
 def _unit(layer, bits, in_class="int8"):
@@ -36,12 +37,13 @@ def test_parse_target_profile_strings():
     assert t["mattr"] == ["+neon", "+fp-armv8"] and t["mtriple"] == "aarch64-linux-gnu"
 
 
-@pytest.mark.parametrize("bits,intrin,kernel", [
-    ((8, 8), "avx2", "tvm:conv2d-int8-avx2"), ((4, 8), "avx2", "tvm:conv2d-int8-avx2"),
-    ((8, 8), "off", "tvm:conv2d-int8"), ((32, 32), "avx2", "tvm:conv2d-fp32")],
-    ids=["w8a8-avx2", "w4a8-avx2", "w8a8-generic", "fp32"])
-def test_measures_tiny_conv_unit(tmp_path, bits, intrin, kernel):
-    be = get_backend("tvm", _profile(tmp_path, intrin=intrin))
+@pytest.mark.parametrize("bits,intrin,fp32,kernel", [
+    ((8, 8), "avx2", "nchwc", "tvm:conv2d-int8-avx2"), ((4, 8), "avx2", "nchwc", "tvm:conv2d-int8-avx2"),
+    ((8, 8), "off", "nchwc", "tvm:conv2d-int8"), ((32, 32), "avx2", "nchwc", "tvm:conv2d-fp32-nchwc"),
+    ((32, 32), "avx2", "nchw", "tvm:conv2d-fp32")],
+    ids=["w8a8-avx2", "w4a8-avx2", "w8a8-generic", "fp32-nchwc", "fp32-nchw"])
+def test_measures_tiny_conv_unit(tmp_path, bits, intrin, fp32, kernel):
+    be = get_backend("tvm", _profile(tmp_path, intrin=intrin, fp32=fp32))
     assert be.versions()["tvm"].startswith("0.")
     m = be.measure(_unit(conv_layer(c=8, o=16, hw=10), bits, "int8"), SETTINGS)
     assert m.ok, m.error
@@ -90,6 +92,8 @@ def test_bad_int8_intrin_setting_is_a_profile_error(tmp_path):
 
     with pytest.raises(ProfileError, match="int8_intrin"):
         get_backend("tvm", _profile(tmp_path, intrin="sse"))
+    with pytest.raises(ProfileError, match="fp32_layout"):
+        get_backend("tvm", _profile(tmp_path, fp32="nhwc"))
 
 
 def test_int8_intrin_kind_follows_target_features():
@@ -129,10 +133,11 @@ def test_tensor_intrin_stub_is_scoped():
                     reason="MetaSchedule tuning takes ~1 min on the shared 2-core VM; set LCPAQ_TVM_TUNE_TEST=1")
 def test_tuning_database_is_kept_and_reused(tmp_path):
     be = get_backend("tvm", _profile(tmp_path, trials=1))
-    layer = conv_layer(c=8, o=8, hw=8)
+    layer = conv_layer(c=8, o=16, hw=8)  # O % 16 == 0: the NCHWc float conv also with AVX-512
     info = be.tune([_unit(layer, (8, 8)), _unit(layer, (4, 8)), _unit(layer, (32, 32), "fp32")])
-    # int8 NCHWc conv + its input layout transform + its epilogue, fp32 conv; w4 shares w8's
-    assert info["tasks"] == 4 and info["tuned_now"] == 4
+    # int8 and fp32 NCHWc convs, each with its input layout transform and its epilogue (the two
+    # input transforms differ in dtype); w4 shares w8's
+    assert info["tasks"] == 6 and info["tuned_now"] == 6
     assert be.tune([_unit(layer, (2, 8))])["tuned_now"] == 0
     assert [p.stat().st_size > 0 for p in (tmp_path / "tvm_db").glob("llvm-*/database_tuning_record.json")] == [True]
     first = be.measure(_unit(layer, (8, 8)), SETTINGS)

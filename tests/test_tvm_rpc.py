@@ -23,7 +23,7 @@ def test_profiles_workloads_through_loopback_tracker(tmp_path):
                  (linear_layer(), (4, 8))]
     with local_tracker(key="lcpaq-test") as rpc:
         assert rpc.host == "127.0.0.1"
-        remote = dataclasses.replace(prof, rpc=rpc, tvm={"trials": 0, "int8_intrin": "avx2"})
+        remote = dataclasses.replace(prof, rpc=rpc, tvm={"trials": 0, "int8_intrin": "avx2", "fp32_layout": "nchwc"})
         be = get_backend("tvm", remote)
         assert be.versions()["rpc"] == f"127.0.0.1:{rpc.port}/lcpaq-test"
         results = []
@@ -33,7 +33,7 @@ def test_profiles_workloads_through_loopback_tracker(tmp_path):
     for m in results:
         assert m.ok, m.error
         assert m.extra["remote"] is True and m.n == 3 and m.median_ms > 0
-    assert [m.kernel for m in results] == ["tvm:conv2d-int8-avx2", "tvm:conv2d-fp32", "tvm:matmul-int8"]
+    assert [m.kernel for m in results] == ["tvm:conv2d-int8-avx2", "tvm:conv2d-fp32-nchwc", "tvm:matmul-int8"]
     # the tracker is stopped: nothing listens on its port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", rpc.port)) != 0
