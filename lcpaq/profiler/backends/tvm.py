@@ -1,16 +1,21 @@
 """Apache TVM 0.27 latency backend: relax ONNX import, QDQ -> integer lowering, MetaSchedule, RPC.
 
-Per unit: import the ONNX bytes with the relax ONNX frontend, lower QDQ conv/matmul to int8 x int8
--> int32 compute (lcpaq.profiler.tvm_lower; fp32 units stay as imported), compile for the
-profile's target (tuned with MetaSchedule when the profile's ``[tvm] trials`` > 0, the tuning
-database kept under ``[tvm] work_dir`` so re-profiling only applies it), then time ``main`` with
-the Relax VM's ``time_evaluator`` locally, or on a remote board through the TVM RPC tracker named
-in the profile's ``[rpc]`` table (export, upload, load_module, remote time_evaluator).
+Per unit: import the ONNX bytes with the relax ONNX frontend, lower QDQ conv/matmul to integer
+compute (lcpaq.profiler.tvm_lower: u8 x s8 convs through lcpaq's VNNI or AVX2 tensor intrinsic in
+NCHWc form, ``[tvm] int8_intrin``; float convs in NCHWc, ``[tvm] fp32_layout``), lift the weights
+to parameters, compile for the profile's target (``-mcpu=native`` = this host's CPU; tuned with
+MetaSchedule when ``[tvm] trials`` > 0, one database per target under ``[tvm] work_dir``, one
+compiled library per lowered structure under ``<work_dir>/libs``: w2..w8 at a8 share it and pass
+their own weights), then time ``main`` with the Relax VM's ``time_evaluator`` locally, or on a
+remote board through the TVM RPC tracker named in the profile's ``[rpc]`` table (export, upload,
+load_module, remote time_evaluator). ``TvmBackend.tune(units)`` tunes all missing tasks of a table
+in one MetaSchedule run before measuring.
 
 Timing is wall clock per call (TVM runs on its own thread pool, so the calling thread's CPU time
 means nothing here): ``repeat`` samples of ``number`` calls, ``min_repeat_ms`` as TVM defines it.
-``Measurement.kernel`` says what ran, e.g. ``tvm:conv2d-int8`` or ``tvm:conv2d-fp32``. TVM has no
-sub-byte conv on CPU: every 2..8-bit pair runs the int8 kernel (weights on the w-bit grid).
+``Measurement.kernel`` says what ran, e.g. ``tvm:conv2d-int8-vnni`` or ``tvm:conv2d-fp32-nchwc``.
+TVM has no sub-byte conv on CPU: every 2..8-bit pair runs the int8 kernel (weights on the w-bit
+grid).
 
 Example:
     >>> from lcpaq.profiler.backend import get_backend
@@ -18,7 +23,7 @@ Example:
     >>> prof = load_profile("hw_profiles/host-cpu-tvm.toml")  # doctest: +SKIP
     >>> m = get_backend("tvm", prof).measure(unit, prof.settings)  # doctest: +SKIP
     >>> m.kernel  # doctest: +SKIP
-    'tvm:conv2d-int8'
+    'tvm:conv2d-int8-vnni'
 """
 
 from __future__ import annotations
