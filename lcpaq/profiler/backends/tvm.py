@@ -46,7 +46,8 @@ HOST_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 def parse_target(target: str | dict | None) -> dict[str, Any]:
     """A TVM target dict from a profile's target string, e.g. ``"llvm -mcpu=znver3 -num-cores=2"``.
 
-    TVM 0.27 rejects ``"llvm -mcpu=znver3"`` as a string; the dict form works.
+    TVM 0.27 rejects ``"llvm -mcpu=znver3"`` as a string; the dict form works. ``-mcpu=native``
+    becomes the CPU LLVM detects on this machine (e.g. ``znver5``).
 
     >>> parse_target("llvm -mcpu=znver3 -num-cores=2")
     {'kind': 'llvm', 'mcpu': 'znver3', 'num-cores': 2}
