@@ -120,64 +120,34 @@ def _classes(keys, vectors) -> list[list]:
 
 
 def _model(problem: Problem, objective: str, budgets: Budgets):
-    """Build the PuLP model minimising ``objective`` ("omega" or a cost name)."""
+    """The PuLP model minimising ``objective`` ("omega" or a cost name): the one formulation of
+    :func:`lcpaq.search.mip.build_arrays` (pruned candidates, ties, class-compressed transport
+    blocks for transitions, objective scaled to O(1)), handed to PuLP row by row."""
+    import math
+
     import pulp
 
-    cands = prune_candidates(problem, objective, budgets)
+    from lcpaq.search.mip import build_arrays
+
+    m = build_arrays(problem, objective, budgets)
     prob = pulp.LpProblem("lcpaq", pulp.LpMinimize)
-    x: dict[tuple[str, BitPair], pulp.LpVariable] = {}
-    for i, ly in enumerate(problem.layers):
-        for k, p in enumerate(cands[ly]):
-            x[ly, p] = prob.add_variable(f"x_{i}_{k}", cat="Binary")
-        prob += pulp.lpSum(x[ly, p] for p in cands[ly]) == 1, f"one_{i}"
-    for gi, group in enumerate(problem.ties):
-        # one indicator per shared activation-bit value; each member's choices at that a_bits sum to it
-        a_vals = sorted({p[1] for ly in group for p in cands[ly]})
-        z = {a: prob.add_variable(f"t_{gi}_{a}", cat="Binary") for a in a_vals}
-        prob += pulp.lpSum(z.values()) == 1, f"tie_{gi}"
-        for ly in group:
-            li = problem.layers.index(ly)
-            for a in a_vals:
-                prob += pulp.lpSum(x[ly, p] for p in cands[ly] if p[1] == a) == z[a], f"tie_{gi}_{li}_{a}"
-    trans = None
-    if "latency_ms" in _relevant(problem, objective, budgets) and problem.pairwise:
-        terms = []
-        for ei, ((pl, cl), table) in enumerate(problem.pairwise.items()):
-            cp, cc = cands[pl], cands[cl]
-            full = [[float(table.get((i, j), 0.0)) for j in cc] for i in cp]
-            if not any(any(r) for r in full):
-                continue
-            # Exact linearisation of sum_ij T[i,j] x_p,i x_c,j over *classes*: candidates whose
-            # rows (columns) of T are identical are merged; y[R,C] lives on the transport polytope
-            # with supplies sum_{i in R} x_p,i and demands sum_{j in C} x_c,j, which has the single
-            # point y = outer(supply, demand) when both are 0/1 one-hot vectors.
-            rows = _classes(range(len(cp)), full)
-            cols = _classes(range(len(cc)), [[full[r[0]][j] for r in rows] for j in range(len(cc))])
-            y = {(a, b): prob.add_variable(f"y_{ei}_{a}_{b}", lowBound=0)
-                 for a in range(len(rows)) for b in range(len(cols))}
-            for a, r in enumerate(rows):
-                prob += pulp.lpSum(y[a, b] for b in range(len(cols))) == pulp.lpSum(x[pl, cp[i]] for i in r)
-            for b, c in enumerate(cols):
-                prob += pulp.lpSum(y[a, b] for a in range(len(rows))) == pulp.lpSum(x[cl, cc[j]] for j in c)
-            terms += [full[r[0]][c[0]] * y[a, b] for a, r in enumerate(rows) for b, c in enumerate(cols)
-                      if full[r[0]][c[0]]]
-        trans = pulp.lpSum(terms)
-
-    def expr(cost: str):
-        tab = _table(problem, cost)
-        e = pulp.lpSum(tab[ly][p] * x[ly, p] for ly in problem.layers for p in cands[ly])
-        if cost == "latency_ms" and trans is not None:
-            e = e + trans
-        return e + problem.constants.get(cost, 0.0)
-
-    # Solvers stop at an *absolute* gap too (HiGHS: 1e-6) and treat tiny coefficients as noise; Ω
-    # totals of 1e-5 are normal (Hessian trace x quantization noise). Scale the objective to O(1).
-    tab = _table(problem, objective)
-    mag = sum(max(abs(tab[ly][p]) for p in cands[ly]) for ly in problem.layers)
-    prob += expr(objective) * (1.0 / mag if mag > 0 else 1.0)
-    for bname, lim in budgets.items():
-        prob += expr(BUDGET_COSTS[bname]) <= lim, bname
-    return prob, x, cands
+    v = [prob.add_variable(f"v{i}", cat="Binary") if m.integer[i] else
+         prob.add_variable(f"v{i}", lowBound=0, upBound=None if math.isinf(m.col_hi[i]) else m.col_hi[i])
+         for i in range(m.n_cols)]
+    rows: list[list[tuple[pulp.LpVariable, float]]] = [[] for _ in m.row_lo]
+    for r, c, val in zip(m.rows, m.cols, m.vals, strict=True):
+        rows[r].append((v[c], val))
+    for i, (terms, lo, hi) in enumerate(zip(rows, m.row_lo, m.row_hi, strict=True)):
+        e = pulp.LpAffineExpression(terms)
+        if lo == hi:
+            prob += e == lo, f"r{i}"
+        elif math.isinf(lo):
+            prob += e <= hi, f"r{i}"
+        else:
+            prob += e >= lo, f"r{i}"
+    prob += pulp.LpAffineExpression([(v[i], c) for i, c in enumerate(m.cost) if c]) + m.offset
+    x = {key: v[col] for key, col in m.x.items()}
+    return prob, x, m.cands
 
 
 def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time_limit_s: float | None):
