@@ -162,3 +162,42 @@ def test_demo_profile_stage_restarts_a_table_from_another_setup(tmp_path):
     assert len(read_table(path)) == n and read_table(path).header["host_isa"] == host_isa()
     kept = [p for p in tmp_path.glob("latency_table.*.jsonl")]
     assert len(kept) == 1 and set(read_table(kept[0]).rows) == {"x"}
+
+
+def test_prepare_step_sees_every_missing_unit_once(tmp_path):
+    """A backend with ``prepare`` (TVM: tune all tasks in one run) gets every unit a table run is
+    about to measure, once, before measuring; a resumed run hands it only the missing ones; the
+    isolated worker answers the prepare message for a backend without one."""
+    from lcpaq.graph import trace
+    from lcpaq.profiler.backend import register_backend, wants_prepare
+    from lcpaq.profiler.backends.fake import FakeBackend
+    from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.profiler.run import IsolatedRunner, plan_units, profile
+    from lcpaq.testing.models import TinyResNet
+
+    calls: list[list[str]] = []
+
+    class Preparing(FakeBackend):
+        def prepare(self, units):
+            calls.append([u.key for u in units])
+            return {"tuned_now": len(units)}
+
+    register_backend("fake-prepare", Preparing)
+    assert wants_prepare("fake-prepare") and not wants_prepare("fake") and not wants_prepare("ort")
+    import dataclasses
+
+    (tmp_path / "hw.toml").write_text(PROFILE)
+    hw = dataclasses.replace(load_profile(tmp_path / "hw.toml"), backend="fake-prepare")
+    inv = trace(TinyResNet(), TinyResNet.input_shape, name="tiny")
+    plan = plan_units(inv, hw.candidates)
+    out = tmp_path / "t.jsonl"
+    with TableWriter(out, {"profile": hw.name, "backend": hw.backend}) as tw:  # a run cut short
+        for key, *_ in plan[:3]:
+            tw.append(_row(key, 1.0))
+    profile(inv, hw, out, isolate=False)
+    assert calls == [[p[0] for p in plan[3:]]]
+    assert len(read_table(out)) == len(plan) + 1
+    profile(inv, hw, out, isolate=False)  # complete: nothing to prepare
+    assert len(calls) == 1
+    with IsolatedRunner("fake", load_profile(tmp_path / "hw.toml")) as r:
+        assert r.prepare([], 30.0) == {}

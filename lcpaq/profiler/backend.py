@@ -84,6 +84,13 @@ def register_backend(name: str, factory: Callable[..., Backend]) -> None:
     _REGISTRY[name] = factory
 
 
+def wants_prepare(name: str) -> bool:
+    """Whether backend ``name`` has an optional ``prepare(units) -> dict`` step that a table run
+    calls once with every unit it is about to measure (TVM: tune all tasks in one run)."""
+    _load_builtin()
+    return callable(getattr(_REGISTRY.get(name), "prepare", None))
+
+
 def backend_names() -> tuple[str, ...]:
     _load_builtin()
     return tuple(sorted(_REGISTRY))

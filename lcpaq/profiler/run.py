@@ -20,7 +20,7 @@ from lcpaq.errors import BackendUnavailableError
 from lcpaq.inventory import Inventory
 from lcpaq.policy import BitPair
 from lcpaq.profiler import worker
-from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, get_backend
+from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, get_backend, wants_prepare
 from lcpaq.profiler.hwprofile import HwProfile
 from lcpaq.profiler.table import TableWriter, host_cpu, host_isa
 from lcpaq.profiler.units import (
@@ -76,6 +76,22 @@ class IsolatedRunner:
         self.close(kill=True)
         nan = float("nan")
         return Measurement(nan, nan, nan, 0, error=err)
+
+    def prepare(self, units: list[Unit], timeout_s: float) -> dict[str, Any]:
+        """The backend's optional ``prepare`` in the child; a crash or timeout is reported in the
+        returned dict (the child restarts and ``measure`` works unit by unit as before)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        try:
+            worker.send(self._proc.stdin, ("prepare", units))  # type: ignore[union-attr,arg-type]
+            msg = self._recv(timeout_s)
+            if msg is not None:
+                return msg[1]
+            err = f"timeout after {timeout_s:.0f} s"
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as e:
+            err = f"worker crashed ({type(e).__name__})"
+        self.close(kill=True)
+        return {"error": err}
 
     def close(self, kill: bool = False) -> None:
         if self._proc is not None:
@@ -148,11 +164,26 @@ def profile(
                 done += 1
                 if progress:
                     progress(done, total, OVERHEAD_KEY)
-            for key, ly, pair, in_class in todo:
+            def make(key: str, ly: Any, pair: BitPair, in_class: str) -> Unit:
                 onnx_bytes, feeds = build_unit(ly, pair, in_class)
                 spec = dict(layer_spec(ly))
                 spec["kernel"] = kernel_name(ly, precision_class(pair))
-                m = measure(Unit(key, onnx_bytes, feeds, spec, pair), hw.settings)
+                return Unit(key, onnx_bytes, feeds, spec, pair)
+
+            built: dict[str, Unit] = {}
+            if todo and wants_prepare(hw.backend):  # e.g. TVM: tune every task in one run first
+                built = {p[0]: make(*p) for p in todo}
+                if progress:
+                    progress(done, total, f"preparing {len(built)} units ({hw.backend})")
+                units = list(built.values())
+                info = (runner.prepare(units, hw.settings.timeout_s * len(units)) if isolate
+                        else backend.prepare(units))  # type: ignore[union-attr]
+                if info.get("error"):
+                    log.warning("prepare step failed (%s); measuring unit by unit", info["error"])
+            for key, ly, pair, in_class in todo:
+                unit = built.pop(key, None) or make(key, ly, pair, in_class)
+                spec = unit.layer
+                m = measure(unit, hw.settings)
                 if m.error:
                     log.warning("unit %s failed: %s", key, m.error)
                 tw.append(_record(key, ly, pair, in_class, m, spec["kernel"], runner, backend))

@@ -43,6 +43,13 @@ def main() -> None:  # pragma: no cover - runs in the child
             return
         if msg is None:
             return
+        if msg[0] == "prepare":  # ("prepare", units): the backend's optional whole-run step
+            prep = getattr(be, "prepare", None)
+            try:
+                send(out, ("ok", prep(msg[1]) if prep is not None else {}))
+            except Exception as e:  # noqa: BLE001 - reported as data; measure() still works
+                send(out, ("ok", {"error": f"{type(e).__name__}: {e}"}))
+            continue
         unit, settings = msg
         send(out, ("ok", be.measure(unit, settings)))
 
