@@ -62,36 +62,34 @@ class IsolatedRunner:
             return None
         return worker.recv(self._proc.stdout)
 
-    def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
+    def _ask(self, msg: Any, timeout_s: float) -> tuple[Any, str | None]:
+        """One request to the child: (reply, None), or (None, why not) after killing the child
+        (a timeout or a crash; the next request starts a fresh one)."""
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         try:
-            worker.send(self._proc.stdin, (unit, settings))  # type: ignore[union-attr,arg-type]
-            msg = self._recv(settings.timeout_s)
-            if msg is not None:
-                return msg[1]
-            err = f"timeout after {settings.timeout_s:.0f} s"
+            worker.send(self._proc.stdin, msg)  # type: ignore[union-attr,arg-type]
+            reply = self._recv(timeout_s)
+            if reply is not None:
+                return reply[1], None
+            err = f"timeout after {timeout_s:.0f} s"
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as e:
             err = f"worker crashed ({type(e).__name__}, exit code {self._proc.poll() if self._proc else '?'})"
         self.close(kill=True)
+        return None, err
+
+    def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
+        m, err = self._ask((unit, settings), settings.timeout_s)
+        if err is None:
+            return m
         nan = float("nan")
         return Measurement(nan, nan, nan, 0, error=err)
 
     def prepare(self, units: list[Unit], timeout_s: float) -> dict[str, Any]:
         """The backend's optional ``prepare`` in the child; a crash or timeout is reported in the
         returned dict (the child restarts and ``measure`` works unit by unit as before)."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._start()
-        try:
-            worker.send(self._proc.stdin, ("prepare", units))  # type: ignore[union-attr,arg-type]
-            msg = self._recv(timeout_s)
-            if msg is not None:
-                return msg[1]
-            err = f"timeout after {timeout_s:.0f} s"
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as e:
-            err = f"worker crashed ({type(e).__name__})"
-        self.close(kill=True)
-        return {"error": err}
+        info, err = self._ask(("prepare", units), timeout_s)
+        return info if err is None else {"error": err}
 
     def close(self, kill: bool = False) -> None:
         if self._proc is not None:
