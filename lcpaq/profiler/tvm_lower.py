@@ -111,28 +111,7 @@ def conv2d_nchwc_u8s8(shape: tuple[int, ...], oc: int, k: tuple[int, int], strid
                       lanes: int = 8) -> Any:
     """PrimFunc: x u8 [N, C/4, H, W, 4] (*) w s8 [O/L, C/4, KH, KW, L, 4] -> i32 [N, O/L, OH, OW, L]
     with L = ``lanes``; zero padding (the activation zero point is 0 on this path)."""
-    from tvm import te, tirx
-
-    n, c, h, w = shape
-    kh, kw = k
-    sh, sw = (int(v) for v in strides)
-    pt, pl, pb, pr = (int(v) for v in padding)
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-    x = te.placeholder((n, c // 4, h, w, 4), "uint8", name="x")
-    wt = te.placeholder((oc // lanes, c // 4, kh, kw, lanes, 4), "int8", name="w")
-    xp = te.compute(
-        (n, c // 4, h + pt + pb, w + pl + pr, 4),
-        lambda b, ci, y, xx, c4: tirx.if_then_else(
-            tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl), x[b, ci, y - pt, xx - pl, c4],
-            tirx.const(0, "uint8")), name="pad")
-    ric, rkh, rkw, rc4 = (te.reduce_axis((0, e), nm) for e, nm in ((c // 4, "ic"), (kh, "kh"), (kw, "kw"), (4, "c4")))
-    out = te.compute(
-        (n, oc // lanes, oh, ow, lanes),
-        lambda b, o, y, xx, o8: te.sum(
-            xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4].astype("int32")
-            * wt[o, ric, rkh, rkw, o8, rc4].astype("int32"), axis=[ric, rkh, rkw, rc4]),
-        name="conv2d_nchwc")
-    return te.create_prim_func([x, wt, out])
+    return _conv2d_nchwc(shape, oc, k, strides, padding, lanes, int8=True)
 
 
 def conv2d_nchwc_f32(shape: tuple[int, ...], oc: int, k: tuple[int, int], strides: Any, padding: Any,
@@ -140,6 +119,14 @@ def conv2d_nchwc_f32(shape: tuple[int, ...], oc: int, k: tuple[int, int], stride
     """PrimFunc: x f32 [N, C/4, H, W, 4] (*) w f32 [O/L, C/4, KH, KW, 4, L] -> f32 [N, O/L, OH, OW, L]:
     the output-channel block is innermost in the weights and the output, one vector FMA per input
     value (the x86 NCHWc form; TVM's NCHW conv vectorizes poorly at 64 trials)."""
+    return _conv2d_nchwc(shape, oc, k, strides, padding, lanes, int8=False)
+
+
+def _conv2d_nchwc(shape: tuple[int, ...], oc: int, k: tuple[int, int], strides: Any, padding: Any,
+                  lanes: int, *, int8: bool) -> Any:
+    """The packed conv of both paths. int8: the 4 input channels are innermost in the weights
+    ([.., L, 4], what the vpdpbusd / vpmaddubsw intrinsics read) and products accumulate in int32;
+    float: the L output channels are innermost ([.., 4, L])."""
     from tvm import te, tirx
 
     n, c, h, w = shape
@@ -147,19 +134,29 @@ def conv2d_nchwc_f32(shape: tuple[int, ...], oc: int, k: tuple[int, int], stride
     sh, sw = (int(v) for v in strides)
     pt, pl, pb, pr = (int(v) for v in padding)
     oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-    x = te.placeholder((n, c // 4, h, w, 4), "float32", name="x")
-    wt = te.placeholder((oc // lanes, c // 4, kh, kw, 4, lanes), "float32", name="w")
+    xdt = "uint8" if int8 else "float32"
+    x = te.placeholder((n, c // 4, h, w, 4), xdt, name="x")
+    wshape = (oc // lanes, c // 4, kh, kw, lanes, 4) if int8 else (oc // lanes, c // 4, kh, kw, 4, lanes)
+    wt = te.placeholder(wshape, "int8" if int8 else "float32", name="w")
     xp = te.compute(
         (n, c // 4, h + pt + pb, w + pl + pr, 4),
         lambda b, ci, y, xx, c4: tirx.if_then_else(
             tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl), x[b, ci, y - pt, xx - pl, c4],
-            tirx.const(0, "float32")), name="pad")
+            tirx.const(0, xdt)), name="pad")
     ric, rkh, rkw, rc4 = (te.reduce_axis((0, e), nm) for e, nm in ((c // 4, "ic"), (kh, "kh"), (kw, "kw"), (4, "c4")))
-    out = te.compute(
-        (n, oc // lanes, oh, ow, lanes),
-        lambda b, o, y, xx, ol: te.sum(xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4] * wt[o, ric, rkh, rkw, rc4, ol],
-                                       axis=[ric, rkh, rkw, rc4]),
-        name="conv2d_nchwc_f32")
+    if int8:
+        out = te.compute(
+            (n, oc // lanes, oh, ow, lanes),
+            lambda b, o, y, xx, o8: te.sum(
+                xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4].astype("int32")
+                * wt[o, ric, rkh, rkw, o8, rc4].astype("int32"), axis=[ric, rkh, rkw, rc4]),
+            name="conv2d_nchwc")
+    else:
+        out = te.compute(
+            (n, oc // lanes, oh, ow, lanes),
+            lambda b, o, y, xx, ol: te.sum(xp[b, ric, y * sh + rkh, xx * sw + rkw, rc4] * wt[o, ric, rkh, rkw, rc4, ol],
+                                           axis=[ric, rkh, rkw, rc4]),
+            name="conv2d_nchwc_f32")
     return te.create_prim_func([x, wt, out])
 
 
