@@ -50,12 +50,15 @@ def default_solver(n_layers: int | None = None, *, transitions: bool = False) ->
     limit = AUTO_HIGHS_LAYERS_TRANSITIONS if transitions else AUTO_HIGHS_LAYERS
     if n_layers is not None and n_layers < limit:
         return "cbc"
+    return "highs" if _have_highs() else "cbc"
+
+
+def _have_highs() -> bool:
     try:
         import highspy  # noqa: F401
-
-        return "highs"
     except ImportError:
-        return "cbc"
+        return False
+    return True
 
 
 def _relevant(problem: Problem, objective: str, budgets: Budgets) -> list[str]:
@@ -173,16 +176,18 @@ def _solve(problem: Problem, objective: str, budgets: Budgets, solver: str, time
     return status, optimal, bits, dt
 
 
-def _solve_highs(problem: Problem, objective: str, budgets: Budgets, time_limit_s: float | None):
-    """HiGHS through highspy directly: numpy-built model, LP bound first (lcpaq.search.mip)."""
-    try:
-        import highspy  # noqa: F401
-    except ImportError:
-        raise SolverError("HiGHS is not available; `pip install highspy` or use --ilp-solver cbc") from None
+def _run_highs(problem: Problem, objective: str, budgets: Budgets, time_limit_s: float | None):
     from lcpaq.search.mip import build_arrays, solve_lp_first
 
+    return solve_lp_first(build_arrays(problem, objective, budgets), gap=MIP_GAP, time_limit_s=time_limit_s)
+
+
+def _solve_highs(problem: Problem, objective: str, budgets: Budgets, time_limit_s: float | None):
+    """HiGHS through highspy directly: numpy-built model, LP bound first (lcpaq.search.mip)."""
+    if not _have_highs():
+        raise SolverError("HiGHS is not available; `pip install highspy` or use --ilp-solver cbc")
     t0 = time.perf_counter()
-    res = solve_lp_first(build_arrays(problem, objective, budgets), gap=MIP_GAP, time_limit_s=time_limit_s)
+    res = _run_highs(problem, objective, budgets, time_limit_s)
     return res.status, res.status == "Optimal" and res.bits is not None, res.bits, time.perf_counter() - t0
 
 
@@ -191,35 +196,29 @@ def _highs_first(problem: Problem, time_limit_s: float | None) -> SearchResult |
     the result when it proves optimality within MIP_GAP in that time, else None (also when
     highspy is missing). Small and structured problems finish in 1-70 ms this way, without
     CBC's process start and file exchange (~7-10 ms); hard ones cost the cap and go to CBC."""
-    try:
-        import highspy  # noqa: F401
-    except ImportError:
+    if not _have_highs():
         return None
-    from lcpaq.search.mip import build_arrays, solve_lp_first
-
     t0 = time.perf_counter()
     cap = AUTO_HIGHS_FIRST_S if time_limit_s is None else min(time_limit_s, AUTO_HIGHS_FIRST_S)
-    res = solve_lp_first(build_arrays(problem, "omega", problem.budgets), gap=MIP_GAP, time_limit_s=cap)
+    res = _run_highs(problem, "omega", problem.budgets, cap)
     if res.status != "Optimal" or res.bits is None:
         return None
-    ev = problem.evaluate(res.bits)
-    name = f"ilp/highs-{res.path}"
+    return _result(problem, res.bits, "Optimal", time.perf_counter() - t0, f"ilp/highs-{res.path}")
+
+
+def _result(problem: Problem, bits: dict[str, BitPair], status: str, dt: float, name: str) -> SearchResult:
+    ev = problem.evaluate(bits)
     return SearchResult(
-        policy=Policy(res.bits, meta={"solver": name, "objective": ev["omega"]}),
-        status="Optimal", objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
-        budgets=dict(problem.budgets.items()), solve_time_s=time.perf_counter() - t0, solver=name,
+        policy=Policy(bits, meta={"solver": name, "objective": ev["omega"]}),
+        status=status, objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
+        budgets=dict(problem.budgets.items()), solve_time_s=dt, solver=name,
     )
 
 
 def _unbudgeted_solver() -> str:
     """Minimising one cost with no budget row is easy (the LP is integral on chains and trees):
     HiGHS in-process proves it at the LP bound in milliseconds; CBC when highspy is missing."""
-    try:
-        import highspy  # noqa: F401
-
-        return "highs"
-    except ImportError:
-        return "cbc"
+    return "highs" if _have_highs() else "cbc"
 
 
 def minimum_policy(problem: Problem, cost: str, *, solver: str | None = None) -> tuple[float, dict[str, BitPair]]:
@@ -305,9 +304,4 @@ def solve_ilp(problem: Problem, *, solver: str | None = None, time_limit_s: floa
             "raise --time-limit or try --solver mckp"
         )
     assert bits is not None
-    ev = problem.evaluate(bits)
-    return SearchResult(
-        policy=Policy(bits, meta={"solver": f"ilp/{solver}", "objective": ev["omega"]}),
-        status=status, objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
-        budgets=dict(problem.budgets.items()), solve_time_s=dt, solver=f"ilp/{solver}",
-    )
+    return _result(problem, bits, status, dt, f"ilp/{solver}")

@@ -140,6 +140,10 @@ def build_arrays(problem: Problem, objective: str, budgets: Budgets) -> MipArray
             full = [[float(table.get((i, j), 0.0)) for j in cc] for i in cp]
             if not any(any(r) for r in full):
                 continue
+            # Exact linearisation of sum_ij T[i,j] x_p,i x_c,j over *classes*: candidates whose
+            # rows (columns) of T are identical are merged; y[R,C] lives on the transport polytope
+            # with supplies sum_{i in R} x_p,i and demands sum_{j in C} x_c,j, which has the single
+            # point y = outer(supply, demand) when both are 0/1 one-hot vectors.
             rows = _classes(range(len(cp)), full)
             colsets = _classes(range(len(cc)), [[full[r[0]][j] for r in rows] for j in range(len(cc))])
             y = {(a, b): m.var(integer=False, hi=np.inf) for a in range(len(rows)) for b in range(len(colsets))}
@@ -155,6 +159,8 @@ def build_arrays(problem: Problem, objective: str, budgets: Budgets) -> MipArray
         t = [(m.x[ly, p], float(tab[ly][p])) for ly in problem.layers for p in cands[ly]]
         return t + trans if cost == "latency_ms" else t
 
+    # Solvers stop at an *absolute* gap too (HiGHS: 1e-6) and treat tiny coefficients as noise; Ω
+    # totals of 1e-5 are normal (Hessian trace x quantization noise). Scale the objective to O(1).
     tab = _table(problem, objective)
     mag = sum(max(abs(tab[ly][p]) for p in cands[ly]) for ly in problem.layers)
     scale = 1.0 / mag if mag > 0 else 1.0
