@@ -122,15 +122,10 @@ def gemm_contestants(m: int, n: int, k: int, threads: int) -> dict[str, Callable
 
 
 def cpu_isa() -> str:
-    """The lcpaq kernels' instruction set on this CPU: 'avx512vnni', 'avx2' or 'scalar' (the
-    extension picks the same from CPUID; /proc/cpuinfo flags are read here for the record)."""
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags):
-        return "avx512vnni"
-    return "avx2" if {"avx2", "fma"} <= set(flags) else "scalar"
+    """The lcpaq kernels' instruction set on this CPU, as the extension picks it."""
+    from lcpaq.profiler.backends.kernels import kernel_isa
+
+    return kernel_isa()
 
 
 def _forced_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:

@@ -22,14 +22,27 @@ from lcpaq.errors import TableError, TableSetupError
 TABLE_SCHEMA = "lcpaq.latency_table/1"
 
 
-def host_cpu() -> str:
+def cpuinfo() -> dict[str, str]:
+    """The first value of each /proc/cpuinfo field ({} where there is none, e.g. macOS)."""
+    out: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+            k, _, v = line.partition(":")
+            out.setdefault(k.strip(), v.strip())
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
+    return out
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``)."""
+    info = cpuinfo()
+    return set((info.get("flags") or info.get("Features") or "").split())
+
+
+def host_cpu() -> str:
+    name = cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return f"{name} x{os.cpu_count()}"
 
 
 # CPU features that change which kernels a runtime picks (int8 dot products, wide vectors).
@@ -43,21 +56,9 @@ def host_isa() -> str:
 
     ``host_cpu()`` alone ("AMD EPYC x2") does not tell two VMs apart: here it named both an
     AVX2-only host and an AVX-512 VNNI one, whose int8 kernels differ."""
-    fam = model = ""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            k = k.strip()
-            if k == "cpu family" and not fam:
-                fam = v.strip()
-            elif k == "model" and not model:
-                model = v.strip()
-            elif k in ("flags", "Features") and not flags:
-                flags = set(v.split())
-    except OSError:
-        pass
-    head = platform.machine() + (f" family {fam} model {model}" if fam else "")
+    info, flags = cpuinfo(), cpu_flags()
+    fam = info.get("cpu family", "")
+    head = platform.machine() + (f" family {fam} model {info.get('model', '')}" if fam else "")
     return f"{head}: {' '.join(f for f in _ISA_FLAGS if f in flags)}".rstrip(": ")
 
 

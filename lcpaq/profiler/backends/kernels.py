@@ -128,16 +128,10 @@ def kernel_isa() -> str:
     ``isa_level``): 'avx512vnni', 'avxvnni', 'avx2' or 'scalar', lowered by LCPAQ_KERNELS_ISA.
     Part of the table header's versions, so a table is never resumed on another kernel path."""
     import os
-    from pathlib import Path
 
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    from lcpaq.profiler.table import cpu_flags
+
+    flags = cpu_flags()
     avx2 = {"avx2", "fma"} <= flags
     avxvnni = avx2 and "avx_vnni" in flags
     best = ("avx512vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else
