@@ -83,9 +83,8 @@ class _Arrays:
         self.edge_list = [(a, b, t) for a, lst in self.edges.items() for (x, b, t, prod) in lst if prod]
         self.eff = self.scaled  # scaled costs the Lagrangian sees (transitions linearised in)
         self.restrict: int | None = None  # only this a_bits (where a layer has it): uniform seeds
-        self.tree = self._forest() if self.edge_list else None
         # transition ms per edge as dense [E, k, k] (producer choice, consumer choice): totals()
-        # reads them with one fancy index instead of a dict lookup per edge
+        # reads them with one fancy index instead of a dict lookup per edge; the forest DP too
         e = len(self.edge_list)
         self.edge_a = np.array([a for a, _, _ in self.edge_list], dtype=np.int64)
         self.edge_b = np.array([b for _, b, _ in self.edge_list], dtype=np.int64)
@@ -94,6 +93,7 @@ class _Arrays:
             for x, cx in enumerate(self.cands[a]):
                 for y, cy in enumerate(self.cands[b]):
                     self.edge_t[i, x, y] = tab.get((cx, cy), 0.0)
+        self.tree = self._forest() if self.edge_list else None
 
     def _forest(self) -> list[tuple[int, int, np.ndarray, np.ndarray]] | None:
         """Post-order (child, parent, transition ms [k_parent, k_child], tie mask) when the
@@ -102,11 +102,7 @@ class _Arrays:
         otherwise (cycles, e.g. skip connections): transitions are linearised instead."""
         n, k = self.omega.shape
         mats: dict[tuple[int, int], list[np.ndarray]] = {}
-        for a, b, tab in self.edge_list:
-            t = np.zeros((k, k))
-            for i, ci in enumerate(self.cands[a]):
-                for j, cj in enumerate(self.cands[b]):
-                    t[i, j] = tab.get((ci, cj), 0.0)
+        for (a, b, _), t in zip(self.edge_list, self.edge_t, strict=True):
             key = (min(a, b), max(a, b))
             m = mats.setdefault(key, [np.zeros((k, k)), np.zeros((k, k), dtype=bool)])
             m[0] += t if a < b else t.T
