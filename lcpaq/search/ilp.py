@@ -203,16 +203,7 @@ def _highs_first(problem: Problem, time_limit_s: float | None) -> SearchResult |
     res = _run_highs(problem, "omega", problem.budgets, cap)
     if res.status != "Optimal" or res.bits is None:
         return None
-    return _result(problem, res.bits, "Optimal", time.perf_counter() - t0, f"ilp/highs-{res.path}")
-
-
-def _result(problem: Problem, bits: dict[str, BitPair], status: str, dt: float, name: str) -> SearchResult:
-    ev = problem.evaluate(bits)
-    return SearchResult(
-        policy=Policy(bits, meta={"solver": name, "objective": ev["omega"]}),
-        status=status, objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
-        budgets=dict(problem.budgets.items()), solve_time_s=dt, solver=name,
-    )
+    return SearchResult.of(problem, res.bits, "Optimal", time.perf_counter() - t0, f"ilp/highs-{res.path}")
 
 
 def _unbudgeted_solver() -> str:
@@ -304,4 +295,4 @@ def solve_ilp(problem: Problem, *, solver: str | None = None, time_limit_s: floa
             "raise --time-limit or try --solver mckp"
         )
     assert bits is not None
-    return _result(problem, bits, status, dt, f"ilp/{solver}")
+    return SearchResult.of(problem, bits, status, dt, f"ilp/{solver}")

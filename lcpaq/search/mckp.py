@@ -36,7 +36,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from lcpaq.errors import SolverError
-from lcpaq.policy import BitPair, Policy
+from lcpaq.policy import BitPair
 from lcpaq.search.problem import BUDGET_COSTS, Problem, SearchResult
 
 _INF = float("inf")
@@ -348,7 +348,7 @@ def _passes(ar: _Arrays, rounds: int) -> np.ndarray | None:
         if sel is None:
             break
         best = _better(ar, best, _fill(ar, sel, s * mu))
-        util = ar.totals(best if sel is None else sel) / ar.limits
+        util = ar.totals(sel) / ar.limits
         mu = mu * np.maximum(util, 1e-3) ** 2
         mu = mu / mu.max()
     if ar.edges:  # transitions: also seed from policies with one shared a_bits (no a-transitions)
@@ -390,10 +390,4 @@ def solve_mckp(problem: Problem, *, rounds: int = 4) -> SearchResult:
         raise SolverError("the MCKP greedy found no policy meeting every budget together, but one "
                           "exists: use --solver ilp")
     bits: dict[str, BitPair] = {ly: ar.cands[i][best[i]] for i, ly in enumerate(ar.layers)}
-    dt = time.perf_counter() - t0
-    ev = problem.evaluate(bits)
-    return SearchResult(
-        policy=Policy(bits, meta={"solver": "mckp", "objective": ev["omega"]}), status="Heuristic",
-        objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
-        budgets=dict(problem.budgets.items()), solve_time_s=dt, solver="mckp",
-    )
+    return SearchResult.of(problem, bits, "Heuristic", time.perf_counter() - t0, "mckp")

@@ -153,6 +153,15 @@ class SearchResult:
     solver: str
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, problem: Problem, bits: Mapping[str, BitPair], status: str, solve_time_s: float,
+           solver: str) -> SearchResult:
+        """The result for a full assignment: its Ω and every cost evaluated on ``problem``."""
+        ev = problem.evaluate(bits)
+        return cls(policy=Policy(dict(bits), meta={"solver": solver, "objective": ev["omega"]}), status=status,
+                   objective=ev["omega"], costs={k: v for k, v in ev.items() if k != "omega"},
+                   budgets=dict(problem.budgets.items()), solve_time_s=solve_time_s, solver=solver)
+
     def usage(self) -> list[tuple[str, float, float | None]]:
         """(cost name, value, budget or None) rows for printing."""
         lim = {BUDGET_COSTS[k]: v for k, v in self.budgets.items()}
