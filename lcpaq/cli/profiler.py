@@ -41,13 +41,12 @@ def profile(
     from lcpaq.policy import parse_bits_list
     from lcpaq.profiler.hwprofile import load_profile
     from lcpaq.profiler.run import profile as run_profile
+    from lcpaq.profiler.table import keep_previous, read_table
 
     prof = load_profile(hw)
     _, inv = trace_named(model)
     cands = parse_bits_list(bits) if bits else prof.candidates
     path = out or Path("latency_tables") / prof.name / f"{model}.jsonl"
-    from lcpaq.profiler.table import keep_previous, read_table
-
     if fresh and path.exists():
         console.print(f"kept the previous table as {keep_previous(path)}")
     before = len(read_table(path, repair=repair)) if path.exists() else 0
