@@ -34,14 +34,39 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 
-def _settings(model_name: str, threads: int):
+def _settings(model_name: str, threads: int | str):
     """Frozen measurement settings: the 0.2 ms embedded model needs more calls per round; 1 thread
-    times the calling thread's CPU, 2 threads wall time."""
+    times the calling thread's CPU, N threads wall time, "Nc" N threads with ORT's spin-waiting off
+    and the whole process's CPU time (every worker summed; blocks.process_cpu_ms)."""
     from lcpaq.profiler.backend import MeasureSettings
 
     small = model_name == "mnist_resnet"
-    return MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=threads,
-                           metric="thread_cpu" if threads == 1 else "wall")
+    tok = str(threads)
+    n = int(tok.rstrip("c"))
+    metric = "process_cpu" if tok.endswith("c") else "thread_cpu" if n == 1 else "wall"
+    return MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=n,
+                           metric=metric)
+
+
+def _cached_export(cache: Path | None, model_name: str, model, pol, shape, x) -> bytes:
+    """export_qdq(..., unshare=True), kept on disk by (model, policy): the ~200 exports of a model
+    take 5-10 min and are the same in every run (fixed calibration input, deterministic exporter)."""
+    import hashlib
+
+    from lcpaq.profiler.onnx_export import export_qdq
+
+    if cache is None:
+        return export_qdq(model, pol, shape, calib=[x], unshare=True)
+    key = hashlib.sha256(json.dumps(sorted((n, list(v)) for n, v in pol.items())).encode()).hexdigest()[:24]
+    f = cache / model_name / f"{key}.onnx"
+    if f.exists():
+        return f.read_bytes()
+    b = export_qdq(model, pol, shape, calib=[x], unshare=True)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_bytes(b)
+    tmp.replace(f)
+    return b
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks: designed policies also timed whole, to fit the isolation correction (default all)")
     ap.add_argument("--retest", type=int, default=0,
                     help="blocks: time the saved test policies N more times (noise floor), score against the mean")
+    ap.add_argument("--cache", default="/tmp/lcpaq_bench_exports",
+                    help="blocks: folder keeping the exported policies between runs ('' for none)")
     ap.add_argument("--rescore", action="store_true",
                     help="blocks: refit the saved block tables and re-score the saved test measurements")
     ap.add_argument("--method", choices=["cut", "whole", "blocks"], default="cut",
@@ -279,12 +306,12 @@ def bench_blocks(args: argparse.Namespace) -> int:
     from lcpaq.policy import Policy
     from lcpaq.profiler.blocks import BlockTable, OrtTimer, block_plan, design_policies
     from lcpaq.profiler.fidelity import cut_groups, random_class_policy
-    from lcpaq.profiler.onnx_export import export_qdq
 
     cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     table_out = []
-    threads_list = [int(t) for t in args.threads.split(",")]
+    threads_list = args.threads.split(",")
+    cache = Path(args.cache) if args.cache else None
     for model_name in args.models.split(","):
         if args.rescore:
             for threads in threads_list:
@@ -311,7 +338,7 @@ def bench_blocks(args: argparse.Namespace) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="bench_blocks_"))
         whole_files = []
         for i, pol in enumerate(pols):
-            b = export_qdq(model, pol, shape, calib=[x], unshare=True)
+            b = _cached_export(cache, model_name, model, pol, shape, x)
             todo += keys.add(cut_groups(b, model, pol, plan.groups), pol)
             keys.ms.update({u.key: float("nan") for u in todo})  # seen: do not collect twice
             if i in whole_idx:
@@ -322,12 +349,12 @@ def bench_blocks(args: argparse.Namespace) -> int:
         tests_files = []
         for k in range(args.policies):
             pol = random_class_policy(plan.layers, np.random.default_rng(k), cands)
-            b = export_qdq(model, pol, shape, calib=[x], unshare=True)
+            b = _cached_export(cache, model_name, model, pol, shape, x)
             units = cut_groups(b, model, pol, plan.groups)
             mismatch = [g for g, u in units.items() if keys.keys[g].get(plan.context_of(pol, g)) != u.key]
             (tmp / f"test{k}.onnx").write_bytes(b)
             tests_files.append((k, pol, tmp / f"test{k}.onnx", mismatch))
-        ref_b = export_qdq(model, Policy.uniform(plan.layers, 8, 8), shape, calib=[x], unshare=True)
+        ref_b = _cached_export(cache, model_name, model, Policy.uniform(plan.layers, 8, 8), shape, x)
         t_export = time.perf_counter() - t0
         print(f"  {len(todo)} block units to time; exports took {t_export:.0f} s", flush=True)
         timed = []
@@ -357,12 +384,12 @@ def bench_blocks(args: argparse.Namespace) -> int:
         tmp.rmdir()
     print("\n model           thr  median|err|  max|err|  within±5%  correction  load")
     for s in table_out:
-        print(f" {s['model']:15s} {s['threads']:3d}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
+        print(f" {s['model']:15s} {s['threads']:>3s}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
               f"  {s['within_5pct']:3d}/{s['policies']}   {s['correction']:9s}  {s['load_end'][0]:.1f}")
     return 0
 
 
-def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dict) -> dict:
+def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dict) -> dict:
     """Fit the block model (every correction variant) and score it on the measured test policies."""
     from lcpaq.profiler.blocks import fit_block_model, smooth_drift
 
@@ -390,7 +417,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dic
                **{f"error_{v}_pct": 100 * (p / r["ms"] - 1) for v, p in preds.items() if v != "auto"},
                "blocks_not_matching_table": mismatch,
                "fp32_layers": sum(1 for n in plan.layers if pol[n] == (32, 32)), "layers": len(plan.layers),
-               "metric": "thread_cpu" if threads == 1 else "wall"}
+               "metric": _settings(model_name, threads).metric}
         rows.append(row)
         print(f"{threads}t {model_name:13s} #{k:2d} fp32 {row['fp32_layers']:2d}/{len(plan.layers)} meas "
               f"{r['ms']:8.3f} pred {preds['auto']:8.3f} err {row['error_pct']:+6.1f}% (uncorr "
@@ -399,7 +426,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: int, extra: dic
     errs = [abs(r["error_pct"]) for r in rows]
     lm = variants["auto"]
     names = ("uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both", "edge")
-    summ = {"method": "blocks", "threads": threads, "model": model_name, "policies": len(rows),
+    summ = {"method": "blocks", "threads": str(threads), "model": model_name, "policies": len(rows),
             "blocks": len(plan.blocks), "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
             "correction_coef": lm.meta["correction"], "fit_rms_rel": lm.meta["fit_rms_rel"],
             "median_abs_err_pct": statistics.median(errs), "max_abs_err_pct": max(errs),
@@ -429,7 +456,7 @@ def retest_blocks(args: argparse.Namespace) -> int:
 
     cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
     for model_name in args.models.split(","):
-        for threads in [int(t) for t in args.threads.split(",")]:
+        for threads in args.threads.split(","):
             table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
             saved = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").read_text())
             model, shape = get_model(model_name), default_input_shape(model_name)
