@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks: time the saved test policies N more times (noise floor), score against the mean")
     ap.add_argument("--cache", default="/tmp/lcpaq_bench_exports",
                     help="blocks: folder keeping the exported policies between runs ('' for none)")
+    ap.add_argument("--pairs", action="store_true",
+                    help="blocks: also cut and time every boundary's two blocks as one unit (lcpaq.profiler.pairs)")
     ap.add_argument("--rescore", action="store_true",
                     help="blocks: refit the saved block tables and re-score the saved test measurements")
     ap.add_argument("--method", choices=["cut", "whole", "blocks"], default="cut",
@@ -306,6 +308,7 @@ def bench_blocks(args: argparse.Namespace) -> int:
     from lcpaq.policy import Policy
     from lcpaq.profiler.blocks import BlockTable, OrtTimer, block_plan, design_policies
     from lcpaq.profiler.fidelity import cut_groups, random_class_policy
+    from lcpaq.profiler.pairs import pair_groupings, record_pairs
 
     cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -341,6 +344,9 @@ def bench_blocks(args: argparse.Namespace) -> int:
             b = _cached_export(cache, model_name, model, pol, shape, x)
             todo += keys.add(cut_groups(b, model, pol, plan.groups), pol)
             keys.ms.update({u.key: float("nan") for u in todo})  # seen: do not collect twice
+            for grouping in pair_groupings(plan) if args.pairs else []:
+                todo += record_pairs(keys, cut_groups(b, model, pol, grouping), pol)
+                keys.ms.update({u.key: float("nan") for u in todo})
             if i in whole_idx:
                 (tmp / f"train{i}.onnx").write_bytes(b)
                 whole_files.append((pol, tmp / f"train{i}.onnx"))
@@ -361,7 +367,8 @@ def bench_blocks(args: argparse.Namespace) -> int:
         with _bench_lock():  # one hold per model for every thread count (fewer waits in the queue)
             for threads in threads_list:
                 st = _settings(model_name, threads)
-                table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()})
+                table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()}, [],
+                                   {g: list(v) for g, v in keys.pairs.items()})
                 load0, t1 = os.getloadavg(), time.perf_counter()
                 timer = OrtTimer(st, x)
                 for u in todo:
@@ -397,6 +404,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
     ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
     variants = {v: fit_block_model(table, cands, features=v)
                 for v in ("auto", "const", "count", "size", "both", "edge")}
+    variants["nopairs"] = fit_block_model(table, cands, pairs=False)
     # drift of the machine since the table: the test references' running median (smooth_drift),
     # relative to the training references' median; per-policy and no rescaling are reported beside it
     test_refs = [r["ref_ms"] for _, _, r, _ in tests]
@@ -411,6 +419,8 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
                "ref_ms": r["ref_ms"], "drift": drift, "predicted_ms": preds["auto"],
                "error_pct": 100 * (preds["auto"] / r["ms"] - 1),
                "error_uncorrected_pct": 100 * (blocks_sum * drift / r["ms"] - 1),
+               "error_pairs_uncorrected_pct": 100 * ((blocks_sum + sum(
+                   g.cost(pol) for g in variants["auto"].groups if g.name.startswith("pair:"))) * drift / r["ms"] - 1),
                "error_additive_pct": 100 * (add_pred / r["ms"] - 1),
                "error_row_drift_pct": 100 * (preds["auto"] / drift * r["ref_ms"] / ref0 / r["ms"] - 1),
                "error_no_drift_pct": 100 * (preds["auto"] / drift / r["ms"] - 1),
@@ -425,7 +435,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
               f"{drift:.3f} mismatch {len(mismatch)}", flush=True)
     errs = [abs(r["error_pct"]) for r in rows]
     lm = variants["auto"]
-    names = ("uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both", "edge")
+    names = ("uncorrected", "pairs_uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both", "edge", "nopairs")
     summ = {"method": "blocks", "threads": str(threads), "model": model_name, "policies": len(rows),
             "blocks": len(plan.blocks), "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
             "correction_coef": lm.meta["correction"], "fit_rms_rel": lm.meta["fit_rms_rel"],

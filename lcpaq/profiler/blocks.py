@@ -175,6 +175,9 @@ class BlockTable:
     ms: dict[str, float] = field(default_factory=dict)
     keys: dict[str, dict[str, str]] = field(default_factory=dict)  # block -> context -> key
     whole: list[dict[str, Any]] = field(default_factory=list)  # {"policy": {...}, "rel": t/ref, "ref_ms"}
+    # boundary 'a+b' -> [pair-context pattern, pair key, key of a, key of b] per designed policy
+    # (lcpaq.profiler.pairs); empty when the pairs were not timed
+    pairs: dict[str, list[list[str]]] = field(default_factory=dict)
 
     def add(self, units: Mapping[str, Any], policy: Policy) -> list[Any]:
         """Record each block's key for its context in ``policy``; return the units not yet timed."""
@@ -203,14 +206,15 @@ class BlockTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "lcpaq.block_table/1", "plan": self.plan.to_dict(), "ms": self.ms, "keys": self.keys,
-                "whole": self.whole}
+                "whole": self.whole, "pairs": self.pairs}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> BlockTable:
         if d.get("schema") != "lcpaq.block_table/1":
             raise TableError(f"block table schema is {d.get('schema')!r}, expected 'lcpaq.block_table/1'")
         return BlockTable(BlockPlan.from_dict(d["plan"]), dict(d["ms"]),
-                          {b: dict(v) for b, v in d["keys"].items()}, list(d.get("whole", [])))
+                          {b: dict(v) for b, v in d["keys"].items()}, list(d.get("whole", [])),
+                          {g: [list(o) for o in v] for g, v in d.get("pairs", {}).items()})
 
     def save(self, path: str | Path) -> Path:
         from lcpaq.policy import atomic_write_text
@@ -281,20 +285,23 @@ def smooth_drift(refs: Sequence[float], window: int = 7) -> np.ndarray:
     return run / float(np.median(v))
 
 
-def _correction_data(table: BlockTable, sel: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows (1, features), targets (whole - sum of blocks, ms, drift-free) and whole ms."""
+def _correction_data(table: BlockTable, sel: Sequence[int], extra: Sequence[GroupCost] = ()
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (1, features), targets (whole - sum of blocks - sum of ``extra`` groups, ms, drift-free)
+    and whole ms."""
     drift = smooth_drift([r["ref_ms"] for r in table.whole])
     X, y, tot = [], [], []
     for row, d in zip(table.whole, drift, strict=True):
         pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
         whole = row["ms"] / d  # the machine's drift since the table was built
         X.append(np.r_[1.0, correction_features(table.plan, pol)[list(sel)]])
-        y.append(whole - sum(table.block_ms(pol).values()))
+        y.append(whole - sum(table.block_ms(pol).values()) - sum(g.cost(pol) for g in extra))
         tot.append(whole)
     return np.array(X).reshape(len(X), 1 + len(sel)), np.array(y), np.array(tot)
 
 
-def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.ndarray, float, str]:
+def fit_correction(table: BlockTable, *, features: str = "auto", extra: Sequence[GroupCost] = ()
+                   ) -> tuple[np.ndarray, float, str]:
     """Fit ``whole_ms - sum(block ms) = c0 + w . features`` over the table's whole rows.
 
     ``features``: "const" (c0 only), "count" (+ counts of same-class cross edges), "size" (+ their
@@ -306,7 +313,7 @@ def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.nda
     if features == "auto":
         best = None
         for name, sel in variants.items():
-            X, y, tot = _correction_data(table, sel)
+            X, y, tot = _correction_data(table, sel, extra)
             ridge = RIDGE if name == "edge" else 0.0
             if len(y) <= (X.shape[1] + 1 if not ridge else 2):
                 continue
@@ -326,7 +333,7 @@ def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.nda
     full = np.zeros(1 + 4 + len(EDGE_PAIRS) * len(table.plan.edges))
     if not table.whole:
         return full, float("nan"), features
-    X, y, tot = _correction_data(table, sel)
+    X, y, tot = _correction_data(table, sel, extra)
     coef = _solve(X, y, RIDGE if features == "edge" else 0.0)
     rms = float(np.sqrt(np.mean(((X @ coef - y) / tot) ** 2)))
     full[0] = coef[0]
@@ -335,15 +342,21 @@ def fit_correction(table: BlockTable, *, features: str = "auto") -> tuple[np.nda
     return full, rms, features
 
 
-def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, features: str = "auto") -> LatencyModel:
+def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, features: str = "auto",
+                    pairs: bool = True) -> LatencyModel:
     """LatencyModel that reproduces the measured block tables exactly, split for the search:
 
     * unary + pairwise: each block's table projected by least squares onto its layers' classes and
       the pairs among its context layers (what an additive search can use),
     * groups: what that projection misses (the block's sub-additive part), per context,
     * constant + pairwise on cross-block edges: the isolation correction fitted on whole models.
-    ``predict`` = projection + residual + correction = sum of measured blocks + correction."""
-    coef, rms, features = fit_correction(table, features=features)
+    * groups 'pair:a+b' (when the table holds pair rows and ``pairs``): each boundary's joint cost
+      (:mod:`lcpaq.profiler.pairs`), before the correction is fitted.
+    ``predict`` = projection + residual + pairs + correction = sum of measured blocks + pairs + correction."""
+    from lcpaq.profiler.pairs import pair_costs
+
+    joint = pair_costs(table) if pairs else []
+    coef, rms, features = fit_correction(table, features=features, extra=joint)
     plan = table.plan
     unary = {n: {tuple(p): 0.0 for p in candidates} for n in plan.layers}
     pairwise: dict[tuple[str, str], dict[tuple[BitPair, BitPair], float]] = {}
@@ -375,6 +388,7 @@ def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, feature
             add_pair(ctxl[i], ctxl[j], diff=float(w[1 + len(mem) + k]))
         resid = {c: float(obs[c] - A[r] @ w) for r, c in enumerate(ctxs)}
         groups.append(GroupCost(b, ctxl, resid))
+    groups += joint
     for e, (p, c) in enumerate(plan.edges):
         size = plan.edge_numel.get(p, 0) * 1e-5
         by_class = {k: coef[1 + j] + coef[3 + j] * size for j, k in enumerate(SAME)}
@@ -384,7 +398,7 @@ def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, feature
     return LatencyModel(unary, pairwise, float(coef[0]), groups=tuple(groups),  # type: ignore[arg-type]
                         meta={"source": "lcpaq.profiler.blocks.fit_block_model", "correction": coef.tolist(),
                               "correction_features": features, "fit_rms_rel": rms,
-                              "whole_rows": len(table.whole)})
+                              "whole_rows": len(table.whole), "pair_groups": len(joint)})
 
 
 def profile_blocks(
@@ -396,18 +410,21 @@ def profile_blocks(
     calib: Any = None,
     n_whole: int | None = None,
     seed: int = 1000,
+    pairs: bool = False,
     progress: Any = None,
 ) -> tuple[BlockTable, LatencyModel]:
     """Export the designed policies, cut and time every new block unit (per-call overhead removed),
     time ``n_whole`` of those policies (None: all) whole against an interleaved uniform-int8
     reference, and fit. On mobilenet_v2 the correction fitted on all 192 rather than 40 whole rows
     took the test error from 6.3 % / 12.2 % to 3.7 % / 8.9 %; timing them costs ~1 min, the exports
-    (needed for the units anyway) dominate.
+    (needed for the units anyway) dominate. ``pairs``: also cut each boundary's two blocks as one
+    unit from the same exports and time them (:mod:`lcpaq.profiler.pairs`).
 
     >>> # table, lm = profile_blocks(get_model("mobilenet_v2"), (1, 3, 224, 224), [(32, 32), (8, 8)])
     """
     from lcpaq.profiler.backend import MeasureSettings
     from lcpaq.profiler.onnx_export import export_qdq
+    from lcpaq.profiler.pairs import pair_groupings, record_pairs
 
     st = settings or MeasureSettings(warmup=3, number=3, repeat=5)
     x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
@@ -423,6 +440,9 @@ def profile_blocks(
         b = export_qdq(model, pol, input_shape, calib=cal, unshare=True)
         for u in table.add(cut_groups(b, model, pol, plan.groups), pol):
             table.ms[u.key] = timer.unit(u)
+        for grouping in pair_groupings(plan) if pairs else []:
+            for u in record_pairs(table, cut_groups(b, model, pol, grouping), pol):
+                table.ms[u.key] = timer.unit(u)
         if i in whole_idx:
             table.whole.append(timer.whole_row(pol, b, ref))
         if progress:
