@@ -104,21 +104,30 @@ def _deploy_kernels(fq: Any, threads: int, x1: np.ndarray) -> Deployment:
 
 def _deploy_tvm(fq: Any, input_shape: Sequence[int], threads: int, calib: Sequence[np.ndarray],
                 x1: np.ndarray, hw: Any) -> Deployment:
-    """The QDQ graph (static batch 1) compiled by the TVM backend: locally or on an RPC board.
+    """The QDQ graph (static batch 1) of ``fq`` compiled by the TVM backend (:func:`deploy_tvm_onnx`)."""
+    from lcpaq.deploy.qdq import export_qdq
+
+    onnx_bytes = export_qdq(fq, input_shape, calib_inputs=calib, dynamic_batch=False)
+    return deploy_tvm_onnx(onnx_bytes, x1, hw)
+
+
+def deploy_tvm_onnx(onnx_bytes: bytes, x1: np.ndarray, hw: Any, *, backend: Any = None) -> Deployment:
+    """A whole-model QDQ graph (static batch 1, input ``x``) compiled by the TVM backend: locally or
+    on an RPC board.
 
     QDQ conv/matmul are lowered to int8 compute (lcpaq.profiler.tvm_lower); the profile's
     ``[tvm] trials``/``work_dir`` say whether to tune and where the tuning database lives.
-    Timing is TVM's ``time_evaluator`` (wall, TVM runs its own thread pool).
+    ``backend``: a TvmBackend to reuse across models (its tuner, pools and loaded libraries).
+    ``timer`` is TVM's ``time_evaluator`` (wall); ``call`` runs one inference on the calling
+    thread (at 1 TVM thread the calling thread computes, so its CPU time can be taken around it).
     """
     import tvm
     from tvm import relax
 
-    from lcpaq.deploy.qdq import export_qdq
     from lcpaq.profiler.backend import Unit
     from lcpaq.profiler.backends.tvm import TvmBackend
 
-    be = TvmBackend(hw)
-    onnx_bytes = export_qdq(fq, input_shape, calib_inputs=calib, dynamic_batch=False)
+    be = backend if backend is not None else TvmBackend(hw)
     unit = Unit("deploy:whole-model", onnx_bytes, {"x": x1}, {}, (8, 8))
     ex, kernel, params, info = be.compile(unit)  # params: weights lifted out of the library
     if be.rpc is None:
@@ -161,7 +170,7 @@ def _deploy_tvm(fq: Any, input_shape: Sequence[int], threads: int, calib: Sequen
     notes = [f"tvm kernel: {kernel}", f"tvm compile: {info}"]
     if be.rpc is not None:
         notes.append(f"remote board via tracker {be.rpc.host}:{be.rpc.port} key {be.rpc.key}")
-    return Deployment("tvm", run, lambda: vm["main"](arg), onnx_bytes, notes, None, timer)
+    return Deployment("tvm", run, lambda: vm["main"](arg, *weights), onnx_bytes, notes, None, timer)
 
 
 def layer_names(model: Any) -> list[str]:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # Task names of the kernels worth trials. The layout transforms are those of the AVX2 int8 path
 # (tvm_lower): without a schedule they run as scalar loops next to a ~1 ms tensorized conv.
 TUNED_OPS = ("conv2d", "matmul", "dense", "layout_transform", "transpose")
+HEAVY_OPS = ("conv2d", "matmul", "dense")  # the rest of TUNED_OPS: elementwise (TuneConfig.elementwise_trials)
 _INTRIN_MODULE = "tvm.s_tir.tensor_intrin"
 
 
@@ -44,6 +45,11 @@ class TuneConfig:
     """How hard to search per task. ``population`` 0 = scale with ``trials`` (see ``strategy``)."""
 
     trials: int = 64  # measured candidates per task
+    # candidates per elementwise task (layout transforms and requantize epilogues, no conv/matmul);
+    # 0 = ``trials``. A whole-model build brings dozens of new fused epilogues (each layer's
+    # requantize fused with its neighbours' converts and the residual add): a few trials each
+    # give them a vectorized schedule at a fraction of the time
+    elementwise_trials: int = 0
     trials_per_iter: int = 32  # candidates per search round: 2 rounds at 64, the 2nd guided
     population: int = 0
     genetic_iters: int = 3
@@ -197,16 +203,17 @@ class Tuner:
         self._tuned.update(k for k in seen if k not in miss)
         return list(miss.values()), len(seen)
 
-    def strategy(self) -> Any:
+    def strategy(self, trials: int | None = None) -> Any:
         from tvm.s_tir import meta_schedule as ms
 
         c = self.config
+        trials = c.trials if trials is None else trials
         # TVM's default population is 512; its evolution cost ~2 min per round on this loaded
         # 2-core VM. 128 at 64 trials: ~5 s per round at load 3-4 (256: ~17 s, load 5).
-        pop = c.population or int(min(512, max(16, 2 * c.trials)))
+        pop = c.population or int(min(512, max(16, 2 * trials)))
         return ms.search_strategy.EvolutionarySearch(
             population_size=pop, init_min_unmeasured=min(50, pop),
-            genetic_num_iters=c.genetic_iters if c.trials >= 16 else 1)
+            genetic_num_iters=c.genetic_iters if trials >= 16 else 1)
 
     def space(self) -> Any:
         """TVM's default CPU design space, with ``config.unroll_max_steps`` as the unroll choices."""
@@ -258,30 +265,41 @@ class Tuner:
         return self._pools
 
     def tune(self, tasks: Sequence[Any]) -> float:
-        """Tune ``tasks`` (``config.trials`` candidates each) into the database; returns seconds."""
-        from tvm.s_tir import meta_schedule as ms
-
+        """Tune ``tasks`` into the database (``config.trials`` candidates per conv/matmul task,
+        ``config.elementwise_trials`` per elementwise one); returns seconds."""
         if not tasks:
             return 0.0
         c = self.config
         t0 = time.perf_counter()
-        log.info("tuning %d tasks, %d trials each", len(tasks), c.trials)
-        with skip_tensor_intrin(self.target):
-            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                list(tasks), str(self.work_dir), space=self.space(), strategy=self.strategy(),
-                num_threads=c.threads,
-                seed=c.seed)
-        builder, runner, cost = self._get_pools()
-        ms.tune.tune_tasks(
-            tasks=ctxs, task_weights=weights, work_dir=str(self.work_dir),
-            max_trials_global=c.trials * len(ctxs), max_trials_per_task=c.trials,
-            num_trials_per_iter=min(c.trials, c.trials_per_iter), builder=builder, runner=runner,
-            database=self.db, cost_model=cost, task_scheduler="round-robin")
+        light = [t for t in tasks if not any(op in t.task_name for op in HEAVY_OPS)]
+        heavy = [t for t in tasks if any(op in t.task_name for op in HEAVY_OPS)]
+        if not c.elementwise_trials or c.elementwise_trials == c.trials:
+            heavy, light = list(tasks), []
+        for group, trials in ((heavy, c.trials), (light, c.elementwise_trials)):
+            if group:
+                self._tune_group(group, trials)
         self._tuned.update(task_key(t) for t in tasks)
         dt = time.perf_counter() - t0
         self.tune_s += dt
         self.tasks_tuned += len(tasks)
         return dt
+
+    def _tune_group(self, tasks: Sequence[Any], trials: int) -> None:
+        from tvm.s_tir import meta_schedule as ms
+
+        c = self.config
+        log.info("tuning %d tasks, %d trials each", len(tasks), trials)
+        with skip_tensor_intrin(self.target):
+            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                list(tasks), str(self.work_dir), space=self.space(), strategy=self.strategy(trials),
+                num_threads=c.threads,
+                seed=c.seed)
+        builder, runner, cost = self._get_pools()
+        ms.tune.tune_tasks(
+            tasks=ctxs, task_weights=weights, work_dir=str(self.work_dir),
+            max_trials_global=trials * len(ctxs), max_trials_per_task=trials,
+            num_trials_per_iter=min(trials, c.trials_per_iter), builder=builder, runner=runner,
+            database=self.db, cost_model=cost, task_scheduler="round-robin")
 
     def compile(self, mod: Any) -> tuple[Any, dict[str, Any]]:
         """Tune the missing tasks of ``mod``, then compile it with the database applied."""

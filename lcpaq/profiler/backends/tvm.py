@@ -97,6 +97,10 @@ class TvmBackend:
         tvm_cfg = dict(getattr(profile, "tvm", {}) or {}) if profile is not None else {}
         self.target_dict = parse_target(getattr(profile, "target", "") if profile is not None else "")
         self.trials = int(tvm_cfg.get("trials", 0) if trials is None else trials)
+        # trials per elementwise task (layout transforms, requantize epilogues); 0 = ``trials``
+        self.elementwise_trials = int(tvm_cfg.get("elementwise_trials", 0))
+        if self.elementwise_trials < 0:
+            raise ProfileError(f"[tvm] elementwise_trials = {self.elementwise_trials}: use 0 (= trials) or more")
         wd = work_dir if work_dir is not None else tvm_cfg.get("work_dir")
         self.work_dir = Path(wd) if wd else None
         self.rpc = getattr(profile, "rpc", None) if profile is not None else None
@@ -173,7 +177,8 @@ class TvmBackend:
         if self._tuner is None:
             if self.work_dir is None or self.trials <= 0:
                 raise ProfileError("tuning needs [tvm] trials > 0 and a work_dir in the device profile")
-            self._tuner = Tuner(self.target(), self.work_dir, TuneConfig(trials=self.trials), rpc=self.rpc)
+            self._tuner = Tuner(self.target(), self.work_dir, TuneConfig(
+                trials=self.trials, elementwise_trials=self.elementwise_trials), rpc=self.rpc)
         return self._tuner
 
     def tune(self, units: list[Unit]) -> dict[str, Any]:
