@@ -21,3 +21,37 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
               "model_qdq.onnx", "validation_mixed.json", "summary.md"):
         assert (out / f).is_file(), f
     assert "mixed" in capsys.readouterr().out
+
+
+def test_block_units_cut_from_the_deployed_graph_run_on_real_inputs():
+    """The ORT demo profiles blocks on export_policy's graph (what validate deploys): its dynamic batch
+    dimension must become 1 in the unit feeds (a 0-size batch ran empty units), and the block
+    units must hold every node of that graph."""
+    import functools
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from lcpaq.deploy.qdq import export_policy, torch_to_onnx
+    from lcpaq.models import get_model
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.blocks import block_groups
+    from lcpaq.profiler.fidelity import cut_groups, prepare_for_cutting
+    from lcpaq.quant import quantizable_names
+
+    m = get_model("mnist_resnet").eval()
+    names = quantizable_names(m)
+    pol = Policy({n: [(8, 8), (32, 32), (4, 8)][i % 3] for i, n in enumerate(names)})
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    exp = functools.partial(export_policy, float_onnx=torch_to_onnx(m, (1, 1, 28, 28)))
+    b = exp(m, pol, (1, 1, 28, 28), [x])
+    assert b == export_policy(m, pol, (1, 1, 28, 28), [x])  # the cached float graph changes nothing
+    units = cut_groups(b, m, pol, block_groups(m))
+    p = onnx.load_from_string(b)
+    prepare_for_cutting(p)
+    assert sum(len(onnx.load_from_string(u.onnx).graph.node) for u in units.values()) == len(p.graph.node)
+    for u in units.values():
+        assert all(v.size > 0 and v.shape[0] == 1 for v in u.feeds.values()), u.layer
+        out = ort.InferenceSession(u.onnx, providers=["CPUExecutionProvider"]).run(None, dict(u.feeds))
+        assert all(o.size > 0 for o in out)

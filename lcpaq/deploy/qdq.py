@@ -143,12 +143,15 @@ def _fold_factor(w: np.ndarray, wf: np.ndarray) -> np.ndarray:
 
 
 def export_qdq(model: Any, input_shape: Sequence[int], *, calib_inputs: Sequence[np.ndarray] = (),
-               quantize_outputs: bool = True, w8_as_w7: bool = True, dynamic_batch: bool = True) -> bytes:
+               quantize_outputs: bool = True, w8_as_w7: bool = True, dynamic_batch: bool = True,
+               float_onnx: bytes | None = None) -> bytes:
     """ONNX QDQ bytes of a calibrated fake-quant ``model`` (from ``apply_policy``) at its policy.
 
     ``w8_as_w7``: store 8-bit weights on a 7-bit grid; ONNX Runtime's fused u8 x s8 int8 conv
     saturates on AVX2 (vpmaddubsw) with full-range 8-bit weights (shared FINDINGS: max error 0.85
-    vs 0.05 on the embedded model). ``quantize_outputs``: see the module docstring.
+    vs 0.05 on the embedded model). ``quantize_outputs``: see the module docstring. ``float_onnx``:
+    the float graph of this model (``torch_to_onnx`` of its float copy) when the caller already has
+    it (block profiling exports ~100 policies of one model).
 
     >>> # m = get_model("mnist_resnet"); apply_policy(m, pol, calib_loader=loader)
     >>> # onnx_bytes = export_qdq(m, (1, 1, 28, 28), calib_inputs=[x.numpy()])
@@ -164,7 +167,8 @@ def export_qdq(model: Any, input_shape: Sequence[int], *, calib_inputs: Sequence
     for n, m in qmods.items():
         if m.act_quant is not None and not bool(m.act_quant.calibrated):
             raise ConfigError(f"layer '{n}' is not calibrated; pass calib_loader to apply_policy before export")
-    proto = onnx.load_from_string(torch_to_onnx(_float_copy(model), input_shape, dynamic_batch=dynamic_batch))
+    proto = onnx.load_from_string(float_onnx if float_onnx is not None
+                                  else torch_to_onnx(_float_copy(model), input_shape, dynamic_batch=dynamic_batch))
     g = _Graph(proto)
     names = set(fq)
     int_nodes: list[tuple[Any, str]] = []  # (node, layer) with integer compute
@@ -309,3 +313,19 @@ def layer_of_node(node_name: str, layers: Sequence[str], modules: set[str]) -> s
             return ly
     mod = node_module(node_name if node_name.startswith("/") else "/" + node_name, modules)
     return mod if mod in layers else None
+
+
+def export_policy(model: Any, policy: Any, input_shape: Sequence[int], calib: Sequence[np.ndarray], *,
+                  float_onnx: bytes | None = None) -> bytes:
+    """What ``validate`` deploys on ORT for an fp32 ``model`` at ``policy``: a copy quantized with
+    ``apply_policy`` (calibrated on ``calib``) through :func:`export_qdq`. The signature is block
+    profiling's exporter hook (:func:`lcpaq.profiler.blocks.profile_blocks` ``export=``), so the block
+    units are cut from the very graph that validate measures. ``float_onnx``: ``torch_to_onnx(model,
+    input_shape)`` made once for many policies (``functools.partial``)."""
+    import torch
+
+    from lcpaq.quant.api import apply_policy
+
+    fq = apply_policy(_float_copy(model), policy, calib_loader=[torch.from_numpy(np.asarray(c)) for c in calib],
+                      calib_batches=len(calib))
+    return export_qdq(fq.eval(), input_shape, calib_inputs=list(calib), float_onnx=float_onnx)

@@ -91,13 +91,25 @@ class BlockPlan:
                          {k: int(v) for k, v in d.get("edge_numel", {}).items()})
 
 
+def profiler_export(model: Any, policy: Policy, input_shape: tuple[int, ...], calib: Any) -> bytes:
+    """The default exporter of block profiling: the fp32 model at ``policy`` through
+    :func:`lcpaq.profiler.onnx_export.export_qdq` (ORT quantize_static), every initializer unshared."""
+    from lcpaq.profiler.onnx_export import export_qdq
+
+    return export_qdq(model, policy, input_shape, calib=calib, unshare=True)
+
+
 def block_plan(model: Any, input_shape: tuple[int, ...], *, calib: Any = None,
-               groups: Mapping[str, str] | None = None) -> BlockPlan:
+               groups: Mapping[str, str] | None = None, export: Any = None) -> BlockPlan:
     """Blocks, members and context layers of ``model``, read from its uniform fp32 and int8 exports
-    and one alternating export (where Q/DQ ops sit changes which outside layer touches a tensor)."""
+    and one alternating export (where Q/DQ ops sit changes which outside layer touches a tensor).
+    ``export(model, policy, input_shape, calib) -> onnx bytes``: the graph that will be deployed
+    (default :func:`profiler_export`; the demo passes :func:`lcpaq.deploy.qdq` 's)."""
     import torch
 
-    from lcpaq.profiler.onnx_export import export_qdq, quantizable_names
+    from lcpaq.profiler.onnx_export import quantizable_names
+
+    export = export or profiler_export
 
     names = quantizable_names(model)
     groups = dict(groups or block_groups(model))
@@ -111,7 +123,7 @@ def block_plan(model: Any, input_shape: tuple[int, ...], *, calib: Any = None,
     pols = [Policy.uniform(names, 32, 32), Policy.uniform(names, 8, 8),
             Policy({n: ((8, 8) if i % 2 else (32, 32)) for i, n in enumerate(names)})]
     for pol in pols:
-        single = cut_groups(export_qdq(model, pol, input_shape, calib=cal, unshare=True), model, pol, {n: n for n in names})
+        single = cut_groups(export(model, pol, input_shape, cal), model, pol, {n: n for n in names})
         for lname, u in single.items():
             for nb in u.neighbours:
                 if groups[nb] != groups[lname]:
@@ -411,6 +423,7 @@ def profile_blocks(
     n_whole: int | None = None,
     seed: int = 1000,
     pairs: bool = False,
+    export: Any = None,
     progress: Any = None,
 ) -> tuple[BlockTable, LatencyModel]:
     """Export the designed policies, cut and time every new block unit (per-call overhead removed),
@@ -418,26 +431,28 @@ def profile_blocks(
     reference, and fit. On mobilenet_v2 the correction fitted on all 192 rather than 40 whole rows
     took the test error from 6.3 % / 12.2 % to 3.7 % / 8.9 %; timing them costs ~1 min, the exports
     (needed for the units anyway) dominate. ``pairs``: also cut each boundary's two blocks as one
-    unit from the same exports and time them (:mod:`lcpaq.profiler.pairs`).
+    unit from the same exports and time them (:mod:`lcpaq.profiler.pairs`). ``export``: see
+    :func:`block_plan`; ``progress(done, total)`` after each designed policy.
 
     >>> # table, lm = profile_blocks(get_model("mobilenet_v2"), (1, 3, 224, 224), [(32, 32), (8, 8)])
     """
     from lcpaq.profiler.backend import MeasureSettings
-    from lcpaq.profiler.onnx_export import export_qdq
     from lcpaq.profiler.pairs import pair_groupings, record_pairs
+
+    export = export or profiler_export
 
     st = settings or MeasureSettings(warmup=3, number=3, repeat=5)
     x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
     cal = calib if calib is not None else [x]
-    plan = block_plan(model, input_shape, calib=cal)
+    plan = block_plan(model, input_shape, calib=cal, export=export)
     pols = design_policies(plan, candidates, np.random.default_rng(seed))
     table = BlockTable(plan)
     timer = OrtTimer(st, x)
     n = len(pols) if n_whole is None else min(n_whole, len(pols))
     whole_idx = set(np.linspace(0, len(pols) - 1, n).round().astype(int).tolist())
-    ref = export_qdq(model, Policy.uniform(plan.layers, 8, 8), input_shape, calib=cal, unshare=True)
+    ref = export(model, Policy.uniform(plan.layers, 8, 8), input_shape, cal)
     for i, pol in enumerate(pols):
-        b = export_qdq(model, pol, input_shape, calib=cal, unshare=True)
+        b = export(model, pol, input_shape, cal)
         for u in table.add(cut_groups(b, model, pol, plan.groups), pol):
             table.ms[u.key] = timer.unit(u)
         for grouping in pair_groupings(plan) if pairs else []:
@@ -505,12 +520,16 @@ class OrtTimer:
 
     def whole_row(self, pol: Policy, b: bytes, ref: bytes, rounds: int = 2) -> dict[str, Any]:
         """A B A B against the reference, fastest round of each."""
+        import onnx
+
         r, p = [], []
+        feed_r = {onnx.load_from_string(ref).graph.input[0].name: self.x}
+        feed_b = {onnx.load_from_string(b).graph.input[0].name: self.x}
         for _ in range(rounds):
-            r.append(self.time(ref, {"input": self.x}))
-            p.append(self.time(b, {"input": self.x}))
+            r.append(self.time(ref, feed_r))
+            p.append(self.time(b, feed_b))
         return {"policy": {n: list(v) for n, v in pol.items()}, "ms": min(p), "ref_ms": min(r)}
 
 
 __all__ = ["correction_features", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
-           "fit_correction", "fit_block_model", "profile_blocks", "OrtTimer", "process_cpu_ms"]
+           "fit_correction", "fit_block_model", "profile_blocks", "profiler_export", "OrtTimer", "process_cpu_ms"]

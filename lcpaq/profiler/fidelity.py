@@ -222,7 +222,7 @@ def cut_groups(qdq_bytes: bytes, model: Any, policy: Policy, groups: Mapping[str
         feeds = {}
         for v in in_vi:
             tt = v.type.tensor_type
-            shape = [d.dim_value for d in tt.shape.dim]
+            shape = [d.dim_value if d.dim_value > 0 else 1 for d in tt.shape.dim]  # symbolic (batch) -> 1
             dt = _np_dtype(tt.elem_type)
             feeds[v.name] = (rng.integers(0, 256, size=shape).astype(dt) if dt == np.uint8
                              else rng.standard_normal(shape).astype(dt))
