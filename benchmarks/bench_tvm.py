@@ -295,6 +295,8 @@ def main(argv=None) -> int:
                     help="the tensor-intrinsic int8 conv path (default: the profile's [tvm] int8_intrin)")
     ap.add_argument("--fp32-layout", choices=("nchw", "nchwc"), default=None,
                     help="float conv layout (default: the profile's [tvm] fp32_layout)")
+    ap.add_argument("--epilogue", choices=("nchw", "nchwc"), default=None,
+                    help="packed convs' epilogue layout (default: the profile's [tvm] epilogue)")
     ap.add_argument("--target", default=None, help="TVM target string (default: the profile's)")
     ap.add_argument("--bits", default=None, help="ratio phase: only these units, e.g. w8a8 or fp32")
     ap.add_argument("--predict", type=int, default=0, metavar="N",
@@ -319,6 +321,8 @@ def main(argv=None) -> int:
         tvm_cfg["int8_intrin"] = args.int8_intrin
     if args.fp32_layout:
         tvm_cfg["fp32_layout"] = args.fp32_layout
+    if args.epilogue:
+        tvm_cfg["epilogue"] = args.epilogue
     if args.elementwise_trials is not None:
         tvm_cfg["elementwise_trials"] = args.elementwise_trials
     if tvm_cfg.get("work_dir"):
@@ -349,6 +353,7 @@ def main(argv=None) -> int:
     res["target"] = parse_target(hw.target)
     res["int8_intrin"] = tvm_cfg.get("int8_intrin", "auto")
     res["fp32_layout"] = tvm_cfg.get("fp32_layout", "nchw")
+    res["epilogue"] = tvm_cfg.get("epilogue", "nchw")
     res["ratios"] = ratios(inv, hw, args.layers, args.rounds, args.bits)
     res["load_end"] = load()
     print(f"{'workload':58s} {'bits':5s} {'ORT ms':>8s} {'TVM ms':>8s} {'TVM/ORT':>8s}")

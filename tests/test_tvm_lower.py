@@ -214,3 +214,26 @@ def test_fp32_nchwc_conv_matches_ort(name, in_class):
     assert kinds == ["conv2d-fp32-nchwc"] and "R.nn.conv2d(" not in low.script()
     ref = session(onnx_bytes, 1).run(None, feeds)[0]
     np.testing.assert_allclose(_run(low, feeds), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,in_class,act", [((8, 8), "int8", True), ((4, 8), "fp32", False), ((32, 32), "fp32", True)],
+                         ids=["w8a8-in_int8-relu", "w4a8-in_fp32-none", "fp32-relu"])
+def test_nchwc_epilogue_moves_the_requantize_before_one_opaque_transpose(bits, in_class, act):
+    """nchwc_epilogue: astype/scale/bias/relu/quantize run on the packed conv's NCHWc output, one
+    opaque kernel transposes the result back to NCHW; output still equals ORT's."""
+    layer = conv_layer(c=8, o=16, hw=9, act=act)
+    onnx_bytes, feeds = build_unit(layer, bits, in_class, seed=7)
+    mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    low, _ = lower_qdq(mod, int8_intrin="avx2", fp32_nchwc=8, nchwc_epilogue=True)
+    text = low["main"].script()
+    assert "R.permute_dims" not in text and text.count("nchwc8_to_nchw_") == 1
+    out_dtype = "uint8" if bits != (32, 32) else "float32"
+    assert f"nchwc8_to_nchw_{out_dtype}" in text  # the transpose moves the final tensor
+    assert int(low[f"nchwc8_to_nchw_{out_dtype}_1x2x9x9"].attrs["op_pattern"]) == 8
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    out = _run(low, feeds)
+    if out_dtype == "uint8":
+        diff = np.abs(out.astype(np.int32) - ref.astype(np.int32))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)

@@ -180,7 +180,8 @@ def _int_operand(x: Any, zp: np.ndarray | None, dtype: str) -> tuple[Any, str]:
     return relax.op.subtract(relax.op.astype(x, "int16"), z), "int16"
 
 
-def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0) -> tuple[Any, list[str]]:
+def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
+              nchwc_epilogue: bool = False) -> tuple[Any, list[str]]:
     """Rewrite QDQ conv2d/matmul in ``mod['main']`` to int32-accumulating integer ops.
 
     Returns the new module (dead dequantize ops removed) and the kinds of kernels lowered, e.g.
@@ -188,6 +189,9 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0) 
     ``int8_intrin`` = "avx2" / "vnni" enables, see the module doc); an empty list means nothing
     matched (an fp32 unit). ``fp32_nchwc`` = L > 0 also rewrites float convs (C % 4 == 0,
     O % L == 0, groups 1) to :func:`conv2d_nchwc_f32`; their kind is then ``"conv2d-fp32-nchwc"``.
+    ``nchwc_epilogue``: the elementwise ops after a packed conv (requantize, bias, activation, output
+    quantize) run on its NCHWc output and only the result goes back to NCHW, through an opaque
+    transpose kernel (:func:`sink_epilogue`).
     """
     import tvm
     from tvm import relax
@@ -326,7 +330,116 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0) 
     new = tvm.IRModule(funcs, attrs=mod.attrs)
     new = relax.transform.DeadCodeElimination()(new)
     new = relax.transform.FoldConstant()(new)
+    if nchwc_epilogue and prims:
+        new = sink_epilogue(new)
     return new, kinds
+
+
+def nchwc_to_nchw(shape: tuple[int, ...], dtype: str) -> Any:
+    """PrimFunc [N, C/L, H, W, L] -> [N, C, H, W] (``shape`` = the NCHWc shape), marked opaque
+    (``op_pattern`` 8) so that FuseOps keeps the elementwise ops before it out of this loop nest:
+    they run vectorized on the NCHWc tensor, fused into the conv's own kernel."""
+    from tvm import te
+
+    n, cb, h, w, lanes = shape
+    x = te.placeholder(shape, dtype, name="x")
+    y = te.compute((n, cb * lanes, h, w), lambda b, c, yy, xx: x[b, c // lanes, yy, xx, c % lanes], name="T_nchw")
+    return te.create_prim_func([x, y]).with_attr("op_pattern", 8)
+
+
+# elementwise ops moved onto the NCHWc output: (relax op, its constant operands are channel-wise)
+_SINKABLE = ("relax.astype", "relax.multiply", "relax.add", "relax.nn.relu", "relax.quantize")
+
+
+def sink_epilogue(mod: Any) -> Any:
+    """Move the elementwise chain after ``reshape(permute_dims(nchwc, [0, 1, 4, 2, 3]))`` (the way
+    lower_qdq brings a packed conv's output back to NCHW) before the transposition: astype,
+    multiply / add by a scalar or a [1, C, 1, 1] constant, relu, quantize with scalar parameters.
+    The transposition then moves the final (for an int8 layer: uint8, 4x smaller) tensor, in an
+    opaque kernel of its own; the chain fuses into the conv kernel and runs on its output tile.
+    A chain op with another operand (a residual add) ends the chain: it stays after the transpose.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    builder = relax.BlockBuilder(mod)
+    added: dict[str, Any] = {}
+    src = wildcard()
+    perm = is_op("relax.permute_dims")(src)
+    back = is_op("relax.reshape")(perm, wildcard())
+    # chains from the transposition outwards, longest first
+    chains = [("astype", "multiply", "add", "relu", "quantize"), ("astype", "multiply", "add", "quantize"),
+              ("astype", "multiply", "add", "relu"), ("astype", "multiply", "add"), ("astype", "multiply"),
+              ("add", "relu", "quantize"), ("add", "quantize"), ("add", "relu"), ("add",)]
+
+    def pattern(chain: tuple[str, ...]) -> tuple[Any, list[Any], list[Any]]:
+        e, consts, ops = back, [], []
+        for op in chain:
+            if op in ("multiply", "add"):
+                c = is_const()
+                consts.append(c)
+                e = is_op(f"relax.{op}")(e, c)
+            elif op == "relu":
+                e = is_op("relax.nn.relu")(e)
+            elif op == "quantize":
+                c1, c2 = is_const(), is_const()
+                consts += [c1, c2]
+                e = is_op("relax.quantize")(e, c1, c2)
+            else:
+                e = is_op(f"relax.{op}")(e)
+            ops.append(e)
+        return e, consts, ops
+
+    def rewrite(chain: tuple[str, ...], ops: list[Any], consts: list[Any]) -> Any:
+        def fn(expr: Any, m: dict) -> Any:
+            x = m[src]
+            shape = [int(d) for d in x.ty.shape]
+            if len(shape) != 5 or [int(a) for a in m[perm].attrs.axes] != [0, 1, 4, 2, 3]:
+                return expr
+            n, cb, h, w, lanes = shape
+            vals = [_const_np(m[c]) for c in consts]
+            if any(v is None or (v.size not in (1, cb * lanes)) for v in vals):
+                return expr
+            if "quantize" in chain and any(v.size != 1 for v in vals[-2:]):
+                return expr  # per-channel output quantization: leave it in NCHW
+
+            def lay(v: np.ndarray) -> Any:  # a channel-wise constant in the NCHWc layout
+                return relax.const(v.reshape(()) if v.size == 1 else v.reshape(1, cb, 1, 1, lanes))
+
+            e, k = x, 0
+            for call in (m[o] for o in ops):
+                op = call.op.name
+                if op == "relax.astype":
+                    e = relax.op.astype(e, call.attrs.dtype)
+                elif op in ("relax.multiply", "relax.add"):
+                    e = (relax.op.multiply if op == "relax.multiply" else relax.op.add)(e, lay(vals[k]))
+                    k += 1
+                elif op == "relax.nn.relu":
+                    e = relax.op.nn.relu(e)
+                else:  # quantize, scalar scale / zero point
+                    e = relax.op.quantize(e, lay(vals[k]), lay(vals[k + 1]), axis=-1,
+                                          out_dtype=call.attrs.out_dtype)
+                    k += 2
+            dtype = str(expr.ty.dtype)
+            name = f"nchwc{lanes}_to_nchw_{dtype}_{n}x{cb}x{h}x{w}"
+            if name not in added:
+                prim = nchwc_to_nchw((n, cb, h, w, lanes), dtype)
+                added[name] = builder.add_func(prim.with_attr("global_symbol", name), name)
+            return relax.call_tir(added[name], [e], relax.TensorType((n, cb * lanes, h, w), dtype))
+        return fn
+
+    funcs = {}
+    for gv, fn in mod.functions.items():
+        if isinstance(fn, relax.Function):
+            for chain in chains:
+                pat, consts, ops = pattern(chain)
+                fn = rewrite_call(pat, rewrite(chain, ops, consts), fn)
+        funcs[gv] = fn
+    for gv in added.values():
+        funcs[gv] = builder.get()[gv]
+    new = tvm.IRModule(funcs, attrs=mod.attrs)
+    return relax.transform.DeadCodeElimination()(new)
 
 
 def lift_constants(mod: Any) -> tuple[Any, list[np.ndarray], bytes]:

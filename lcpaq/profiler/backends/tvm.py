@@ -117,6 +117,12 @@ class TvmBackend:
         self.fp32_layout = str(tvm_cfg.get("fp32_layout", "nchwc"))
         if self.fp32_layout not in ("nchw", "nchwc"):
             raise ProfileError(f"[tvm] fp32_layout = '{self.fp32_layout}': use nchw or nchwc")
+        # "nchwc": requantize/bias/activation on the packed conv's NCHWc output (fused into the conv
+        # kernel), one opaque transpose of the final tensor back to NCHW (tvm_lower.sink_epilogue);
+        # "nchw": the output is transposed first, the epilogue runs in NCHW (as imported)
+        self.epilogue = str(tvm_cfg.get("epilogue", "nchw"))
+        if self.epilogue not in ("nchw", "nchwc"):
+            raise ProfileError(f"[tvm] epilogue = '{self.epilogue}': use nchw or nchwc")
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
 
@@ -162,7 +168,8 @@ class TvmBackend:
             from tvm.target import codegen
 
             lanes = 16 if codegen.target_has_features("avx512f", self.target()) else 8
-        mod, kinds = lower_qdq(mod, int8_intrin=self._intrin, fp32_nchwc=lanes)
+        mod, kinds = lower_qdq(mod, int8_intrin=self._intrin, fp32_nchwc=lanes,
+                               nchwc_epilogue=self.epilogue == "nchwc")
         kernel = kernel_label(kinds, mod)
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
