@@ -157,126 +157,31 @@ CANDIDATES = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]  # bench_predict.py's
 def predict_bench(hw, model_name: str, table: Path, n_policies: int, rounds: int = 2,
                   kernels: int = 0) -> dict:
     """Predicted (TVM table) vs measured (whole TVM build) on random mixed policies (module doc)."""
-    import copy
-
     import numpy as np
-    import torch
 
-    from lcpaq.deploy.qdq import export_qdq
-    from lcpaq.deploy.runtime import check_outputs, deploy_tvm_onnx
-    from lcpaq.graph import trace
     from lcpaq.models import default_input_shape, get_model
-    from lcpaq.policy import Policy
-    from lcpaq.profiler.backends.ort import time_callable
-    from lcpaq.profiler.fidelity import calibrate_to_references, random_class_policy
-    from lcpaq.profiler.predict import latency_model
-    from lcpaq.quant import apply_policy, quantizable_names
+    from lcpaq.profiler.backends.tvm_check import kernel_profile, whole_vs_table
+    from lcpaq.profiler.fidelity import random_class_policy
+    from lcpaq.quant import quantizable_names
 
-    torch.set_num_threads(1)
-    t_start = time.perf_counter()
     model = get_model(model_name).eval()
     shape = (1, *default_input_shape(model_name)[1:])
     names = quantizable_names(model)
-    lm = latency_model(table, trace(model, shape, name=model_name), CANDIDATES)
-    x = np.random.default_rng(1).standard_normal((8, *shape[1:])).astype(np.float32)
-    be = get_backend("tvm", hw)
-    pols = {"fp32": Policy.uniform(names, 32, 32), "w8a8": Policy.uniform(names, 8, 8)}
-    pols.update({k: random_class_policy(names, np.random.default_rng(k), CANDIDATES) for k in range(n_policies)})
-    deps, build = {}, {}
-    for k, pol in pols.items():  # export, lower, tune what the database lacks, compile (or load the kept build)
-        t0 = time.perf_counter()
-        fq = apply_policy(copy.deepcopy(model), pol, calib_loader=[torch.from_numpy(x)], calib_batches=1).eval()
-        dep = deploy_tvm_onnx(export_qdq(fq, shape, calib_inputs=[x], dynamic_batch=False), x[:1], hw, backend=be)
-        chk = check_outputs(dep, fq, x[:2])
-        deps[k] = dep
-        build[k] = {"s": round(time.perf_counter() - t0, 1), "max_abs_err": chk["max_abs_err"],
-                    "top1_agreement": chk["top1_agreement"], "notes": dep.notes, "load": load()}
-        print(f"built {k}: {build[k]['s']} s, |out - fake-quant| {chk['max_abs_err']:.3g}, load {load()}",
-              flush=True)
-    t_build = time.perf_counter() - t_start
-    small = model_name == "mnist_resnet" or int(np.prod(shape)) < 10_000
+    pols = {k: random_class_policy(names, np.random.default_rng(k), CANDIDATES) for k in range(n_policies)}
+    small = int(np.prod(shape)) < 10_000  # the 0.2 ms embedded model: more calls per sample
     st = MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=1,
                          metric="thread_cpu")
-
-    def timed(k) -> tuple[float, float]:
-        cpu, wall = time_callable(deps[k].call, st)
-        return float(np.median(cpu)), float(np.median(wall))
-
-    load0, t1 = load(), time.perf_counter()
-    ref = {k: min(timed(k) for _ in range(rounds)) for k in ("fp32", "w8a8", "fp32", "w8a8")}  # A B A B
-    rows = []
-    for k in range(n_policies):
-        pol_ms, ref_ms = [], []
-        for _ in range(rounds):  # ref pol ref pol
-            ref_ms.append(timed("w8a8"))
-            pol_ms.append(timed(k))
-        meas, wall = min(pol_ms)
-        rows.append({"policy": k, "measured_ms": meas, "measured_wall_ms": wall, "ref_ms": min(ref_ms)[0],
-                     "fp32_layers": sum(1 for n in names if pols[k][n] == (32, 32)), "layers": len(names)})
-    ref_end = {k: min(timed(k) for _ in range(rounds)) for k in ("fp32", "w8a8")}
-    load1, t_time = load(), time.perf_counter() - t1
-    ref0 = {(32, 32): ref["fp32"][0], (8, 8): ref["w8a8"][0]}
-    cal = calibrate_to_references(lm, ref0)
-    for r in rows:
-        pol = pols[r["policy"]]
-        drift = r["ref_ms"] / ref0[(8, 8)]
-        pred, pred_cal = lm.predict(pol), cal.predict(pol) * drift
-        r.update(predicted_ms=pred, error_pct=100 * (pred / r["measured_ms"] - 1),
-                 error_wall_pct=100 * (pred / r["measured_wall_ms"] - 1), drift=drift,
-                 predicted_calibrated_ms=pred_cal, error_calibrated_pct=100 * (pred_cal / r["measured_ms"] - 1))
-        print(f"#{r['policy']:2d} fp32 {r['fp32_layers']:2d}/{r['layers']} meas {r['measured_ms']:7.3f} "
-              f"(wall {r['measured_wall_ms']:7.3f}) pred {pred:7.3f} err {r['error_pct']:+6.1f}% "
-              f"calibrated {r['error_calibrated_pct']:+6.1f}% drift {drift:.3f}", flush=True)
-
-    def stats(col: str) -> dict:
-        e = [abs(r[col]) for r in rows]
-        return {"median_abs": float(np.median(e)), "max_abs": max(e), "within_5pct": sum(v <= 5 for v in e),
-                "mean": float(np.mean([r[col] for r in rows]))}
-
-    uni = {k: {"measured_ms": ref[k][0], "measured_wall_ms": ref[k][1], "end_ms": ref_end[k][0],
-               "predicted_ms": lm.predict(pols[k])} for k in ("fp32", "w8a8")}
-    out = {"model": model_name, "table": str(table), "policies": n_policies, "rounds": rounds,
-           "settings": {"warmup": st.warmup, "number": st.number, "repeat": st.repeat, "metric": st.metric},
-           "uniform": uni, "raw": stats("error_pct"), "wall": stats("error_wall_pct"),
-           "calibrated": stats("error_calibrated_pct"), "build_s": round(t_build, 1), "timing_s": round(t_time, 1),
-           "load_timing_start": load0, "load_timing_end": load1, "build": build, "rows": rows,
-           "elementwise_trials": be.elementwise_trials, "tuned_tasks": getattr(be._tuner, "tasks_tuned", 0),
-           "tune_s": round(getattr(be._tuner, "tune_s", 0.0), 1)}
+    be = get_backend("tvm", hw)
+    out = whole_vs_table(model, shape, hw, table, pols, rounds=rounds, settings=st, backend=be,
+                         model_name=model_name, log=lambda s: print(s, flush=True))
+    deps = out.pop("deployments")
+    out.update(model=model_name, table=str(table), policies=n_policies, elementwise_trials=be.elementwise_trials,
+               tuned_tasks=getattr(be._tuner, "tasks_tuned", 0), tune_s=round(getattr(be._tuner, "tune_s", 0.0), 1))
     if kernels:
-        out["kernels"] = {str(k): kernel_profile(be, deps[k].artifact, x[:1])
+        x1 = np.random.default_rng(1).standard_normal((8, *shape[1:])).astype(np.float32)[:1]
+        out["kernels"] = {str(k): kernel_profile(be, deps[k].artifact, x1)
                           for k in ["fp32", "w8a8", *range(min(kernels, n_policies))]}
     return out
-
-
-def kernel_profile(be, onnx_bytes: bytes, x1, runs: int = 5) -> dict[str, float]:
-    """Per-kernel thread-CPU us of one inference, by kernel name (median of ``runs``): the Relax
-    VM's instrument hook around every call instruction (a few us of Python per call included)."""
-    import numpy as np
-    import tvm
-    from tvm import relax
-
-    ex, _, params, _ = be.compile(Unit("deploy:whole-model", onnx_bytes, {"x": x1}, {}, (8, 8)))
-    dev = tvm.cpu()
-    vm = relax.VirtualMachine(ex, dev)
-    args = be._args(Unit("p", onnx_bytes, {"x": x1}), params, dev)
-    tot: dict[str, float] = {}
-    start: dict[str, int] = {}
-
-    def instrument(func, name, before, ret, *a):  # noqa: ARG001 - the VM's callback signature
-        if before:
-            start[str(name)] = time.thread_time_ns()
-        else:
-            tot[str(name)] = tot.get(str(name), 0.0) + (time.thread_time_ns() - start.pop(str(name))) / 1e3
-        return 0
-
-    vm.set_instrument(instrument)
-    per: dict[str, list[float]] = {}
-    for _ in range(runs + 1):
-        tot.clear()
-        vm["main"](*args)
-        for k, v in tot.items():
-            per.setdefault(k, []).append(v)
-    return {k: float(np.median(v[1:])) for k, v in sorted(per.items(), key=lambda kv: -np.median(kv[1][1:]))}
 
 
 def main(argv=None) -> int:
