@@ -89,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                          "times of uniform + single-flip + --train random policies (fidelity.profile_whole)")
     ap.add_argument("--compare-tables", action="store_true",
                     help="only re-score saved results with the per-layer tables in latency_tables/host-cpu-ort")
+    ap.add_argument("--backend", choices=["ort", "tvm"], default="ort",
+                    help="tvm: the first of --models built whole by TVM vs its TVM table, same policy generator "
+                         "(benchmarks/bench_tvm.py --predict; run under flock /tmp/lcpaq-bench.lock)")
     args = ap.parse_args(argv)
+    if args.backend == "tvm":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_tvm
+
+        return bench_tvm.main(["--predict", str(args.policies), "--model", args.models.split(",")[0]])
     if args.compare_tables:
         return compare_tables(args)
     if args.method == "whole":
