@@ -164,11 +164,15 @@ def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: An
     cache: dict[tuple, Trial] = {}
     for r, n in enumerate(sizes):
         scored = []
+        # the rung's new (policy, calibration) pairs in one call: knobs that lead to the same
+        # policy share the measurement, and an evaluator with evaluate_many scores them together
+        todo = list(dict.fromkeys((pol, k.calib_method) for k, pol in alive if (pol, k.calib_method, n) not in cache))
+        many = getattr(evaluator, "evaluate_many", None)
+        got = many(todo, n=n) if many is not None else [evaluator.evaluate(p, calib_method=c, n=n) for p, c in todo]
+        for (pol, cm), s in zip(todo, got, strict=True):
+            cache[(pol, cm, n)] = Trial(Knobs(), pol, {m: s.get(m) for m in PROXY_METRICS}, n, s.seconds)
         for k, pol in alive:
             key = (pol, k.calib_method, n)
-            if key not in cache:  # knobs that lead to the same policy share the measurement
-                s = evaluator.evaluate(pol, calib_method=k.calib_method, n=n)
-                cache[key] = Trial(k, pol, {m: s.get(m) for m in PROXY_METRICS}, n, s.seconds)
             tr = Trial(k, pol, cache[key].scores, n, cache[key].seconds)
             done[k] = tr
             scored.append(tr)
@@ -191,14 +195,17 @@ def proxy_scores(evaluator: Any, make: PolicyMaker, configs: Iterable[Knobs]) ->
     """Every config scored on all proxy samples (for rank correlation against the full baseline)."""
     from lcpaq.proxy.evaluate import PROXY_METRICS
 
-    out = {}
+    pols = {}
     for k in configs:
         try:
-            s = evaluator.evaluate(make(k), calib_method=k.calib_method)
+            pols[k] = (make(k), k.calib_method)
         except (InfeasibleBudgetError, SolverError):
             continue
-        out[k] = {m: s.get(m) for m in PROXY_METRICS}
-    return out
+    todo = list(dict.fromkeys(pols.values()))
+    many = getattr(evaluator, "evaluate_many", None)
+    got = dict(zip(todo, many(todo) if many is not None else [evaluator.evaluate(p, calib_method=c) for p, c in todo],
+                   strict=True))
+    return {k: {m: got[pc].get(m) for m in PROXY_METRICS} for k, pc in pols.items()}
 
 
 def full_score(model: Any, policy: Policy, knobs: Knobs, train_loader: Any, val_loader: Any, *,
