@@ -235,3 +235,85 @@ def test_evaluator_keeps_its_own_weights(tiny_setup):
     after = ev.evaluate(pol)
     assert (before.margin, before.kl, before.acc) == (after.margin, after.kl, after.acc)
     assert not any(p.requires_grad for p in ev.model.parameters())
+
+
+def _bn_randomized(seed: int = 0) -> torch.nn.Module:
+    """TinyResNet with trained-looking BatchNorm statistics (default ones fold to ~identity)."""
+    torch.manual_seed(seed)
+    m = TinyResNet().eval()
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            c = mod.num_features
+            mod.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
+            mod.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            mod.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            mod.bias.data.copy_(torch.rand(c, generator=g) * 2 - 1)
+    return m
+
+
+def test_bn_folded_into_frozen_convs_keeps_the_function(tiny_setup):
+    """With the inventory, each BN whose conv feeds only it is folded into that conv's frozen twins
+    (and skipped): no BatchNorm runs per policy, and logits and scores match the unfolded
+    evaluator's to float rounding, also for a folded conv kept at fp32 in the policy."""
+    _, _, _, base = tiny_setup
+    m = _bn_randomized()
+    inv = trace(m, TinyResNet.input_shape)
+    folded = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32", inventory=inv)
+    plain = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32")
+    assert folded._bn_pairs == {"stem": "bn0", "conv1": "bn1", "conv2": "bn2"} and not plain._bn_pairs
+    for pol in (Policy.uniform(inv.names, 4, 8), Policy({"stem": (2, 8), "conv1": (32, 32), "conv2": (8, 4),
+                                                         "proj": (4, 8), "fc": (8, 8)})):
+        for method in ("minmax", "percentile"):
+            qf, qp = folded.quantized(pol, calib_method=method), plain.quantized(pol, calib_method=method)
+            assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in qf.modules())
+            with torch.no_grad():
+                a, b = qf(base.x), qp(base.x)
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+            sf, sp = folded.evaluate(pol, calib_method=method), plain.evaluate(pol, calib_method=method)
+            assert sf.margin == pytest.approx(sp.margin, abs=1e-3) and sf.kl == pytest.approx(sp.kl, abs=1e-4)
+            assert abs(sf.acc - sp.acc) <= 100.0 / len(base.y)
+
+
+class _ReusedConvOutput(torch.nn.Module):
+    """conv -> BN, but the conv's raw output is also added back: folding BN would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = torch.relu(self.bn(y) + y)
+        return self.fc(z.mean((2, 3)))
+
+
+def test_bn_not_folded_when_the_conv_output_is_used_elsewhere(tiny_setup):
+    _, _, _, base = tiny_setup
+    torch.manual_seed(0)
+    m = _ReusedConvOutput().eval()
+    m.bn.running_var.fill_(4.0)
+    inv = trace(m, TinyResNet.input_shape)
+    ev = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32", inventory=inv)
+    assert not ev._bn_pairs
+    pol = Policy.uniform(inv.names, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(ev.quantized(pol)(base.x), ProxyEvaluator(m, base.x, base.y, calib_samples=32,
+                                                                      calibration="fp32").quantized(pol)(base.x))
+
+
+def test_evaluate_many_matches_evaluate(tiny_setup):
+    """evaluate_many scores each distinct pair once, in the caller's order, as evaluate does."""
+    m, inv, _, base = tiny_setup
+    ev = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32",
+                        inventory=trace(m, TinyResNet.input_shape))
+    items = [(Policy.uniform(inv.names, w, a), cm) for w, a, cm in
+             [(4, 8, "mse"), (2, 8, "minmax"), (8, 4, "percentile"), (4, 8, "mse")]]
+    many = ev.evaluate_many(items, n=40)
+    ev.clear_cache(layers=True)
+    one = [ev.evaluate(p, calib_method=cm, n=40) for p, cm in items]
+    assert [(s.margin, s.kl, s.acc, s.n) for s in many] == [(s.margin, s.kl, s.acc, s.n) for s in one]
+    assert many[0] is many[3] and many[0].margin != many[1].margin
+    assert ev.evaluate_many([]) == []

@@ -124,7 +124,7 @@ def tune(
         raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
     sub = proxy_subset(get_dataset(data, "train"), fraction=proxy_fraction, seed=seed)
-    ev = ProxyEvaluator(m, *sub.tensors(), calibration=proxy_calibration, weights=proxy_weights)
+    ev = ProxyEvaluator(m, *sub.tensors(), calibration=proxy_calibration, weights=proxy_weights, inventory=inv)
     with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
         task = prog.add_task("tune", total=None, last="")
