@@ -129,7 +129,7 @@ def test_cli_tune_and_finetune_bad_input_exit_2(tmp_path):
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
 def test_act_qparams_matches_act_quantizer(method):
     """The evaluator's one-shot range rule gives ActQuantizer's (scale, zero point), bit for bit."""
-    from lcpaq.proxy.evaluate import act_qparams
+    from lcpaq.proxy.ranges import act_qparams
     from lcpaq.quant import ActQuantizer
 
     g = torch.Generator().manual_seed(1)
@@ -173,7 +173,7 @@ def test_refit_weights_cut_the_layer_output_error(tiny_setup):
     """weights="refit" picks per-channel clipping by the layer's (diagonal) output error: summed over
     the layers, the real output error falls, strongly at 2 bits; needs fp32 calibration."""
     from lcpaq.errors import ConfigError
-    from lcpaq.proxy.evaluate import refit_weight
+    from lcpaq.proxy.ranges import refit_weight
     from lcpaq.quant.quantizers import fake_quant_weight
 
     m, inv, _, base = tiny_setup
