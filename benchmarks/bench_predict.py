@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("const", "count", "size", "both", "edge", "weights", "count+weights", "both+weights")
 
 
 
@@ -327,6 +328,12 @@ def bench_blocks(args: argparse.Namespace) -> int:
         if args.rescore:
             for threads in threads_list:
                 table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
+                if not table.plan.weight_numel:  # tables saved before the fp32-weight feature
+                    import dataclasses
+
+                    mods = dict(get_model(model_name).named_modules())
+                    table.plan = dataclasses.replace(
+                        table.plan, weight_numel={n: int(mods[n].weight.numel()) for n in table.plan.layers})
                 old = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").read_text())
                 tests = [(r["policy"], random_class_policy(table.plan.layers, np.random.default_rng(r["policy"]),
                                                            cands), {"ms": r["measured_ms"], "ref_ms": r["ref_ms"]},
@@ -411,8 +418,8 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
     plan = table.plan
     ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
     variants = {v: fit_block_model(table, cands, features=v)
-                for v in ("auto", "const", "count", "size", "both", "edge")}
-    variants["nopairs"] = fit_block_model(table, cands, pairs=False)
+                for v in ("auto", *VARIANTS)}
+    variants["pairs"] = fit_block_model(table, cands, pairs=True)
     # drift of the machine since the table: the test references' running median (smooth_drift),
     # relative to the training references' median; per-policy and no rescaling are reported beside it
     test_refs = [r["ref_ms"] for _, _, r, _ in tests]
@@ -443,7 +450,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
               f"{drift:.3f} mismatch {len(mismatch)}", flush=True)
     errs = [abs(r["error_pct"]) for r in rows]
     lm = variants["auto"]
-    names = ("uncorrected", "pairs_uncorrected", "additive", "row_drift", "no_drift", "const", "count", "size", "both", "edge", "nopairs")
+    names = ("uncorrected", "pairs_uncorrected", "additive", "row_drift", "no_drift", *VARIANTS, "pairs")
     summ = {"method": "blocks", "threads": str(threads), "model": model_name, "policies": len(rows),
             "blocks": len(plan.blocks), "whole_rows": len(table.whole), "correction": lm.meta["correction_features"],
             "correction_coef": lm.meta["correction"], "fit_rms_rel": lm.meta["fit_rms_rel"],
@@ -470,7 +477,6 @@ def retest_blocks(args: argparse.Namespace) -> int:
     from lcpaq.policy import Policy
     from lcpaq.profiler.blocks import BlockTable, OrtTimer, fit_block_model, smooth_drift
     from lcpaq.profiler.fidelity import random_class_policy
-    from lcpaq.profiler.onnx_export import export_qdq
 
     cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
     for model_name in args.models.split(","):
@@ -481,8 +487,9 @@ def retest_blocks(args: argparse.Namespace) -> int:
             x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
             pols = [random_class_policy(table.plan.layers, np.random.default_rng(r["policy"]), cands)
                     for r in saved["rows"]]
-            blobs = [export_qdq(model, p, shape, calib=[x], unshare=True) for p in pols]
-            ref_b = export_qdq(model, Policy.uniform(table.plan.layers, 8, 8), shape, calib=[x], unshare=True)
+            cache = Path(args.cache) if args.cache else None
+            blobs = [_cached_export(cache, model_name, model, p, shape, x) for p in pols]
+            ref_b = _cached_export(cache, model_name, model, Policy.uniform(table.plan.layers, 8, 8), shape, x)
             with _bench_lock():
                 load0 = os.getloadavg()
                 timer = OrtTimer(_settings(model_name, threads), x)

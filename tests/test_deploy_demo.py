@@ -55,3 +55,28 @@ def test_block_units_cut_from_the_deployed_graph_run_on_real_inputs():
         assert all(v.size > 0 and v.shape[0] == 1 for v in u.feeds.values()), u.layer
         out = ort.InferenceSession(u.onnx, providers=["CPUExecutionProvider"]).run(None, dict(u.feeds))
         assert all(o.size > 0 for o in out)
+
+
+def test_demo_quick_on_ort_predicts_with_the_block_model(tmp_path):
+    """`lcpaq demo --quick --backend ort`: the block table covers every block context of the embedded
+    model, its units are real work (not empty graphs), and the chosen policy's *full* block
+    prediction (groups included, which the ILP does not see) meets the latency budget."""
+    from lcpaq.profiler.blocks import BlockTable
+
+    out = tmp_path / "report"
+    assert main(["demo", "--quick", "--backend", "ort", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["backend"] == "ort" and "block" in s["stages"]["profile"]
+    t = BlockTable.load(out / "latency_blocks.json")
+    for b, ctx in t.plan.context.items():
+        assert len(t.keys[b]) == 2 ** len(ctx), b
+    assert len(t.whole) == 24
+    w8 = next(r for r in s["rows"] if r["policy"] == "W8A8")
+    # whole - sum(blocks) is a small correction, not the model: the units carry the work
+    from lcpaq.policy import Policy
+
+    blocks = sum(t.block_ms(Policy.uniform(t.plan.layers, 8, 8)).values())
+    assert blocks > 0.5 * w8["measured_ms"]
+    mixed = s["rows"][2]
+    assert mixed["predicted_ms"] <= s["budgets"]["max_latency_ms"] * (1 + 1e-6)
+    assert not any(r["in_sample"] for r in s["rows"])

@@ -93,7 +93,8 @@ def test_pair_costs_recover_each_boundary_joint_cost_and_the_model_predicts_whol
     coef, rms, _ = fit_correction(t, features="const", extra=list(costs.values()))
     assert rms < 1e-12 and coef[0] == pytest.approx(0.05)
     assert fit_correction(t, features="const")[1] > 1e-3
-    lm = fit_block_model(t, CANDS)
+    assert fit_block_model(t, CANDS).meta["pair_groups"] == 0  # off by default (no gain measured)
+    lm = fit_block_model(t, CANDS, pairs=True)
     assert lm.meta["pair_groups"] == 4
     for row in t.whole:
         pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
@@ -139,7 +140,8 @@ def test_profile_blocks_with_pairs_times_each_boundary_as_one_unit_on_ort():
     torch.manual_seed(0)
     net, shape = _Net().eval(), (1, 3, 8, 8)
     st = MeasureSettings(warmup=1, number=1, repeat=3)
-    table, lm = profile_blocks(net, shape, CANDS, settings=st, n_whole=4, pairs=True)
+    table, _ = profile_blocks(net, shape, CANDS, settings=st, n_whole=4, pairs=True)
+    lm = fit_block_model(table, CANDS, pairs=True)
     assert set(table.pairs) == {f"{a}+{b}" for a, b in boundaries(table.plan)}
     n_pol = len(table.keys["layer.0"])  # every designed policy adds one row per boundary
     assert all(len(v) >= n_pol for v in table.pairs.values())

@@ -393,8 +393,14 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
                   f"{r['predicted_ms']:.4f}", f"{r['measured_ms']:.4f}",
                   f"{r['error_pct']:+.1f}" + (" (ref)" if r["in_sample"] else ""), f"{r['raw_table_predicted_ms']:.4f}")
     console.print(t)
-    console.print("predicted = table calibrated to fp32/W8A8 whole-model references measured earlier in this run "
-                  "(ref rows: re-measured references; mixed: out of sample); raw table ms = uncalibrated sum of units")
+    if s["backend"] == "ort":
+        console.print("predicted = block model (every block timed in its context + isolation correction fitted on "
+                      "whole-model times of the designed policies, measured earlier in this run); every row out of "
+                      "sample; raw table ms = the same model")
+    else:
+        console.print("predicted = table calibrated to fp32/W8A8 whole-model references measured earlier in this run "
+                      "(ref rows: re-measured references; mixed: out of sample); raw table ms = uncalibrated sum of "
+                      "units")
     oc = s["onnx_check"]
     console.print(f"chosen: {' '.join(f'{k}={v}' for k, v in s['chosen_policy'].items())}")
     console.print(f"ONNX QDQ vs fake-quant: max abs err {oc['max_abs_err']:.3g}, top-1 agreement "

@@ -69,6 +69,7 @@ class BlockPlan:
     context: Mapping[str, tuple[str, ...]]  # block -> members + outside layers sharing a tensor
     edges: tuple[tuple[str, str], ...] = ()  # (producer layer, consumer layer) across blocks
     edge_numel: Mapping[str, int] = field(default_factory=dict)  # producer layer -> output elements
+    weight_numel: Mapping[str, int] = field(default_factory=dict)  # layer -> weight elements
 
     @property
     def blocks(self) -> tuple[str, ...]:
@@ -82,13 +83,15 @@ class BlockPlan:
         return {"layers": list(self.layers), "groups": dict(self.groups),
                 "members": {k: list(v) for k, v in self.members.items()},
                 "context": {k: list(v) for k, v in self.context.items()},
-                "edges": [list(e) for e in self.edges], "edge_numel": dict(self.edge_numel)}
+                "edges": [list(e) for e in self.edges], "edge_numel": dict(self.edge_numel),
+                "weight_numel": dict(self.weight_numel)}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> BlockPlan:
         return BlockPlan(tuple(d["layers"]), dict(d["groups"]), {k: tuple(v) for k, v in d["members"].items()},
                          {k: tuple(v) for k, v in d["context"].items()}, tuple(tuple(e) for e in d["edges"]),
-                         {k: int(v) for k, v in d.get("edge_numel", {}).items()})
+                         {k: int(v) for k, v in d.get("edge_numel", {}).items()},
+                         {k: int(v) for k, v in d.get("weight_numel", {}).items()})
 
 
 def profiler_export(model: Any, policy: Policy, input_shape: tuple[int, ...], calib: Any) -> bytes:
@@ -143,8 +146,10 @@ def block_plan(model: Any, input_shape: tuple[int, ...], *, calib: Any = None,
     order = {n: i for i, n in enumerate(names)}
     context = {b: tuple(members[b]) + tuple(sorted((n for n in c if n not in members[b]), key=order.get))
                for b, c in ctx.items()}
+    mods = dict(model.named_modules())
     return BlockPlan(tuple(names), groups, {b: tuple(m) for b, m in members.items()}, context,
-                     tuple(sorted(edges, key=lambda e: (order[e[0]], order[e[1]]))), numel)
+                     tuple(sorted(edges, key=lambda e: (order[e[0]], order[e[1]]))), numel,
+                     {n: int(mods[n].weight.numel()) for n in names})
 
 
 def design_policies(plan: BlockPlan, candidates: Sequence[BitPair], rng: np.random.Generator) -> list[Policy]:
@@ -261,19 +266,31 @@ EDGE_PAIRS = ("ff", "ii", "fi")  # per cross edge; "if" is the baseline (the fou
 RIDGE = 1.0  # ms^2 per coefficient^2, only for the per-edge variant (3 x edges coefficients)
 
 
+WEIGHT_SCALE = 1e-6  # fp32 weight elements -> millions
+
+
 def correction_features(plan: BlockPlan, policy: Policy) -> np.ndarray:
-    """:func:`edge_features` (4) followed by one indicator per cross edge and class pair (3 x edges)."""
+    """:func:`edge_features` (4), one indicator per cross edge and class pair (3 x edges), then the
+    fp32 layers' weight elements (millions; int8 weights are the baseline). A unit timed alone in a
+    loop keeps its weights in cache; in the whole model they are fetched again on every call, 4 bytes
+    per element for fp32 (mobilenet_v2: 3.4 M fp32 weights = 14 MB against a 1 MB L2)."""
     per_edge = np.zeros(len(EDGE_PAIRS) * len(plan.edges))
     for j, (p, c) in enumerate(plan.edges):
         pair = precision_class(policy[p])[0] + precision_class(policy[c])[0]
         if pair in EDGE_PAIRS:
             per_edge[len(EDGE_PAIRS) * j + EDGE_PAIRS.index(pair)] = 1.0
-    return np.r_[edge_features(plan, policy), per_edge]
+    fw = sum(plan.weight_numel.get(n, 0) for n in plan.layers if precision_class(policy[n]) == "fp32")
+    return np.r_[edge_features(plan, policy), per_edge, fw * WEIGHT_SCALE]
 
 
 def _variants(plan: BlockPlan) -> dict[str, list[int]]:
-    edge = list(range(4, 4 + len(EDGE_PAIRS) * len(plan.edges)))
-    return {"const": [], "count": [0, 1], "size": [2, 3], "both": [0, 1, 2, 3], "edge": edge}
+    n_edge = len(EDGE_PAIRS) * len(plan.edges)
+    edge = list(range(4, 4 + n_edge))
+    out = {"const": [], "count": [0, 1], "size": [2, 3], "both": [0, 1, 2, 3], "edge": edge}
+    if plan.weight_numel:
+        w = 4 + n_edge
+        out.update({"weights": [w], "count+weights": [0, 1, w], "both+weights": [0, 1, 2, 3, w]})
+    return out
 
 
 def _solve(X: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
@@ -342,7 +359,7 @@ def fit_correction(table: BlockTable, *, features: str = "auto", extra: Sequence
 
         raise ConfigError(f"unknown correction features {features!r}; use one of auto, {', '.join(variants)}")
     sel = variants[features]
-    full = np.zeros(1 + 4 + len(EDGE_PAIRS) * len(table.plan.edges))
+    full = np.zeros(1 + 4 + len(EDGE_PAIRS) * len(table.plan.edges) + 1)
     if not table.whole:
         return full, float("nan"), features
     X, y, tot = _correction_data(table, sel, extra)
@@ -355,7 +372,7 @@ def fit_correction(table: BlockTable, *, features: str = "auto", extra: Sequence
 
 
 def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, features: str = "auto",
-                    pairs: bool = True) -> LatencyModel:
+                    pairs: bool = False) -> LatencyModel:
     """LatencyModel that reproduces the measured block tables exactly, split for the search:
 
     * unary + pairwise: each block's table projected by least squares onto its layers' classes and
@@ -363,7 +380,9 @@ def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, feature
     * groups: what that projection misses (the block's sub-additive part), per context,
     * constant + pairwise on cross-block edges: the isolation correction fitted on whole models.
     * groups 'pair:a+b' (when the table holds pair rows and ``pairs``): each boundary's joint cost
-      (:mod:`lcpaq.profiler.pairs`), before the correction is fitted.
+      (:mod:`lcpaq.profiler.pairs`), before the correction is fitted. Off by default: on
+      mobilenet_v2 (session 6) the pairs cost what their two blocks cost (sum of J ~ 0) and the
+      held-out error did not improve.
     ``predict`` = projection + residual + pairs + correction = sum of measured blocks + pairs + correction."""
     from lcpaq.profiler.pairs import pair_costs
 
@@ -407,6 +426,10 @@ def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, feature
         for j, k in enumerate(EDGE_PAIRS):
             by_class[k] = by_class.get(k, 0.0) + coef[5 + len(EDGE_PAIRS) * e + j]
         add_pair(p, c, by_class=by_class)
+    for n in plan.layers:  # the fp32 weight term is per layer: additive, the search sees it
+        for p in candidates:
+            if precision_class(p) == "fp32":
+                unary[n][tuple(p)] += coef[-1] * plan.weight_numel.get(n, 0) * WEIGHT_SCALE
     return LatencyModel(unary, pairwise, float(coef[0]), groups=tuple(groups),  # type: ignore[arg-type]
                         meta={"source": "lcpaq.profiler.blocks.fit_block_model", "correction": coef.tolist(),
                               "correction_features": features, "fit_rms_rel": rms,
