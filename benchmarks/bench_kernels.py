@@ -13,9 +13,13 @@ linear shapes. Contestants (activation quantization excluded everywhere, outputs
 End to end: torchvision resnet18 (random weights, BN folded into convs for both sides) in a mixed
 policy on lcpaq kernels vs the same fp32 model in torch.
 Rounds are interleaved (A B C ... A B C ...); per contestant the fastest round's median and the
-spread (slowest/fastest round median - 1) are reported. Writes CSV + JSON in benchmarks/results/.
+spread (slowest/fastest round median - 1) are reported. Then the issue's goals per shape, for the
+CPU's best kernels (ISA named) and the forced AVX2 ones side by side; two batch-1 (GEMV) linear
+shapes are reported beside them (W4's memory advantage), not counted. Writes CSV + JSON in
+benchmarks/results/ (a run with --quick, --shapes or --no-e2e writes bench_kernels_quick.*).
 
     .venv/bin/python benchmarks/bench_kernels.py [--rounds 5] [--threads 1,2] [--quick]
+        [--shapes r18.conv1-7x7,linear-fc-b1] [--no-e2e]
 """
 
 from __future__ import annotations
@@ -42,7 +46,17 @@ SHAPES = [  # name, M, N, K
     ("r18.layer4-3x3", 49, 512, 4608),
     ("linear-fc-b64", 64, 1000, 512),
     ("linear-768x3072-b128", 128, 3072, 768),
+    # batch 1 (GEMV): the weights are read once per call, so 4-bit weights halve the memory
+    # traffic; reported beside the goals, not part of the issue's shape set
+    ("linear-fc-b1", 1, 1000, 512),
+    ("linear-768x3072-b1", 1, 3072, 768),
 ]
+GEMV = {"linear-fc-b1", "linear-768x3072-b1"}
+# issue 7's per-shape goals: (label, numerator, denominator, at least); ratio = den ms / num ms.
+# "{isa}" is "" for the CPU's best kernels and "-avx2" for the forced AVX2 ones.
+GOALS = [("W4A8/fp32", "lcpaq-w4a8{isa}", "torch-fp32", 3.0),
+         ("W4A8/W8A8", "lcpaq-w4a8{isa}", "lcpaq-w8a8{isa}", 1.6),
+         ("W8A8/ORT-u8u8", "lcpaq-w8a8{isa}", "ort-mmi-u8u8", 1.2)]
 
 
 def _ort_session(model, threads: int):
@@ -143,6 +157,35 @@ def _forced_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def goal_table(rows: list[dict], isa: str) -> tuple[str, dict]:
+    """Per thread count and shape, each goal's ratio for the CPU's best kernels (named by `isa`)
+    and, where that is more than AVX2, for the forced AVX2 kernels, side by side; then how many
+    of the issue's shapes (GEMV rows excluded) meet each goal."""
+    ms = {(r["threads"], r["shape"], r["contestant"]): r["median_ms"] for r in rows}
+    paths = [("", isa)] + ([("-avx2", "avx2")] if isa != "avx2" else [])
+    head = ["threads", "shape"] + [f"{lab} [{name}] (>= {lim})" for sfx, name in paths
+                                   for lab, _, _, lim in GOALS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    met: dict[str, list[int]] = {}
+    for t, shape in dict.fromkeys((r["threads"], r["shape"]) for r in rows):
+        cells = [str(t), shape + (" (GEMV)" if shape in GEMV else "")]
+        for sfx, name in paths:
+            for lab, num, den, lim in GOALS:
+                a, b = ms.get((t, shape, num.format(isa=sfx))), ms.get((t, shape, den.format(isa=sfx)))
+                if a is None or b is None:
+                    cells.append("-")
+                    continue
+                ratio = b / a
+                cells.append(f"{ratio:.2f}" + ("" if ratio >= lim else " (miss)"))
+                if shape not in GEMV:
+                    key = f"t{t} {lab} [{name}]"
+                    met.setdefault(key, [0, 0])
+                    met[key][0] += ratio >= lim
+                    met[key][1] += 1
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), {k: f"{v[0]} of {v[1]}" for k, v in met.items()}
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int, threads: int
                 ) -> dict[str, dict[str, float]]:
     torch.set_num_threads(threads)
@@ -213,11 +256,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--quick", action="store_true", help="two GEMM shapes, no end-to-end")
+    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the resnet18 end-to-end run")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     print("lcpaq kernels:", status(), "ISA:", cpu_isa())
     rows = []
     shapes = SHAPES[1:3] if args.quick else SHAPES
+    if args.shapes:
+        want = args.shapes.split(",")
+        unknown = set(want) - {s[0] for s in SHAPES}
+        if unknown:
+            ap.error(f"unknown shapes {sorted(unknown)}; choose from {[s[0] for s in SHAPES]}")
+        shapes = [s for s in SHAPES if s[0] in want]
     loadavg: dict[str, list[float]] = {}
     for t in threads:
         loadavg[f"gemm_t{t}_start"] = [round(v, 2) for v in os.getloadavg()]
@@ -232,7 +283,7 @@ def main() -> None:
             print(f"[t={t}] {name:22s} " + "  ".join(
                 f"{c}={2 * m * n * k / r['ms'] / 1e6:.0f}" for c, r in res.items()))
     e2e = []
-    if not args.quick:
+    if not (args.quick or args.no_e2e):
         with torch.inference_mode():
             fp32, intm, pol = _resnet18_pair("mixed")
             x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
@@ -260,13 +311,21 @@ def main() -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    tag = "bench_kernels" + ("_quick" if args.quick else "")
+    partial = args.quick or args.shapes or args.no_e2e
+    tag = "bench_kernels" + ("_quick" if partial else "")
     df.to_csv(RESULTS / f"{tag}.csv", index=False)
     table = df.pivot_table(index=["threads", "shape"], columns="contestant", values="gops")
     print("\nGOP/s (higher is better):\n" + table.round(0).to_string())
+    goals_md, goals_met = goal_table(rows, cpu_isa())
+    print("\nGoals (ratios of fastest-round medians; '(miss)' below the goal):\n" + goals_md)
+    print("shapes meeting each goal (GEMV rows excluded):", goals_met)
+    for row in e2e:
+        print(f"[t={row['threads']}] resnet18 e2e vs fp32 (>= 2.5): {cpu_isa()} {row['speedup']:.2f}"
+              + (f", avx2 {row['speedup_avx2']:.2f}" if "speedup_avx2" in row else ""))
     print("load average:", loadavg, "end", os.getloadavg())
     meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
             "kernels": str(status()), "isa": cpu_isa(), "gemm": rows, "resnet18_e2e": e2e,
+            "goals_met": goals_met,
             "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded; convert fuses ReLU + "
                       "the next conv's uint8 quantization into the epilogue)",
             "loadavg": loadavg | {"end": [round(v, 2) for v in os.getloadavg()]},

@@ -25,7 +25,7 @@ BITS = [pytest.param(b, id=f"w{b}") for b in (8, 7, 4, 2)]
 # "avxvnni" the ymm vpdpbusd one (AVX2 where the CPU lacks AVX-VNNI)
 ISAS = ["best", "avx2", "avxvnni"]
 XDT = [pytest.param(torch.uint8, id="u8"), pytest.param(torch.int8, id="s8")]
-SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(1, 1, 1), (7, 13, 37), (13, 1000, 100), (50, 33, 777), (400, 20, 70)]]
+SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(1, 1, 1), (7, 13, 37), (13, 1000, 100), (50, 33, 777), (400, 20, 70), (2000, 20, 37)]]
 
 
 def _rand_w(n: int, k: int, bits: int, g: torch.Generator) -> torch.Tensor:
@@ -159,15 +159,63 @@ def test_forced_isa_is_exact(bits: int, xdt: torch.dtype, isa: str, threads: int
                              monkeypatch: pytest.MonkeyPatch) -> None:
     """LCPAQ_KERNELS_ISA=scalar|avx2|avxvnni runs the lower paths (the default one is the best the CPU
     has): each exact, so all paths agree bit for bit. 50 rows x 40 channels: an odd panel count
-    (the VNNI kernel's single-panel tile) and a partial row tile."""
+    (the VNNI kernel's single-panel tile) and a partial row tile; 2000 rows x 37: row blocks
+    read in place (uint8, K not a multiple of 4: each row's last step reads into the next)."""
     g = torch.Generator().manual_seed(3)
-    x, q = _rand_x((50, 300), xdt, g), _rand_w(40, 300, bits, g)
-    blob = pack_weight(q, bits)
-    best = qgemm_i32(x, blob, bits, 40)
-    monkeypatch.setenv("LCPAQ_KERNELS_ISA", isa)
-    got = qgemm_i32(x, blob, bits, 40)
-    assert torch.equal(got.long(), x.long() @ q.T)
-    assert torch.equal(got, best)
+    for m, n, k in [(50, 40, 300), (2000, 20, 37)]:
+        x, q = _rand_x((m, k), xdt, g), _rand_w(n, k, bits, g)
+        blob = pack_weight(q, bits)
+        monkeypatch.delenv("LCPAQ_KERNELS_ISA", raising=False)
+        best = qgemm_i32(x, blob, bits, n)
+        monkeypatch.setenv("LCPAQ_KERNELS_ISA", isa)
+        got = qgemm_i32(x, blob, bits, n)
+        assert torch.equal(got.long(), x.long() @ q.T)
+        assert torch.equal(got, best)
+
+
+# convs that take the direct path (one group, unit column dilation, KW * C <= 64): the 7x7/s2
+# stem with odd sizes and an odd panel count, a 1-channel 5x5 with row dilation 2, a 3x3 with
+# unequal strides and paddings
+DIRECT = [
+    pytest.param(dict(c=3, co=40, h=23, w=18, k=(7, 7), s=(2, 2), p=(3, 3), d=(1, 1)), id="stem"),
+    pytest.param(dict(c=1, co=16, h=9, w=13, k=(5, 5), s=(1, 1), p=(2, 2), d=(2, 1)), id="c1-5x5-dh2"),
+    pytest.param(dict(c=5, co=7, h=8, w=11, k=(3, 3), s=(1, 2), p=(0, 1), d=(1, 1)), id="3x3-s12"),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("xdt", XDT)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("isa", ["best", "avx2", "avxvnni", "scalar"])
+def test_direct_conv_exact(bits: int, xdt: torch.dtype, isa: str, threads: int,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct conv (short kernel rows, the stem) equals the int64 reference and the im2col
+    path (LCPAQ_KERNELS_DIRECT=0) bit for bit on every ISA, also at full-range activations
+    against the extreme weights (the int16 partial sums of the AVX2 W4/W2 kernels)."""
+    if isa != "best":
+        monkeypatch.setenv("LCPAQ_KERNELS_ISA", isa)
+    g = torch.Generator().manual_seed(bits)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for i, param in enumerate(DIRECT + [DIRECT[0]]):
+        cfg = param.values[0]
+        x = _rand_x((2, cfg["c"], cfg["h"], cfg["w"]), xdt, g)
+        wshape = [cfg["co"], cfg["c"], *cfg["k"]]
+        q = torch.randint(lo, hi + 1, wshape, generator=g)
+        if i == len(DIRECT):  # extremes: x at its maximum magnitude, weights at lo (one channel hi)
+            x.fill_(255 if xdt == torch.uint8 else -128)
+            q.fill_(lo)
+            q[1] = hi
+        blob = pack_conv_weight(q, bits, 1)
+        ws, bias = torch.rand(cfg["co"], generator=g) * 0.02, torch.randn(cfg["co"], generator=g)
+        zx = 100 if xdt == torch.uint8 else 5
+        for osc, ozp, relu in [(0.0, 0, False), (0.3, 7, True)]:
+            args = (x, blob, bits, wshape, list(cfg["s"]), list(cfg["p"]), list(cfg["d"]), 1, ws,
+                    0.05, zx, bias, osc, ozp, relu)
+            got = qconv2d(*args)
+            assert torch.equal(got, ref.qconv2d(*args)), (param.id, osc)
+            monkeypatch.setenv("LCPAQ_KERNELS_DIRECT", "0")
+            assert torch.equal(got, qconv2d(*args)), (param.id, osc)
+            monkeypatch.delenv("LCPAQ_KERNELS_DIRECT")
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])

@@ -2,7 +2,7 @@
 // them; included (internal linkage) by the scalar TU and by the AVX2 TU (8-wide there).
 //
 // The rows arrive corrected: the driver starts each accumulator at the zero-point terms
-// (colmul * colsum[n] - rowcorr[m]) instead of 0, so c = sum_k (x - zx) * q (modes 1, 2) or
+// (colmul * colsum[n]) instead of 0, so c = sum_k (x - zx) * q (modes 1, 2) or
 // sum_k x * q (mode 0). int32 wrapping arithmetic is exact: the final sum satisfies
 // |c| <= 255 * 128 * K < 2^31 for K <= 65536, and two's-complement intermediates are exact
 // modulo 2^32 (built with -fwrapv).
@@ -75,15 +75,9 @@ static inline void widen_row_impl(int16_t* __restrict d, const uint8_t* __restri
   }
 }
 
-// uint8 -> int8 a = x - 128 (flip = 0x80), int8 -> int8 (flip = 0)
+// int8 -> unsigned slot x + 128 (flip = 0x80), uint8 as stored (flip = 0)
 static inline void flip_row_impl(int8_t* __restrict d, const uint8_t* __restrict s, int64_t n, uint8_t flip) {
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<int8_t>(s[i] ^ flip);
-}
-
-static inline int32_t sum_row_impl(const int8_t* __restrict d, int64_t n) {
-  int32_t r = 0;
-  for (int64_t i = 0; i < n; ++i) r += d[i];
-  return r;
 }
 
 // float32 -> uint8/int8 codes: clamp(round_half_even(x / scale) + zp, lo, hi)

@@ -37,30 +37,29 @@ LCPAQ_HD inline int64_t blob_bytes(int bits, int64_t N, int64_t K) {
 
 // Packed activations: row-major, row stride lda bytes (padded off multiples of 1 KiB to avoid
 // cache-set aliasing); k-step s of row r is the 4 bytes at A + r * lda + 4 * s: 2 int16
-// (W8: x as stored) or 4 int8 (W4/W2: a = x - offx).
+// (W8: x as stored) or 4 uint8 (every other kernel: uint8 x as stored, int8 x flipped to x + 128).
 
 // Weight panels are decoded once per (k-block, panel) into a small L1-resident buffer of
 // 64 bytes per k-step, reused by every row tile:
 //   W8:    int16 [step][16 cols][2 k]     (two ymm: cols 0-7, cols 8-15)
-//   W4/W2: uint8 u [step][2][8 cols][4 k] (two ymm: cols 0-7, cols 8-15)
+//   others: int8 q [step][2][8 cols][4 k] (two ymm: cols 0-7, cols 8-15)
 constexpr int kDecStep = 64;
 using Decode = void (*)(const uint8_t* W, int64_t steps, uint8_t* out);
 // C[kMR][kNR] (row stride ldc) += A-tile x decoded panel over `steps` k-steps.
-// W8: exact sum x*q.  W4/W2: sum a*u (corrections applied by the caller's epilogue).
+// Exact sum x*q of the packed (possibly flipped) activations; the caller starts C at the
+// zero-point corrections.
 using Micro = void (*)(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps,
                        int32_t* C, int64_t ldc);
 
 void decode_w8_scalar(const uint8_t*, int64_t, uint8_t*);
-void decode_w4_scalar(const uint8_t*, int64_t, uint8_t*);
-void decode_w2_scalar(const uint8_t*, int64_t, uint8_t*);
+void decode_w4s_scalar(const uint8_t*, int64_t, uint8_t*);
+void decode_w2s_scalar(const uint8_t*, int64_t, uint8_t*);
 void decode_w8_avx2(const uint8_t*, int64_t, uint8_t*);
-void decode_w4_avx2(const uint8_t*, int64_t, uint8_t*);
-void decode_w2_avx2(const uint8_t*, int64_t, uint8_t*);
-// signed q = u - 2^(bits-1), same layout (the VNNI route's int8 weight operand)
+// W4/W2: signed q = u - 2^(bits-1) (the int8 weight operand of every 4/2-bit kernel)
 void decode_w4s_avx2(const uint8_t*, int64_t, uint8_t*);
 void decode_w2s_avx2(const uint8_t*, int64_t, uint8_t*);
 void micro_w8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
-void micro_u8_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
+void micro_xu_scalar(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w8_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w4_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
 void micro_w2_avx2(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);
@@ -94,11 +93,9 @@ void widen_row_scalar(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
 void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8);
 void flip_row_scalar(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
 void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip);
-int32_t sum_row_scalar(const int8_t* d, int64_t n);
 void quantize_row_scalar(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                          float hi);
 void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                        float hi);
-int32_t sum_row_avx2(const int8_t* d, int64_t n);
 
 }  // namespace lcpaq

@@ -4,17 +4,20 @@
 // these functions), so the rest of the extension still loads on CPUs without AVX2; the dispatcher
 // calls these only after cpu_has_avx2_fma().
 //
-// Exactness (no VNNI on the target CPU, so no vpdpbusd):
+// Exactness (no VNNI here, so no vpdpbusd):
 //  * W8: vpmaddwd on int16-widened operands: |x*q| pair sums < 2^16 * 2, exact into int32.
-//  * W4: vpmaddubsw(u, a) with u in [0,15] unsigned weights and a in [-128,127]:
-//        |u0*a0 + u1*a1| <= 2*15*128 = 3840 < 32767, no saturation; 8 steps accumulate in int16
-//        (8*3840 = 30720 < 32767) before vpmaddwd(.,1) widens to int32. Exact.
-//  * W2: u in [0,3]: pair <= 768, 32 steps in int16 (24576). Exact.
-//  * W7 (weights in [-64, 63], the 8-bit blob layout): vpmaddubsw(x, q) with uint8 activations
-//        in the unsigned slot: |x0*q0 + x1*q1| <= 2*255*64 = 32640 < 32767, exact for one step;
+//  * W4: vpmaddubsw(x, q) with x in [0,255] activations in the unsigned slot (int8 ones flipped
+//        to x + 128, corrected by the driver with 128 * colsum) and q in [-8,7] signed weights:
+//        x0*q0 + x1*q1 in [2*255*(-8), 2*255*7] = [-4080, 3570], no saturation; 8 steps
+//        accumulate in int16 (8 * -4080 = -32640 >= -32768) before vpmaddwd(.,1) widens to int32.
+//  * W2: q in [-2,1]: pair in [-1020, 510], 32 steps in int16 (-32640). Exact.
+//        (Until session 6 the weights took the unsigned slot as u = q + 2^(bits-1) and the
+//        activations were shifted to int8, which needed a row sum of every activation row.)
+//  * W7 (weights in [-64, 63], the 8-bit blob layout): vpmaddubsw(x, q) likewise:
+//        |x0*q0 + x1*q1| <= 2*255*64 = 32640 < 32767, exact for one step;
 //        vpmaddwd(., 1) widens at once. 3 vector ops per 32 MACs instead of W8's 4.
 //  Full-range u8 x s8 on vpmaddubsw (what ORT does) can reach 2*255*128 = 65280 and saturates:
-//  that is why activations are shifted to s8 and the small weights take the unsigned slot.
+//  that is why the full-range W8 kernel widens to int16 instead.
 #include <immintrin.h>
 
 #include <cmath>
@@ -56,31 +59,6 @@ void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   for (; i + 32 <= n; i += 32) one(i);
   if (i < n) one(n - 32);
 }
-// sum of int8 a: vpsadbw of the offset-binary bytes (a ^ 0x80 = a + 128) against zero; the tail
-// chunk overlaps the previous one, its first 32 - (n - i) bytes masked to 0 (not counted)
-int32_t sum_row_avx2(const int8_t* d, int64_t n) {
-  if (n < 32) return sum_row_impl(d, n);
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), z = _mm256_setzero_si256();
-  __m256i acc = z;
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + i));
-    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_xor_si256(v, flip), z));
-  }
-  int64_t cnt = i;
-  if (i < n) {
-    const __m256i idx = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-                                         17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-    // keep byte j when j >= 32 - (n - i), i.e. j > 31 - (n - i)
-    const __m256i keep = _mm256_cmpgt_epi8(idx, _mm256_set1_epi8(static_cast<char>(31 - (n - i))));
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + n - 32));
-    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_and_si256(_mm256_xor_si256(v, flip), keep), z));
-    cnt = n;
-  }
-  alignas(32) int64_t t[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
-  return static_cast<int32_t>(t[0] + t[1] + t[2] + t[3] - 128 * cnt);
-}
 void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                   float hi) {
   quantize_row_impl(s, d, n, sc, zp, lo, hi);
@@ -95,7 +73,7 @@ void decode_w8_avx2(const uint8_t* W, int64_t steps, uint8_t* out) {
   }
 }
 
-// OFF: 0 gives the offset-binary u, 2^(bits-1) the signed q = u - 2^(bits-1) (VNNI xu route)
+// signed q = u - OFF (OFF = 2^(bits-1)): the int8 weight operand of every 4/2-bit kernel
 template <int OFF>
 static inline void decode_w4_t(const uint8_t* W, int64_t steps, uint8_t* out) {
   const __m256i m = _mm256_set1_epi8(0x0F), off = _mm256_set1_epi8(OFF);
@@ -120,8 +98,6 @@ static inline void decode_w2_t(const uint8_t* W, int64_t steps, uint8_t* out) {
   }
 }
 
-void decode_w4_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w4_t<0>(W, steps, out); }
-void decode_w2_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w2_t<0>(W, steps, out); }
 void decode_w4s_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w4_t<8>(W, steps, out); }
 void decode_w2s_avx2(const uint8_t* W, int64_t steps, uint8_t* out) { decode_w2_t<2>(W, steps, out); }
 
@@ -236,7 +212,8 @@ static LCPAQ_AI void flush16(const __m256i (&acc)[kMR][2], int32_t* C, int64_t l
   }
 }
 
-// One W4/W2 k-step (4 k-values); FIRST starts a new int16 accumulation (no zeroing, no add).
+// One W4/W2 k-step (4 k-values): uint8 activations (unsigned slot) x int8 weights (signed slot);
+// FIRST starts a new int16 accumulation (no zeroing, no add).
 template <bool FIRST>
 static LCPAQ_AI void u8_step(__m256i (&acc)[kMR][2], const uint8_t* a0, const uint8_t* a3,
                              int64_t lda, const uint8_t* w) {
@@ -245,7 +222,7 @@ static LCPAQ_AI void u8_step(__m256i (&acc)[kMR][2], const uint8_t* a0, const ui
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
     const __m256i a = bcast32((r < 3 ? a0 : a3) + (r % 3) * lda);
-    const __m256i p0 = _mm256_maddubs_epi16(w0, a), p1 = _mm256_maddubs_epi16(w1, a);
+    const __m256i p0 = _mm256_maddubs_epi16(a, w0), p1 = _mm256_maddubs_epi16(a, w1);
     if (FIRST) {
       acc[r][0] = p0;
       acc[r][1] = p1;
@@ -289,12 +266,12 @@ static inline void micro_u8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W
 
 void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
-  micro_u8_avx2<8>(A, lda, Wd, steps, C, ldc);  // |u*a| pair <= 2*15*128: 8 steps < 32767
+  micro_u8_avx2<8>(A, lda, Wd, steps, C, ldc);  // pair >= 2*255*(-8): 8 steps >= -32640
 }
 
 void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
-  micro_u8_avx2<32>(A, lda, Wd, steps, C, ldc);  // pair <= 2*3*128: 32 steps < 32767
+  micro_u8_avx2<32>(A, lda, Wd, steps, C, ldc);  // pair >= 2*255*(-2): 32 steps >= -32640
 }
 
 #else  // not x86/GCC: route to the scalar kernels
@@ -339,28 +316,24 @@ void widen_row_avx2(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen_r
 void flip_row_avx2(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
-int32_t sum_row_avx2(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
 void quantize_row_avx2(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                   float hi) {
   quantize_row_impl(s, d, n, sc, zp, lo, hi);
 }
 void decode_w8_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w8_scalar(W, s, o); }
-void decode_w4_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w4_scalar(W, s, o); }
-void decode_w2_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w2_scalar(W, s, o); }
-// never called: the xu route for W4/W2 is VNNI-only
-void decode_w4s_avx2(const uint8_t*, int64_t, uint8_t*) {}
-void decode_w2s_avx2(const uint8_t*, int64_t, uint8_t*) {}
+void decode_w4s_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w4s_scalar(W, s, o); }
+void decode_w2s_avx2(const uint8_t* W, int64_t s, uint8_t* o) { decode_w2s_scalar(W, s, o); }
 void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
   micro_w8_scalar(A, lda, W, s, C, ldc);
 }
 void micro_w4_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
-  micro_u8_scalar(A, lda, W, s, C, ldc);
+  micro_xu_scalar(A, lda, W, s, C, ldc);
 }
 void micro_w2_avx2(const uint8_t* A, int64_t lda, const uint8_t* W, int64_t s, int32_t* C,
                    int64_t ldc) {
-  micro_u8_scalar(A, lda, W, s, C, ldc);
+  micro_xu_scalar(A, lda, W, s, C, ldc);
 }
 // never called: the driver runs 7-bit blobs on the 8-bit kernels without AVX2
 void decode_w7_avx2(const uint8_t*, int64_t, int64_t, uint8_t*) {}

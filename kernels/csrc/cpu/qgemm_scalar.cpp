@@ -10,23 +10,25 @@ void decode_w8_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
   for (int64_t i = 0; i < steps * 32; ++i) o[i] = int8_t(W[i]);
 }
 
-void decode_w4_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
+// signed q = u - 2^(bits-1) in the [step][2 halves][8 cols][4 k] layout (byte half*32 + c*4 + j
+// holds column half*8 + c, k j)
+void decode_w4s_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
   for (int64_t s = 0; s < steps; ++s) {
     for (int i = 0; i < 32; ++i) {
-      out[s * 64 + i] = W[s * 32 + i] & 15;
-      out[s * 64 + 32 + i] = W[s * 32 + i] >> 4;
+      out[s * 64 + i] = uint8_t((W[s * 32 + i] & 15) - 8);
+      out[s * 64 + 32 + i] = uint8_t((W[s * 32 + i] >> 4) - 8);
     }
   }
 }
 
-void decode_w2_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
+void decode_w2s_scalar(const uint8_t* W, int64_t steps, uint8_t* out) {
   for (int64_t s = 0; s < steps; s += 2) {
     for (int i = 0; i < 32; ++i) {
       const uint8_t b = W[(s / 2) * 32 + i];
-      out[s * 64 + i] = b & 3;
-      out[s * 64 + 32 + i] = (b >> 2) & 3;
-      out[(s + 1) * 64 + i] = (b >> 4) & 3;
-      out[(s + 1) * 64 + 32 + i] = (b >> 6) & 3;
+      out[s * 64 + i] = uint8_t((b & 3) - 2);
+      out[s * 64 + 32 + i] = uint8_t(((b >> 2) & 3) - 2);
+      out[(s + 1) * 64 + i] = uint8_t(((b >> 4) & 3) - 2);
+      out[(s + 1) * 64 + 32 + i] = uint8_t(((b >> 6) & 3) - 2);
     }
   }
 }
@@ -44,16 +46,17 @@ void micro_w8_scalar(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t s
   }
 }
 
-void micro_u8_scalar(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
+// uint8 activations x int8 weights, 4-k steps (the route of every 4/2-bit kernel)
+void micro_xu_scalar(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                      int64_t ldc) {
   for (int64_t s = 0; s < steps; ++s) {
-    const uint8_t* w = Wd + s * kDecStep;
+    const int8_t* w = reinterpret_cast<const int8_t*>(Wd + s * kDecStep);
     for (int r = 0; r < kMR; ++r) {
-      const int8_t* a = reinterpret_cast<const int8_t*>(A + r * lda + 4 * s);
+      const uint8_t* a = A + r * lda + 4 * s;
       for (int c = 0; c < kNR; ++c) {
-        const uint8_t* u = w + (c / 8) * 32 + (c % 8) * 4;
+        const int8_t* q = w + (c / 8) * 32 + (c % 8) * 4;
         int32_t acc = 0;
-        for (int j = 0; j < 4; ++j) acc += int32_t(a[j]) * u[j];
+        for (int j = 0; j < 4; ++j) acc += int32_t(a[j]) * q[j];
         C[r * ldc + c] += acc;
       }
     }
@@ -67,7 +70,6 @@ void widen_row_scalar(int16_t* d, const uint8_t* s, int64_t n, bool xs8) { widen
 void flip_row_scalar(int8_t* d, const uint8_t* s, int64_t n, uint8_t flip) {
   flip_row_impl(d, s, n, flip);
 }
-int32_t sum_row_scalar(const int8_t* d, int64_t n) { return sum_row_impl(d, n); }
 void quantize_row_scalar(const float* s, uint8_t* d, int64_t n, float sc, float zp, float lo,
                   float hi) {
   quantize_row_impl(s, d, n, sc, zp, lo, hi);

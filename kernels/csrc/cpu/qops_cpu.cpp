@@ -96,35 +96,148 @@ int64_t layout_bits(int64_t bits) { return bits == 7 ? 8 : bits; }  // 7-bit: 8-
 
 constexpr int64_t kNCP = 4;  // panels (of kNR channels) per task
 
-void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const RowSource& src,
-          const Epilogue& ep) {
-  const int64_t K = src.K;
+// Per-thread scratch memory kept between calls (grow-only up to kKeepBytes): the packed
+// activations, C tiles and decoded weights of a call need no allocation or fresh pages.
+class Scratch {
+ public:
+  // 64-byte-aligned memory for `bytes`, valid until the next get() of this slot on this thread
+  uint8_t* get(int64_t bytes) {
+    if (bytes > cap_) {
+      buf_.reset(new uint8_t[bytes + 64]);
+      cap_ = bytes;
+    }
+    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf_.get()) + 63) &
+                                      ~uintptr_t(63));
+  }
+  // give a large buffer back after the call (one huge GEMM must not pin its memory)
+  void trim() {
+    if (cap_ > kKeepBytes) {
+      buf_.reset();
+      cap_ = 0;
+    }
+  }
+
+ private:
+  static constexpr int64_t kKeepBytes = int64_t(8) << 20;
+  std::unique_ptr<uint8_t[]> buf_;
+  int64_t cap_ = 0;
+};
+int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+thread_local Scratch scratch_shared, scratch_task;
+
+// How a GEMM of one weight width runs on this CPU: the micro-kernel, the weight decode and the
+// packed activation element. Shared by the im2col GEMM and the direct convolution.
+struct Route {
+  int bits = 8;      // kernel width after the substitutions below (8, 7, 4, 2)
+  bool w8 = false;   // full-range W8 on AVX2/scalar: int16 activations, 2-k steps
+  bool w7 = false;   // 8-bit blob read as 4-k steps (AVX2 W7, and W8/W7 on VNNI)
+  bool zmm = false;  // AVX-512 VNNI: two panels per micro-kernel call
+  bool avx2 = false;
+  int64_t esize = 1;  // bytes per packed activation value
+  int64_t kk = 4;     // k values per kernel step
+  int64_t bsteps = 0, ksteps = 0;  // blob steps, kernel steps per panel (K values: ksteps * kk)
+  int64_t sb = 0;     // blob bytes per blob step
+  int64_t offx = 0;   // activations are packed as x + offx (int8 in the unsigned slot: +128)
+  uint8_t flip = 0;   // packing of 1-byte values: x ^ flip
+  Micro micro = nullptr;
+  Decode decode = nullptr;
+  void (*epilogue)(const int32_t*, int64_t, const RowEpi&, void*) = nullptr;
+
+  // kernel steps [k0, k0 + ks) of panel p (panels: the blob after its column sums) into out
+  void dec(const uint8_t* panels, int64_t p, int64_t k0, int64_t ks, uint8_t* out) const {
+    if (w7) {
+      decode_w7_avx2(panels + (p * bsteps + 2 * k0) * sb, ks, std::min(2 * ks, bsteps - 2 * k0),
+                     out);
+    } else {
+      decode(panels + (p * ksteps + k0) * sb, ks, out);
+    }
+  }
+  // C[6][16] (+ C[6][16..32] for W1) += A-tile x decoded panel(s) W0 (W1)
+  void tile(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1, int64_t steps,
+            int32_t* C, int64_t ldc) const {
+    if (zmm) return micro_vnni(A, lda, W0, W1, steps, C, ldc);
+    micro(A, lda, W0, steps, C, ldc);
+    if (W1 != nullptr) micro(A, lda, W1, steps, C + kNR, ldc);
+  }
+};
+
+Route make_route(int bits, bool xs8, int64_t K) {
+  Route r;
   const int isa = isa_level();
-  const bool avx2 = isa >= 1, vnni = isa >= 2, zmm = isa >= 3;
-  if (bits == 7 && !avx2) bits = 8;  // same blob, exact either way
+  r.avx2 = isa >= 1;
+  const bool vnni = isa >= 2;
+  r.zmm = isa >= 3;
+  if (bits == 7 && !r.avx2) bits = 8;  // same blob, exact either way
   // VNNI: 8-bit blobs take the 7-bit route (uint8 activations x int8 weights in 4-k steps), exact
   // for the full int8 range there (vpdpbusd does not saturate)
   if (bits == 8 && vnni) bits = 7;
-  const bool w7 = bits == 7;
-  // unsigned activations x signed weights (4-k steps): W7 on AVX2, every width on VNNI (W4/W2
-  // weights decoded to q = u - 2^(bits-1) there: no activation flip, no row sums)
-  const bool xu = w7 || vnni;
+  r.bits = bits;
+  r.w7 = bits == 7;
+  r.w8 = bits == 8;
+  r.esize = r.w8 ? 2 : 1;
+  r.kk = r.w8 ? 2 : 4;
   const int lbits = int(layout_bits(bits));
-  // W7: 4-k steps over the 8-bit blob's 2-k steps (bsteps per panel)
-  const int64_t bsteps = num_ksteps(lbits, K);
-  const int64_t ksteps = w7 ? (K + 3) / 4 : bsteps, Kpad = ksteps * (w7 ? 4 : kstep_k(bits));
+  r.bsteps = num_ksteps(lbits, K);
+  r.ksteps = r.w7 ? (K + 3) / 4 : r.bsteps;  // W7: 4-k steps over the 8-bit blob's 2-k steps
+  r.sb = step_bytes(lbits);
+  // every route but W8's int16 one has the activations in vpmaddubsw's / vpdpbusd's unsigned
+  // slot: uint8 as stored, int8 flipped to x + 128 (corrected with 128 * colsum)
+  r.offx = (xs8 && !r.w8) ? -128 : 0;
+  r.flip = (xs8 && !r.w8) ? 0x80 : 0;
+  const bool avx2 = r.avx2;
+  r.micro = vnni        ? micro_avxvnni  // (zmm: micro_vnni)
+            : r.w7      ? micro_w7_avx2
+            : r.w8      ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
+            : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_xu_scalar)
+                        : (avx2 ? micro_w2_avx2 : micro_xu_scalar);
+  r.decode = r.w8        ? (avx2 ? decode_w8_avx2 : decode_w8_scalar)
+             : bits == 4 ? (avx2 ? decode_w4s_avx2 : decode_w4s_scalar)
+                         : (avx2 ? decode_w2s_avx2 : decode_w2s_scalar);
+  r.epilogue = r.zmm ? epilogue_row_avx512 : avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
+  return r;
+}
+
+// Accumulators start at the zero-point corrections, so the epilogue reads finished sums:
+// colmul * colsum[n] (exact modulo 2^32, see epilogue.h). Fills rows [0, rows) x ncol of cbuf.
+void init_tile_rows(const Route& rt, const Epilogue& ep, const int32_t* colsum, int64_t n0,
+                    int64_t ncol, int64_t rows, int32_t* cbuf, int64_t ldc) {
+  const int32_t colmul = int32_t(rt.offx - (ep.mode == 0 ? 0 : ep.zx));
+  int32_t colterm[kNCP * kNR];
+  for (int64_t i = 0; i < ncol; ++i) colterm[i] = colmul * colsum[n0 + i];
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(cbuf + r * ldc, colterm, ncol * 4);
+}
+
+// fused epilogue of output rows [m0, mend) x columns [n0, nend) from cbuf (row m0 first)
+void epilogue_rows(const Route& rt, const Epilogue& ep, const int32_t* cbuf, int64_t ldc,
+                   int64_t m0, int64_t mend, int64_t n0, int64_t nend) {
+  RowEpi re{};
+  re.mode = ep.mode;
+  re.scale = ep.scale + n0;
+  re.bias = ep.bias != nullptr ? ep.bias + n0 : nullptr;
+  re.relu = ep.relu;
+  re.inv_out = ep.inv_out;
+  re.out_zp = ep.out_zp;
+  const int64_t esz = ep.mode == 2 ? 1 : 4;
+  for (int64_t m = m0; m < mend; ++m) {
+    rt.epilogue(cbuf + (m - m0) * ldc, nend - n0, re,
+                static_cast<uint8_t*>(ep.out) + (m * ep.ldo + n0) * esz);
+  }
+}
+
+void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const RowSource& src,
+          const Epilogue& ep) {
+  const int64_t K = src.K;
+  const Route rt = make_route(bits, xs8, K);
+  const bool avx2 = rt.avx2, w8 = rt.w8;
+  const int64_t ksteps = rt.ksteps, Kpad = ksteps * rt.kk;
   const int64_t Mpad = (M + kMR - 1) / kMR * kMR, Npad = pad_n(N), P = Npad / kNR;
-  const bool w8 = bits == 8;
-  const int64_t esize = w8 ? 2 : 1;
   // activations row-major (layout in qgemm.h); pad the stride off multiples of 1 KiB
-  int64_t lda = Kpad * esize;
+  int64_t lda = Kpad * rt.esize;
   if (lda % 1024 == 0) lda += 64;
   const auto widen = avx2 ? widen_row_avx2 : widen_row_scalar;
-  const auto flipr = zmm ? flip_row_avx512 : avx2 ? flip_row_avx2 : flip_row_scalar;
-  const auto sumr = avx2 ? sum_row_avx2 : sum_row_scalar;  // (the VNNI route needs no sums)
-  const auto epir = zmm ? epilogue_row_avx512 : avx2 ? epilogue_row_avx2 : epilogue_row_scalar;
-  // one packed activation row; returns its sum (W4/W2 correction term)
-  auto pack_row = [&](int64_t m, uint8_t* row) -> int32_t {
+  const auto flipr = rt.zmm ? flip_row_avx512 : avx2 ? flip_row_avx2 : flip_row_scalar;
+  // one packed activation row
+  auto pack_row = [&](int64_t m, uint8_t* row) {
     if (w8) {
       int16_t* d = reinterpret_cast<int16_t*>(row);
       const int16_t padv = xs8 ? int16_t(int8_t(src.pad)) : int16_t(src.pad);
@@ -132,23 +245,18 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
           m, [&](int64_t off, const uint8_t* s, int64_t n) { widen(d + off, s, n, xs8); },
           [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
       std::fill(d + K, d + Kpad, int16_t(0));
-      return 0;
+      return;
     }
-    // W4/W2 on AVX2: a = x - 128 for uint8 (flip the top bit), a = x for int8;
-    // xu route: uint8 as is, int8 + 128 (flip) for the unsigned slot
     int8_t* d = reinterpret_cast<int8_t*>(row);
-    const uint8_t flip = (xs8 != xu) ? 0 : 0x80;
-    const int8_t padv = int8_t(src.pad ^ flip);
+    const int8_t padv = int8_t(src.pad ^ rt.flip);
     src.row(
-        m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, flip); },
+        m, [&](int64_t off, const uint8_t* s, int64_t n) { flipr(d + off, s, n, rt.flip); },
         [&](int64_t off, int64_t n) { std::fill(d + off, d + off + n, padv); });
     std::fill(d + K, d + Kpad, int8_t(0));
-    return xu ? 0 : sumr(d, K);  // xu needs no row sums (weights are not offset)
   };
 
   const int32_t* colsum = reinterpret_cast<const int32_t*>(blob);
   const uint8_t* panels = blob + 4 * Npad;
-  const int64_t sb = step_bytes(lbits);
   const int64_t KC = 128;               // k-steps per block (256 or 512 k values)
   // tasks of up to MC rows x 64 output channels. MC: as many rows as keep the packed block within
   // ~256 KiB of L2, 96..384 (each task decodes every weight panel once: with the VNNI kernels
@@ -162,114 +270,67 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
   const int64_t MC = ((Mpad + mb0 - 1) / mb0 + kMR - 1) / kMR * kMR;
   const int64_t ldc = NCP * kNR;
   const int64_t mb = (Mpad + MC - 1) / MC, nb = (P + NCP - 1) / NCP;
-  const Micro micro = vnni        ? micro_avxvnni  // (zmm: micro_vnni below)
-                      : w7        ? micro_w7_avx2
-                      : bits == 8 ? (avx2 ? micro_w8_avx2 : micro_w8_scalar)
-                      : bits == 4 ? (avx2 ? micro_w4_avx2 : micro_u8_scalar)
-                                  : (avx2 ? micro_w2_avx2 : micro_u8_scalar);
-  const Decode decode = bits == 8   ? (avx2 ? decode_w8_avx2 : decode_w8_scalar)
-                        : bits == 4 ? (xu ? decode_w4s_avx2 : avx2 ? decode_w4_avx2 : decode_w4_scalar)
-                                    : (xu ? decode_w2s_avx2 : avx2 ? decode_w2_avx2 : decode_w2_scalar);
-  const int64_t h = (bits == 8 || xu) ? 0 : (int64_t(1) << (bits - 1));
-  // W4/W2 on AVX2 shift uint8 activations by -128; the xu route shifts int8 ones by +128
-  const int64_t offx = xu ? (xs8 ? -128 : 0) : ((xs8 || w8) ? 0 : 128);
+  // Plain uint8 rows on a 1-byte route are their own packed form: the micro-kernels read them in
+  // place (no copy). Each row's last step reads up to 3 bytes of the next row, which meet the zero
+  // weights that pad K. Not for K a multiple of 1 KiB (cache-set aliasing of the rows).
+  const bool in_place = !src.conv && rt.flip == 0 && !w8 && K % 1024 != 0;
 
-  // rows [m0, m0 + mrows) (A points at row m0, rs at its row sums) x panels [p0, p0 + np)
-  auto compute = [&](const uint8_t* A, const int32_t* rs, int64_t m0, int64_t mrows, int64_t p0,
+  // rows [m0, m0 + mrows) (A points at row m0, rows lda_a bytes apart) x panels [p0, p0 + np)
+  auto compute = [&](const uint8_t* A, int64_t lda_a, int64_t m0, int64_t mrows, int64_t p0,
                      int64_t np, int32_t* cbuf, uint8_t* wd) {
-    // accumulators start at the zero-point corrections, so the epilogue reads finished sums:
-    // colmul * colsum[n] - h * rowsum[m] (exact modulo 2^32, see epilogue.h)
     const int64_t n0 = p0 * kNR, ncol = np * kNR;
-    const int32_t colmul = int32_t(offx - (ep.mode == 0 ? 0 : ep.zx));
-    int32_t colterm[kNCP * kNR];
-    for (int64_t i = 0; i < ncol; ++i) colterm[i] = colmul * colsum[n0 + i];
-    for (int64_t r = 0; r < mrows; ++r) {
-      const int32_t rc = int32_t(h * rs[r]);
-      int32_t* c = cbuf + r * ldc;
-      for (int64_t i = 0; i < ncol; ++i) c[i] = colterm[i] - rc;
-    }
-    // decoded panel p of k-block [k0, k0 + ks) into out
-    auto dec = [&](int64_t p, int64_t k0, int64_t ks, uint8_t* out) {
-      if (w7) {
-        decode_w7_avx2(panels + ((p0 + p) * bsteps + 2 * k0) * sb, ks,
-                       std::min(2 * ks, bsteps - 2 * k0), out);
-      } else {
-        decode(panels + ((p0 + p) * ksteps + k0) * sb, ks, out);
-      }
-    };
+    init_tile_rows(rt, ep, colsum, n0, ncol, mrows, cbuf, ldc);
+    uint8_t* wd1 = wd + KC * kDecStep;
     for (int64_t k0 = 0; k0 < ksteps; k0 += KC) {
       const int64_t ks = std::min(KC, ksteps - k0);
-      if (zmm) {  // two panels (32 channels) per micro-tile
-        uint8_t* wd1 = wd + KC * kDecStep;
-        for (int64_t p = 0; p < np; p += 2) {
-          const bool two = p + 1 < np;
-          dec(p, k0, ks, wd);
-          if (two) dec(p + 1, k0, ks, wd1);
-          for (int64_t r = 0; r < mrows; r += kMR) {
-            micro_vnni(A + r * lda + k0 * 4, lda, wd, two ? wd1 : nullptr, ks,
-                   cbuf + r * ldc + p * kNR, ldc);
-          }
-        }
-        continue;
-      }
-      for (int64_t p = 0; p < np; ++p) {
-        dec(p, k0, ks, wd);
+      // two panels (32 channels) per pass: one micro-kernel call on AVX-512 VNNI, two otherwise
+      for (int64_t p = 0; p < np; p += 2) {
+        const bool two = p + 1 < np;
+        rt.dec(panels, p0 + p, k0, ks, wd);
+        if (two) rt.dec(panels, p0 + p + 1, k0, ks, wd1);
         for (int64_t r = 0; r < mrows; r += kMR) {
-          micro(A + r * lda + k0 * 4, lda, wd, ks, cbuf + r * ldc + p * kNR, ldc);
+          rt.tile(A + r * lda_a + k0 * 4, lda_a, wd, two ? wd1 : nullptr, ks,
+                  cbuf + r * ldc + p * kNR, ldc);
         }
       }
     }
-    // fused epilogue, one vectorized row segment at a time
-    const int64_t mend = std::min(m0 + mrows, M), nend = std::min(n0 + ncol, N);
-    RowEpi re{};
-    re.mode = ep.mode;
-    re.scale = ep.scale + n0;
-    re.bias = ep.bias != nullptr ? ep.bias + n0 : nullptr;
-    re.relu = ep.relu;
-    re.inv_out = ep.inv_out;
-    re.out_zp = ep.out_zp;
-    const int64_t esz = ep.mode == 2 ? 1 : 4;
-    for (int64_t m = m0; m < mend; ++m) {
-      epir(cbuf + (m - m0) * ldc, nend - n0, re,
-           static_cast<uint8_t*>(ep.out) + (m * ep.ldo + n0) * esz);
-    }
-  };
-  auto aligned = [](std::unique_ptr<uint8_t[]>& buf, int64_t bytes) {
-    buf.reset(new uint8_t[bytes + 64]);
-    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) &
-                                      ~uintptr_t(63));
+    epilogue_rows(rt, ep, cbuf, ldc, m0, std::min(m0 + mrows, M), n0, std::min(n0 + ncol, N));
   };
 
   if (mb >= 2 * at::get_num_threads()) {
     // Enough row blocks: each task packs its own MC rows (they stay in L2) and sweeps all N.
     at::parallel_for(0, mb, 1, [&](int64_t b, int64_t e) {
-      std::vector<int32_t> cbuf(MC * ldc), rs(MC);
-      std::unique_ptr<uint8_t[]> wbuf, abuf;
-      uint8_t* wd = aligned(wbuf, 2 * KC * kDecStep);
-      uint8_t* la = aligned(abuf, MC * lda);
+      const int64_t ab = align64(MC * lda), cb = align64(MC * ldc * 4);
+      uint8_t* la = scratch_task.get(ab + cb + 2 * KC * kDecStep);
+      int32_t* cbuf = reinterpret_cast<int32_t*>(la + ab);
+      uint8_t* wd = la + ab + cb;
       for (int64_t t = b; t < e; ++t) {
         const int64_t m0 = t * MC, mrows = std::min(MC, Mpad - m0);
+        if (in_place && m0 + mrows < M) {  // (the last row's over-read would leave the tensor)
+          for (int64_t p0 = 0; p0 < P; p0 += NCP) {
+            compute(src.x + m0 * K, K, m0, mrows, p0, std::min(NCP, P - p0), cbuf, wd);
+          }
+          continue;
+        }
         for (int64_t r = 0; r < mrows; ++r) {
           if (m0 + r < M) {
-            rs[r] = pack_row(m0 + r, la + r * lda);
+            pack_row(m0 + r, la + r * lda);
           } else {
             std::memset(la + r * lda, 0, lda);
-            rs[r] = 0;
           }
         }
         for (int64_t p0 = 0; p0 < P; p0 += NCP) {
-          compute(la, rs.data(), m0, mrows, p0, std::min(NCP, P - p0), cbuf.data(), wd);
+          compute(la, lda, m0, mrows, p0, std::min(NCP, P - p0), cbuf, wd);
         }
       }
     });
     return;
   }
   // Few rows: pack all of A once, then parallelize over (row block, channel block) tasks.
-  std::unique_ptr<uint8_t[]> abuf(new uint8_t[Mpad * lda]);
-  std::vector<int32_t> rowsum(Mpad, 0);
-  std::memset(abuf.get() + M * lda, 0, (Mpad - M) * lda);
+  uint8_t* abuf = scratch_shared.get(Mpad * lda);
+  std::memset(abuf + M * lda, 0, (Mpad - M) * lda);
   auto pack = [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) rowsum[m] = pack_row(m, abuf.get() + m * lda);
+    for (int64_t m = b; m < e; ++m) pack_row(m, abuf + m * lda);
   };
   if (M * K < (int64_t(1) << 20)) {
     pack(0, M);  // small: one parallel region fewer (each costs a fork/join)
@@ -277,15 +338,146 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
     at::parallel_for(0, M, 16, pack);
   }
   at::parallel_for(0, mb * nb, 1, [&](int64_t b, int64_t e) {
-    std::vector<int32_t> cbuf(MC * ldc);
-    std::unique_ptr<uint8_t[]> wbuf;
-    uint8_t* wd = aligned(wbuf, 2 * KC * kDecStep);
+    const int64_t cb = align64(MC * ldc * 4);
+    int32_t* cbuf = reinterpret_cast<int32_t*>(scratch_task.get(cb + 2 * KC * kDecStep));
+    uint8_t* wd = reinterpret_cast<uint8_t*>(cbuf) + cb;
     for (int64_t t = b; t < e; ++t) {
       const int64_t m0 = (t / nb) * MC, p0 = (t % nb) * NCP;
-      compute(abuf.get() + m0 * lda, rowsum.data() + m0, m0, std::min(MC, Mpad - m0), p0,
-              std::min(NCP, P - p0), cbuf.data(), wd);
+      compute(abuf + m0 * lda, lda, m0, std::min(MC, Mpad - m0), p0,
+              std::min(NCP, P - p0), cbuf, wd);
     }
   });
+  scratch_shared.trim();
+}
+
+// Direct convolution for convs whose kernel rows are short runs of input (KW * C values, e.g. the
+// 7x7 stride-2 stem: 7 columns x 3 channels = 21 bytes), where im2col spent more time copying
+// runs than the GEMM spent on them. The micro-kernels read the padded input image itself: for
+// kernel row kh, the 6 rows of a tile are 6 consecutive output pixels of one output row, sw * C
+// values apart in input row oh * sh + kh * dh, each reading S = ceil(KW * C / kk) steps of its
+// run. The weights are re-laid once per call to match: each kernel row's KW * C values padded
+// with zero weights to S * kk, so the values read past a run (the next pixel's) meet zero
+// weights and the sums stay exact. Padding pixels hold the zero point, as in im2col.
+struct DirectPlan {
+  int64_t L = 0, S = 0;      // values per kernel row, kernel steps per kernel row
+  int64_t OWpad = 0, Hp = 0, Wp = 0;  // output row padded to whole tiles; padded image rows, pixels
+};
+
+DirectPlan direct_plan(const RowSource& src, const Route& rt) {
+  DirectPlan d;
+  d.L = src.KW * src.C;
+  d.S = (d.L + rt.kk - 1) / rt.kk;
+  d.OWpad = (src.OW + kMR - 1) / kMR * kMR;
+  d.Hp = (src.OH - 1) * src.sh + (src.KH - 1) * src.dh + 1;
+  const int64_t over = (d.S * rt.kk - d.L + src.C - 1) / src.C;  // pixels read past the last run
+  d.Wp = std::max((d.OWpad - 1) * src.sw + src.KW + over, src.pw + src.W);
+  return d;
+}
+
+// Worth it (and possible) for one group, unit column dilation and runs of at most 64 values;
+// LCPAQ_KERNELS_DIRECT=0 (read per call) turns it off: im2col + GEMM, for comparisons.
+bool direct_conv_fits(const RowSource& src, int64_t groups) {
+  const char* env = std::getenv("LCPAQ_KERNELS_DIRECT");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return groups == 1 && src.dw == 1 && src.KW * src.C <= 64 && src.KH * src.KW > 1 &&
+         src.H * src.W * src.C <= (int64_t(1) << 22);
+}
+
+void direct_conv(int bits, bool xs8, int64_t batch, int64_t N, const uint8_t* blob,
+                 const RowSource& src, const Epilogue& ep) {
+  const Route rt = make_route(bits, xs8, src.K);
+  const DirectPlan d = direct_plan(src, rt);
+  const int64_t C = src.C, es = rt.esize, Npad = pad_n(N), P = Npad / kNR;
+  const int64_t T = src.KH * d.S;       // kernel steps per output pixel
+  const int64_t rowb = d.Wp * C * es;   // bytes per padded image row
+  const int64_t imgb = align64(d.Hp * rowb + 64), wsegb = P * T * kDecStep;
+  uint8_t* img = scratch_shared.get(imgb + wsegb);
+  uint8_t* wseg = img + imgb;
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(blob);
+  const uint8_t* panels = blob + 4 * Npad;
+
+  // weights: panel p, step kh * S + j / kk, lane j % kk holds k = kh * L + j (j < L), else 0
+  {
+    std::vector<uint8_t> tmp(rt.ksteps * kDecStep + 64);
+    std::memset(wseg, 0, wsegb);
+    for (int64_t p = 0; p < P; ++p) {
+      rt.dec(panels, p, 0, rt.ksteps, tmp.data());
+      uint8_t* w = wseg + p * T * kDecStep;
+      for (int64_t kh = 0; kh < src.KH; ++kh) {
+        for (int64_t j = 0; j < d.L; ++j) {
+          const int64_t k = kh * d.L + j, t = kh * d.S + j / rt.kk;
+          for (int64_t c = 0; c < kNR; ++c) {
+            // byte (c / 8) * 32 + (c % 8) * 4 + lane * es of a step holds column c (qgemm.h)
+            const int64_t cofs = (c / 8) * 32 + (c % 8) * 4;
+            std::memcpy(w + t * kDecStep + cofs + (j % rt.kk) * es,
+                        tmp.data() + (k / rt.kk) * kDecStep + cofs + (k % rt.kk) * es, es);
+          }
+        }
+      }
+    }
+  }
+  const auto widen = rt.avx2 ? widen_row_avx2 : widen_row_scalar;
+  const auto flipr = rt.zmm ? flip_row_avx512 : rt.avx2 ? flip_row_avx2 : flip_row_scalar;
+  const int16_t pad16 = xs8 ? int16_t(int8_t(src.pad)) : int16_t(src.pad);
+  const uint8_t pad8 = uint8_t(src.pad ^ rt.flip);
+  // `n` values of padded image starting at byte `at`: pad values, or a converted input run
+  auto fill = [&](uint8_t* at, int64_t n) {
+    if (es == 2) {
+      std::fill(reinterpret_cast<int16_t*>(at), reinterpret_cast<int16_t*>(at) + n, pad16);
+    } else {
+      std::memset(at, pad8, n);
+    }
+  };
+  auto copy = [&](uint8_t* at, const uint8_t* s, int64_t n) {
+    if (es == 2) {
+      widen(reinterpret_cast<int16_t*>(at), s, n, xs8);
+    } else {
+      flipr(reinterpret_cast<int8_t*>(at), s, n, rt.flip);
+    }
+  };
+  const int64_t ldc = kNCP * kNR, lda = src.sw * C * es;
+  for (int64_t b = 0; b < batch; ++b) {
+    const uint8_t* x = src.x + b * src.H * src.W * C;
+    at::parallel_for(0, d.Hp, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        uint8_t* row = img + r * rowb;
+        const int64_t ih = r - src.ph;
+        if (ih < 0 || ih >= src.H) {
+          fill(row, d.Wp * C);
+          continue;
+        }
+        const int64_t wn = std::min(src.W, d.Wp - src.pw);  // input pixels inside the padded row
+        fill(row, src.pw * C);
+        copy(row + src.pw * C * es, x + ih * src.W * C, wn * C);
+        fill(row + (src.pw + wn) * C * es, (d.Wp - src.pw - wn) * C);
+      }
+    });
+    fill(img + d.Hp * rowb, 64 / es);  // the over-read of the last row stays defined
+    at::parallel_for(0, src.OH, 1, [&](int64_t o0, int64_t o1) {
+      int32_t* cbuf = reinterpret_cast<int32_t*>(scratch_task.get(d.OWpad * ldc * 4));
+      for (int64_t oh = o0; oh < o1; ++oh) {
+        const int64_t m0 = (b * src.OH + oh) * src.OW;
+        for (int64_t p0 = 0; p0 < P; p0 += kNCP) {
+          const int64_t np = std::min(kNCP, P - p0), n0 = p0 * kNR;
+          init_tile_rows(rt, ep, colsum, n0, np * kNR, d.OWpad, cbuf, ldc);
+          for (int64_t p = 0; p < np; p += 2) {
+            const bool two = p + 1 < np;
+            const uint8_t* w0 = wseg + (p0 + p) * T * kDecStep;
+            for (int64_t ow0 = 0; ow0 < d.OWpad; ow0 += kMR) {
+              for (int64_t kh = 0; kh < src.KH; ++kh) {
+                const uint8_t* A = img + (oh * src.sh + kh * src.dh) * rowb + ow0 * lda;
+                const uint8_t* wk = w0 + kh * d.S * kDecStep;
+                rt.tile(A, lda, wk, two ? wk + T * kDecStep : nullptr, d.S,
+                        cbuf + ow0 * ldc + p * kNR, ldc);
+              }
+            }
+          }
+          epilogue_rows(rt, ep, cbuf, ldc, m0, m0 + src.OW, n0, std::min(n0 + np * kNR, N));
+        }
+      }
+    });
+  }
+  scratch_shared.trim();
 }
 
 // Integers in error messages go through std::to_string, not c10::str's ostream: on one GPU
@@ -416,6 +608,13 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, int64_t 
   src.sh = stride[0], src.sw = stride[1], src.ph = padding[0], src.pw = padding[1];
   src.dh = dilation[0], src.dw = dilation[1], src.cg = cg;
   src.pad = static_cast<uint8_t>(x_zp & 0xFF);
+  if (direct_conv_fits(src, groups)) {
+    Epilogue ep = make_epilogue(comb, fb, x_zp, out_scale, out_zp, relu);
+    ep.ldo = Cout;
+    ep.out = out.data_ptr();
+    direct_conv(int(bits), xs8, N, Cout, w_packed.data_ptr<uint8_t>(), src, ep);
+    return out;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     src.c0 = g * cg;
     Epilogue ep = make_epilogue(comb, fb, x_zp, out_scale, out_zp, relu);
@@ -444,7 +643,7 @@ at::Tensor quantize_act_cpu(const at::Tensor& x, double scale, int64_t zp, int64
   const float* s = xc.data_ptr<float>();
   uint8_t* d = static_cast<uint8_t*>(out.data_ptr());
   const int isa = isa_level();
-  const auto qrow = isa >= 3 ? quantize_row_avx512 : isa == 1 ? quantize_row_avx2 : quantize_row_scalar;
+  const auto qrow = isa >= 3 ? quantize_row_avx512 : isa >= 1 ? quantize_row_avx2 : quantize_row_scalar;
   at::parallel_for(0, xc.numel(), 16384, [&](int64_t b, int64_t e) {
     qrow(s + b, d + b, e - b, sc, z, lo, hi);
   });
