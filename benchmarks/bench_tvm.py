@@ -164,6 +164,10 @@ def predict_bench(hw, model_name: str, table: Path, n_policies: int, rounds: int
     from lcpaq.profiler.fidelity import random_class_policy
     from lcpaq.quant import quantizable_names
 
+    import torch
+
+    torch.manual_seed(0)  # resnet18's weights are random: the same model in every run, so a rerun
+    # finds its builds (libraries keyed by structure + activation scales) and tuned tasks again
     model = get_model(model_name).eval()
     shape = (1, *default_input_shape(model_name)[1:])
     names = quantizable_names(model)
