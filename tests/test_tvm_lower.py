@@ -226,10 +226,10 @@ def test_nchwc_epilogue_moves_the_requantize_before_one_opaque_transpose(bits, i
     mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
     low, _ = lower_qdq(mod, int8_intrin="avx2", fp32_nchwc=8, nchwc_epilogue=True)
     text = low["main"].script()
-    assert "R.permute_dims" not in text and text.count("nchwc8_to_nchw_") == 1
+    assert "R.permute_dims" not in text and text.count("transpose_nchwc8_to_nchw_") == 1
     out_dtype = "uint8" if bits != (32, 32) else "float32"
-    assert f"nchwc8_to_nchw_{out_dtype}" in text  # the transpose moves the final tensor
-    assert int(low[f"nchwc8_to_nchw_{out_dtype}_1x2x9x9"].attrs["op_pattern"]) == 8
+    assert f"transpose_nchwc8_to_nchw_{out_dtype}" in text  # the transpose moves the final tensor
+    assert int(low[f"transpose_nchwc8_to_nchw_{out_dtype}_1x2x9x9"].attrs["op_pattern"]) == 8
     ref = session(onnx_bytes, 1).run(None, feeds)[0]
     out = _run(low, feeds)
     if out_dtype == "uint8":

@@ -422,7 +422,7 @@ def sink_epilogue(mod: Any) -> Any:
                                           out_dtype=call.attrs.out_dtype)
                     k += 2
             dtype = str(expr.ty.dtype)
-            name = f"nchwc{lanes}_to_nchw_{dtype}_{n}x{cb}x{h}x{w}"
+            name = f"transpose_nchwc{lanes}_to_nchw_{dtype}_{n}x{cb}x{h}x{w}"
             if name not in added:
                 prim = nchwc_to_nchw((n, cb, h, w, lanes), dtype)
                 added[name] = builder.add_func(prim.with_attr("global_symbol", name), name)
