@@ -126,17 +126,20 @@ def timed(ctx: dict, a: argparse.Namespace, memo: dict) -> dict:
         return ProxyEvaluator(model, *ctx["sub"].tensors(), calibration=a.calibration, weights=a.proxy_weights,
                               inventory=ctx["inv"])
 
-    # the whole tune (a fresh evaluator each time) --tune-repeats times: one ~20 ms run is at the
-    # mercy of the shared machine, so the ratio uses the median; the first (cold) run is kept too
+    # the whole tune, a fresh evaluator each time, timed --tune-repeats times: once here (cold,
+    # kept apart as the first run), then once before each full fine-tune of step 3 (A B A B, so
+    # both sides see the same stretch of the shared machine's load), the rest back to back; the
+    # ratio uses the median (one ~20 ms run is at the mercy of a load spike)
     tune_runs = []
-    for _ in range(max(1, a.tune_repeats)):
+
+    def run_tune():
         t0, c0 = time.perf_counter(), _cpu()
-        ev = new_evaluator()
-        res = tune(model, ctx["inv"], ctx["rep"], ev, budgets=ctx["budgets"], configs=configs, maker=make,
-                   metric=a.metric)
+        r = tune(model, ctx["inv"], ctx["rep"], new_evaluator(), budgets=ctx["budgets"], configs=configs,
+                 maker=make, metric=a.metric)
         tune_runs.append((time.perf_counter() - t0, _cpu() - c0))
-    t_tune = statistics.median(t for t, _ in tune_runs)
-    c_tune = statistics.median(c for _, c in tune_runs)
+        return r
+
+    res = run_tune()
     # the scoring pass below times cold evaluations on an evaluator whose fp32 outputs are built
     # (once per search) but whose ranges and quantized layers are not: each setting pays them
     ev = new_evaluator()
@@ -157,6 +160,8 @@ def timed(ctx: dict, a: argparse.Namespace, memo: dict) -> dict:
             proxy_cache[key] = ev.evaluate(pol, calib_method=k.calib_method)
         t_proxy += time.perf_counter() - t
         c_proxy += _cpu() - c
+        if key not in full_cache and len(tune_runs) < a.tune_repeats:
+            run_tune()
         t, c = time.perf_counter(), _cpu()
         if key not in full_cache:
             full_cache[key] = full_score(model, pol, k, ctx["train"], ctx["val"], epochs=a.full_epochs)
@@ -165,6 +170,10 @@ def timed(ctx: dict, a: argparse.Namespace, memo: dict) -> dict:
         s = proxy_cache[key]
         rows.append({"knobs": k.label(), "calib": k.calib_method, "policy": pol.summary(), "margin": s.margin,
                      "kl": s.kl, "proxy_acc": s.acc, "full_acc": full_cache[key]})
+    while len(tune_runs) < a.tune_repeats:
+        run_tune()
+    t_tune = statistics.median(t for t, _ in tune_runs)
+    c_tune = statistics.median(c for _, c in tune_runs)
     load_after = open("/proc/loadavg").read().split()[:3]
     timed_full = "full_s" not in memo
     memo.setdefault("full_s", (t_full, c_full))
@@ -282,8 +291,9 @@ def main() -> None:
     ap.add_argument("--oracle", default="digits",
                     help="datasets whose every candidate is fine-tuned too (best reachable final, tau vs finals)")
     ap.add_argument("--final-epochs", type=int, default=2)
-    ap.add_argument("--tune-repeats", type=int, default=5,
-                    help="whole proxy tunes timed per seed (fresh evaluator each); the ratio uses their median")
+    ap.add_argument("--tune-repeats", type=int, default=9,
+                    help="whole proxy tunes timed per seed (fresh evaluator each; one cold, the next interleaved "
+                         "with the full fine-tunes); the ratio uses their median")
     ap.add_argument("--fraction", type=float, default=0.04)
     ap.add_argument("--lock", default=None, help="flock this file around the timed steps (e.g. /tmp/lcpaq-bench.lock)")
     ap.add_argument("--out", default="bench_proxy", help="results file stem under benchmarks/results/")
