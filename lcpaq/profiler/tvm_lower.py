@@ -331,14 +331,17 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
     new = relax.transform.DeadCodeElimination()(new)
     new = relax.transform.FoldConstant()(new)
     if nchwc_epilogue and prims:
-        new = sink_epilogue(new)
+        # the packed convs stay kernels of their own (FuseTIR rejects fusing these TE convs with an
+        # elementwise consumer in 0.27: "Inconsistent buffers ... mapped to the same relax var")
+        new = sink_epilogue(tvm.IRModule({gv: (f.with_attr("op_pattern", 8) if gv.name_hint in prims else f)
+                                          for gv, f in new.functions.items()}, attrs=new.attrs))
     return new, kinds
 
 
 def nchwc_to_nchw(shape: tuple[int, ...], dtype: str) -> Any:
     """PrimFunc [N, C/L, H, W, L] -> [N, C, H, W] (``shape`` = the NCHWc shape), marked opaque
     (``op_pattern`` 8) so that FuseOps keeps the elementwise ops before it out of this loop nest:
-    they run vectorized on the NCHWc tensor, fused into the conv's own kernel."""
+    they run vectorized on the NCHWc tensor."""
     from tvm import te
 
     n, cb, h, w, lanes = shape
@@ -356,7 +359,8 @@ def sink_epilogue(mod: Any) -> Any:
     lower_qdq brings a packed conv's output back to NCHW) before the transposition: astype,
     multiply / add by a scalar or a [1, C, 1, 1] constant, relu, quantize with scalar parameters.
     The transposition then moves the final (for an int8 layer: uint8, 4x smaller) tensor, in an
-    opaque kernel of its own; the chain fuses into the conv kernel and runs on its output tile.
+    opaque kernel of its own; the chain runs as one contiguous elementwise kernel on the NCHWc
+    tensor (vectorizable), instead of inside the transposing loop nest.
     A chain op with another operand (a residual add) ends the chain: it stays after the transpose.
     """
     import tvm

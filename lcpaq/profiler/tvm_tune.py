@@ -50,6 +50,9 @@ class TuneConfig:
     # requantize fused with its neighbours' converts and the residual add): a few trials each
     # give them a vectorized schedule at a fraction of the time
     elementwise_trials: int = 0
+    # more task-name parts worth trials (elementwise): the NCHWc epilogue path's requantize kernels
+    # (``fused_cast_multiply_add_relu_quantize``) are scalar loops without a schedule
+    extra_ops: tuple[str, ...] = ()
     trials_per_iter: int = 32  # candidates per search round: 2 rounds at 64, the 2nd guided
     population: int = 0
     genetic_iters: int = 3
@@ -158,7 +161,7 @@ def fuse_for_tuning(mod: Any, target: Any) -> Any:
         return seq(mod)
 
 
-def heavy_tasks(mod: Any, target: Any) -> list[Any]:
+def heavy_tasks(mod: Any, target: Any, extra_ops: Sequence[str] = ()) -> list[Any]:
     """The conv/matmul tuning tasks of a Relax module.
 
     Only the compute-heavy kernels are worth trials; elementwise tasks (an input quantize or
@@ -167,7 +170,7 @@ def heavy_tasks(mod: Any, target: Any) -> list[Any]:
     from tvm.s_tir import meta_schedule as ms
 
     tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(mod, target), target)
-    return [t for t in tasks if any(op in t.task_name for op in TUNED_OPS)]
+    return [t for t in tasks if any(op in t.task_name for op in (*TUNED_OPS, *extra_ops))]
 
 
 def task_key(task: Any) -> int:
@@ -196,7 +199,7 @@ class Tuner:
         """(unique tasks of ``mods`` with no record in the database, number of unique tasks)."""
         seen: dict[int, Any] = {}
         for mod in mods:
-            for t in heavy_tasks(mod, self.target):
+            for t in heavy_tasks(mod, self.target, self.config.extra_ops):
                 seen.setdefault(task_key(t), t)
         miss = {k: t for k, t in seen.items() if k not in self._tuned
                 and self.db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None}

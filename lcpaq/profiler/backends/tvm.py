@@ -184,8 +184,9 @@ class TvmBackend:
         if self._tuner is None:
             if self.work_dir is None or self.trials <= 0:
                 raise ProfileError("tuning needs [tvm] trials > 0 and a work_dir in the device profile")
+            extra = ("cast", "multiply", "add", "relu", "quantize") if self.epilogue == "nchwc" else ()
             self._tuner = Tuner(self.target(), self.work_dir, TuneConfig(
-                trials=self.trials, elementwise_trials=self.elementwise_trials), rpc=self.rpc)
+                trials=self.trials, elementwise_trials=self.elementwise_trials, extra_ops=extra), rpc=self.rpc)
         return self._tuner
 
     def tune(self, units: list[Unit]) -> dict[str, Any]:
