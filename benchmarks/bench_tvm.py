@@ -158,13 +158,12 @@ def predict_bench(hw, model_name: str, table: Path, n_policies: int, rounds: int
                   kernels: int = 0) -> dict:
     """Predicted (TVM table) vs measured (whole TVM build) on random mixed policies (module doc)."""
     import numpy as np
+    import torch
 
     from lcpaq.models import default_input_shape, get_model
     from lcpaq.profiler.backends.tvm_check import kernel_profile, whole_vs_table
     from lcpaq.profiler.fidelity import random_class_policy
     from lcpaq.quant import quantizable_names
-
-    import torch
 
     torch.manual_seed(0)  # resnet18's weights are random: the same model in every run, so a rerun
     # finds its builds (libraries keyed by structure + activation scales) and tuned tasks again
