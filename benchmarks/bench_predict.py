@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks: folder keeping the exported policies between runs ('' for none)")
     ap.add_argument("--pairs", action="store_true",
                     help="blocks: also cut and time every boundary's two blocks as one unit (lcpaq.profiler.pairs)")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="blocks: statistic of the timing samples (min: the least disturbed sample)")
+    ap.add_argument("--tag", default="", help="blocks: suffix of the result files (e.g. _min)")
     ap.add_argument("--rescore", action="store_true",
                     help="blocks: refit the saved block tables and re-score the saved test measurements")
     ap.add_argument("--method", choices=["cut", "whole", "blocks"], default="cut",
@@ -205,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(summ), flush=True)
             all_rows.append({"summary": summ, "rows": rows})
-            ct.save(RESULTS / f"bench_predict_context_{model_name}_{threads}t.json")
-            out = RESULTS / f"bench_predict_{model_name}_{threads}t.json"
+            ct.save(RESULTS / f"bench_predict_context_{model_name}_{threads}t{args.tag}.json")
+            out = RESULTS / f"bench_predict_{model_name}_{threads}t{args.tag}.json"
             out.write_text(json.dumps({"summary": summ, "rows": rows, "load": os.getloadavg()}, indent=1))
     print("\n model           thr  median|err|  max|err|  within±5%  (uncal. median)  hybrid median/max")
     for r in all_rows:
@@ -275,7 +278,7 @@ def bench_whole(args: argparse.Namespace) -> int:
                     "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": os.getloadavg()}
             print(json.dumps(summ), flush=True)
             table.append(summ)
-            (RESULTS / f"bench_predict_whole_{model_name}_{threads}t.json").write_text(
+            (RESULTS / f"bench_predict_whole_{model_name}_{threads}t{args.tag}.json").write_text(
                 json.dumps({"summary": summ, "rows": rows, "train": train_rows}, indent=1))
     print("\n model           thr  median|err|  max|err|  within±5%  train  load")
     for s in table:
@@ -327,20 +330,20 @@ def bench_blocks(args: argparse.Namespace) -> int:
     for model_name in args.models.split(","):
         if args.rescore:
             for threads in threads_list:
-                table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
+                table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t{args.tag}.json")
                 if not table.plan.weight_numel:  # tables saved before the fp32-weight feature
                     import dataclasses
 
                     mods = dict(get_model(model_name).named_modules())
                     table.plan = dataclasses.replace(
                         table.plan, weight_numel={n: int(mods[n].weight.numel()) for n in table.plan.layers})
-                old = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").read_text())
+                old = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t{args.tag}.json").read_text())
                 tests = [(r["policy"], random_class_policy(table.plan.layers, np.random.default_rng(r["policy"]),
                                                            cands), {"ms": r["measured_ms"], "ref_ms": r["ref_ms"]},
                           r["blocks_not_matching_table"]) for r in old["rows"]]
                 extra = {k: old["summary"][k] for k in ("designed_policies", "block_units", "export_s", "unit_timing_s",
                                                         "locked_s", "wall_s", "load_start", "load_end", "overhead_ms")}
-                table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra))
+                table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra, args.tag))
             continue
         t0 = time.perf_counter()
         model, shape = get_model(model_name), default_input_shape(model_name)
@@ -385,7 +388,7 @@ def bench_blocks(args: argparse.Namespace) -> int:
                 table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()}, [],
                                    {g: list(v) for g, v in keys.pairs.items()})
                 load0, t1 = os.getloadavg(), time.perf_counter()
-                timer = OrtTimer(st, x)
+                timer = OrtTimer(st, x, args.stat)
                 for u in todo:
                     table.ms[u.key] = timer.unit(u)
                 t_units = time.perf_counter() - t1
@@ -399,8 +402,8 @@ def bench_blocks(args: argparse.Namespace) -> int:
                          "overhead_ms": timer.overhead_ms}
                 timed.append((threads, table, tests, extra))
         for threads, table, tests, extra in timed:
-            table.save(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
-            table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra))
+            table.save(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t{args.tag}.json")
+            table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra, args.tag))
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()
@@ -411,7 +414,7 @@ def bench_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dict) -> dict:
+def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dict, tag: str = "") -> dict:
     """Fit the block model (every correction variant) and score it on the measured test policies."""
     from lcpaq.profiler.blocks import fit_block_model, smooth_drift
 
@@ -460,7 +463,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
             **{f"max_abs_err_{v}_pct": max(abs(r[f"error_{v}_pct"]) for r in rows) for v in names},
             **extra}
     print(json.dumps(summ), flush=True)
-    (RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").write_text(
+    (RESULTS / f"bench_predict_blocks_{model_name}_{threads}t{tag}.json").write_text(
         json.dumps({"summary": summ, "rows": rows}, indent=1))
     return summ
 
@@ -481,8 +484,8 @@ def retest_blocks(args: argparse.Namespace) -> int:
     cands = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]
     for model_name in args.models.split(","):
         for threads in args.threads.split(","):
-            table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t.json")
-            saved = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t.json").read_text())
+            table = BlockTable.load(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t{args.tag}.json")
+            saved = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t{args.tag}.json").read_text())
             model, shape = get_model(model_name), default_input_shape(model_name)
             x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
             pols = [random_class_policy(table.plan.layers, np.random.default_rng(r["policy"]), cands)
@@ -492,7 +495,7 @@ def retest_blocks(args: argparse.Namespace) -> int:
             ref_b = _cached_export(cache, model_name, model, Policy.uniform(table.plan.layers, 8, 8), shape, x)
             with _bench_lock():
                 load0 = os.getloadavg()
-                timer = OrtTimer(_settings(model_name, threads), x)
+                timer = OrtTimer(_settings(model_name, threads), x, args.stat)
                 reps = [[timer.whole_row(p, b, ref_b) for p, b in zip(pols, blobs, strict=True)]
                         for _ in range(args.retest)]
                 load1 = os.getloadavg()
@@ -517,7 +520,7 @@ def retest_blocks(args: argparse.Namespace) -> int:
                     "median_abs_err_vs_mean_pct": statistics.median(err), "max_abs_err_vs_mean_pct": max(err),
                     "within_5pct_vs_mean": sum(e <= 5 for e in err), "load_start": load0, "load_end": load1}
             print(json.dumps(summ), flush=True)
-            (RESULTS / f"bench_predict_blocks_retest_{model_name}_{threads}t.json").write_text(
+            (RESULTS / f"bench_predict_blocks_retest_{model_name}_{threads}t{args.tag}.json").write_text(
                 json.dumps({"summary": summ, "rows": rows}, indent=1))
     return 0
 
@@ -538,7 +541,7 @@ def compare_tables(args: argparse.Namespace) -> int:
     out = []
     for model_name in args.models.split(","):
         for threads in [int(t) for t in args.threads.split(",")]:
-            res = RESULTS / f"bench_predict_{model_name}_{threads}t.json"
+            res = RESULTS / f"bench_predict_{model_name}_{threads}t{args.tag}.json"
             if not res.exists():
                 continue
             data = json.loads(res.read_text())
