@@ -438,7 +438,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
                "error_pct": 100 * (preds["auto"] / r["ms"] - 1),
                "error_uncorrected_pct": 100 * (blocks_sum * drift / r["ms"] - 1),
                "error_pairs_uncorrected_pct": 100 * ((blocks_sum + sum(
-                   g.cost(pol) for g in variants["auto"].groups if g.name.startswith("pair:"))) * drift / r["ms"] - 1),
+                   g.cost(pol) for g in variants["pairs"].groups if g.name.startswith("pair:"))) * drift / r["ms"] - 1),
                "error_additive_pct": 100 * (add_pred / r["ms"] - 1),
                "error_row_drift_pct": 100 * (preds["auto"] / drift * r["ref_ms"] / ref0 / r["ms"] - 1),
                "error_no_drift_pct": 100 * (preds["auto"] / drift / r["ms"] - 1),
