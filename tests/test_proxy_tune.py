@@ -317,3 +317,18 @@ def test_evaluate_many_matches_evaluate(tiny_setup):
     assert [(s.margin, s.kl, s.acc, s.n) for s in many] == [(s.margin, s.kl, s.acc, s.n) for s in one]
     assert many[0] is many[3] and many[0].margin != many[1].margin
     assert ev.evaluate_many([]) == []
+
+
+def test_proxy_scores_match_evaluate_and_skip_infeasible(tiny_setup):
+    from lcpaq.proxy import proxy_scores
+
+    m, inv, rep, base = tiny_setup
+    ev = ProxyEvaluator(m, base.x, base.y, calib_samples=32, calibration="fp32")
+    w4 = policy_costs(inv, Policy.uniform(inv.names, 4, 8))
+    configs = candidate_configs(4, seed=1)
+    make = PolicyMaker(inv, rep, budgets=Budgets(max_size_mb=w4.total_size_mb * 1.0001))
+    out = proxy_scores(ev, make, configs)
+    assert set(out) == set(configs)
+    for k, sc in out.items():
+        assert sc["margin"] == ev.evaluate(make(k), calib_method=k.calib_method).margin
+    assert proxy_scores(ev, PolicyMaker(inv, rep, budgets=Budgets(max_size_mb=1e-6)), configs) == {}
