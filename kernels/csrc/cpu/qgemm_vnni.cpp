@@ -91,6 +91,37 @@ void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t*
   micro_vnni_t<1>(A, lda, W0, W0, steps, C, ldc);
 }
 
+// One activation row (GEMV, M = 1): the 6-row tile would spend 5/6 of its vpdpbusd on padding
+// rows. Four step phases carry separate accumulators (8 independent chains for two panels
+// instead of 2: vpdpbusd's latency, not its throughput, would bind), summed at the end.
+void micro_vnni_row1(const uint8_t* A, const uint8_t* W0, const uint8_t* W1, int64_t steps,
+                     int32_t* C) {
+  __m512i c0[4], c1[4];
+  for (int j = 0; j < 4; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
+  int64_t s = 0;
+  for (; s + 4 <= steps; s += 4) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512i a = bcast32z(A + 4 * (s + j));
+      c0[j] = _mm512_dpbusd_epi32(c0[j], a, _mm512_loadu_si512(W0 + (s + j) * kDecStep));
+      if (W1 != nullptr) {
+        c1[j] = _mm512_dpbusd_epi32(c1[j], a, _mm512_loadu_si512(W1 + (s + j) * kDecStep));
+      }
+    }
+  }
+  for (; s < steps; ++s) {
+    const __m512i a = bcast32z(A + 4 * s);
+    c0[0] = _mm512_dpbusd_epi32(c0[0], a, _mm512_loadu_si512(W0 + s * kDecStep));
+    if (W1 != nullptr) c1[0] = _mm512_dpbusd_epi32(c1[0], a, _mm512_loadu_si512(W1 + s * kDecStep));
+  }
+  const __m512i s0 = _mm512_add_epi32(_mm512_add_epi32(c0[0], c0[1]), _mm512_add_epi32(c0[2], c0[3]));
+  _mm512_storeu_si512(C, _mm512_add_epi32(_mm512_loadu_si512(C), s0));
+  if (W1 != nullptr) {
+    const __m512i s1 = _mm512_add_epi32(_mm512_add_epi32(c1[0], c1[1]), _mm512_add_epi32(c1[2], c1[3]));
+    _mm512_storeu_si512(C + kNR, _mm512_add_epi32(_mm512_loadu_si512(C + kNR), s1));
+  }
+}
+
 // lanes [0, n) of a 64-byte chunk, n <= 64
 static LCPAQ_AI __mmask64 first_n(int64_t n) {
   return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
@@ -179,6 +210,7 @@ bool cpu_has_avx512vnni() {
 #else  // no AVX-512 VNNI code in this build: never dispatched
 void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
                 int64_t) {}
+void micro_vnni_row1(const uint8_t*, const uint8_t*, const uint8_t*, int64_t, int32_t*) {}
 bool cpu_has_avx512vnni() { return false; }
 void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
 void epilogue_row_avx512(const int32_t*, int64_t, const RowEpi&, void*) {}

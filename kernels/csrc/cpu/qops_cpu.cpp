@@ -152,9 +152,11 @@ struct Route {
       decode(panels + (p * ksteps + k0) * sb, ks, out);
     }
   }
-  // C[6][16] (+ C[6][16..32] for W1) += A-tile x decoded panel(s) W0 (W1)
+  // C[6][16] (+ C[6][16..32] for W1) += A-tile x decoded panel(s) W0 (W1); rows = 1: only
+  // the first row is needed (M = 1)
   void tile(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1, int64_t steps,
-            int32_t* C, int64_t ldc) const {
+            int32_t* C, int64_t ldc, int rows = kMR) const {
+    if (zmm && rows == 1) return micro_vnni_row1(A, W0, W1, steps, C);
     if (zmm) return micro_vnni(A, lda, W0, W1, steps, C, ldc);
     micro(A, lda, W0, steps, C, ldc);
     if (W1 != nullptr) micro(A, lda, W1, steps, C + kNR, ldc);
@@ -290,7 +292,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
         if (two) rt.dec(panels, p0 + p + 1, k0, ks, wd1);
         for (int64_t r = 0; r < mrows; r += kMR) {
           rt.tile(A + r * lda_a + k0 * 4, lda_a, wd, two ? wd1 : nullptr, ks,
-                  cbuf + r * ldc + p * kNR, ldc);
+                  cbuf + r * ldc + p * kNR, ldc, M == 1 ? 1 : kMR);
         }
       }
     }
