@@ -161,9 +161,10 @@ def test_forced_isa_is_exact(bits: int, xdt: torch.dtype, isa: str, threads: int
     has): each exact, so all paths agree bit for bit. 50 rows x 40 channels: an odd panel count
     (the VNNI kernel's single-panel tile) and a partial row tile; 2000 rows x 37: row blocks
     read in place (uint8, K not a multiple of 4: each row's last step reads into the next); one
-    row (GEMV: the VNNI one-row kernel, 75 steps, 3 panels)."""
+    row (GEMV: the VNNI kernel reading the blob, 3 and 2 panels, odd step counts and the 2-bit
+    blob's half-filled last load at K=37)."""
     g = torch.Generator().manual_seed(3)
-    for m, n, k in [(50, 40, 300), (2000, 20, 37), (1, 40, 300)]:
+    for m, n, k in [(50, 40, 300), (2000, 20, 37), (1, 40, 300), (1, 20, 37), (1, 70, 4)]:
         x, q = _rand_x((m, k), xdt, g), _rand_w(n, k, bits, g)
         blob = pack_weight(q, bits)
         monkeypatch.delenv("LCPAQ_KERNELS_ISA", raising=False)

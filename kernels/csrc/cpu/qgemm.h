@@ -76,9 +76,10 @@ bool cpu_has_avx2_fma();
 // (decode_w7_avx2 for 8-bit blobs, any int8 value; decode_w4s/w2s_avx2 for 4/2-bit ones).
 void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
                 int64_t);
-// the same for one activation row (C[0][0..32)), for M = 1
-void micro_vnni_row1(const uint8_t* A, const uint8_t* W0, const uint8_t* W1, int64_t steps,
-                     int32_t* C);
+// One activation row (M = 1) x np <= 4 panels read from the blob (lbits 8, 4 or 2; W = the first
+// panel, bsteps blob steps per panel): C[0 .. 16 np) += sum_k x[k] q[n, k]. x: packed uint8 row
+// (int8 flipped), zero-padded to 16 bytes past the last step.
+void gemv_vnni(int lbits, const uint8_t* x, const uint8_t* W, int64_t bsteps, int np, int32_t* C);
 bool cpu_has_avx512vnni();
 // AVX-VNNI (VEX, ymm; qgemm_avxvnni.cpp): the same route 16 channels at a time (Micro signature)
 void micro_avxvnni(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*, int64_t);

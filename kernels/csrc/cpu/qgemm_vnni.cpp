@@ -91,34 +91,132 @@ void micro_vnni(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t*
   micro_vnni_t<1>(A, lda, W0, W0, steps, C, ldc);
 }
 
-// One activation row (GEMV, M = 1): the 6-row tile would spend 5/6 of its vpdpbusd on padding
-// rows. Four step phases carry separate accumulators (8 independent chains for two panels
-// instead of 2: vpdpbusd's latency, not its throughput, would bind), summed at the end.
-void micro_vnni_row1(const uint8_t* A, const uint8_t* W0, const uint8_t* W1, int64_t steps,
-                     int32_t* C) {
-  __m512i c0[4], c1[4];
-  for (int j = 0; j < 4; ++j) c0[j] = c1[j] = _mm512_setzero_si512();
+// One activation row (GEMV, M = 1) straight from the packed blob: the 6-row tile would spend 5/6
+// of its vpdpbusd on padding rows, and decoding the weights into a buffer that is read once costs
+// as much as the dot products. One 64-byte load of a panel covers 2 steps (W4: 32 bytes a step,
+// byte c*4+j: column c in the low nibble, c + 8 in the high one), 4 steps (W2) or 2 blob steps
+// (8-bit blob, 2-k steps: dword lane l holds columns 2l, 2l+1 x 2 k; activations [x0 x1 0 0]
+// pick the even column, [0 0 x0 x1] the odd one). Lanes 8-15 carry the second half of the load
+// (a later step), folded onto lanes 0-7 at the end. Up to 4 panels share each activation vector
+// (8 independent accumulator chains).
+
+// dword lanes 0-7 = v0, lanes 8-15 = v1
+static LCPAQ_AI __m512i two_dwords(int32_t v0, int32_t v1) {
+  return _mm512_inserti64x4(_mm512_set1_epi32(v0), _mm256_set1_epi32(v1), 1);
+}
+static LCPAQ_AI int32_t dword_at(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+// C[0..8) += lanes 0-7 + lanes 8-15 of lo, C[8..16) likewise of hi
+static LCPAQ_AI void fold_add(int32_t* C, __m512i lo, __m512i hi) {
+  const __m256i l = _mm256_add_epi32(_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1));
+  __m256i* c = reinterpret_cast<__m256i*>(C);
+  _mm256_storeu_si256(c, _mm256_add_epi32(_mm256_loadu_si256(c), l));
+  _mm256_storeu_si256(c + 1, _mm256_add_epi32(_mm256_loadu_si256(c + 1), h));
+}
+
+template <int NP>
+static void gemv_w4(const uint8_t* x, const uint8_t* W, int64_t ksteps, int32_t* C) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), h = _mm512_set1_epi8(8);
+  const int64_t ps = ksteps * 32;  // panel stride
+  __m512i lo[NP], hi[NP];
+  for (int p = 0; p < NP; ++p) lo[p] = hi[p] = _mm512_setzero_si512();
   int64_t s = 0;
-  for (; s + 4 <= steps; s += 4) {
+  for (; s + 2 <= ksteps; s += 2) {
+    const __m512i a = two_dwords(dword_at(x + 4 * s), dword_at(x + 4 * s + 4));
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512i a = bcast32z(A + 4 * (s + j));
-      c0[j] = _mm512_dpbusd_epi32(c0[j], a, _mm512_loadu_si512(W0 + (s + j) * kDecStep));
-      if (W1 != nullptr) {
-        c1[j] = _mm512_dpbusd_epi32(c1[j], a, _mm512_loadu_si512(W1 + (s + j) * kDecStep));
-      }
+    for (int p = 0; p < NP; ++p) {
+      const __m512i v = _mm512_loadu_si512(W + p * ps + s * 32);
+      lo[p] = _mm512_dpbusd_epi32(lo[p], a, _mm512_sub_epi8(_mm512_and_si512(v, m4), h));
+      hi[p] = _mm512_dpbusd_epi32(hi[p], a,
+                                  _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), h));
     }
   }
-  for (; s < steps; ++s) {
-    const __m512i a = bcast32z(A + 4 * s);
-    c0[0] = _mm512_dpbusd_epi32(c0[0], a, _mm512_loadu_si512(W0 + s * kDecStep));
-    if (W1 != nullptr) c1[0] = _mm512_dpbusd_epi32(c1[0], a, _mm512_loadu_si512(W1 + s * kDecStep));
+  if (s < ksteps) {  // last single step: the upper half's weights are zeroed
+    const __mmask64 m = 0xFFFFFFFFull;
+    const __m512i a = _mm512_set1_epi32(dword_at(x + 4 * s));
+    for (int p = 0; p < NP; ++p) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, W + p * ps + s * 32);
+      lo[p] = _mm512_dpbusd_epi32(lo[p], a, _mm512_maskz_sub_epi8(m, _mm512_and_si512(v, m4), h));
+      hi[p] = _mm512_dpbusd_epi32(
+          hi[p], a, _mm512_maskz_sub_epi8(m, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4), h));
+    }
   }
-  const __m512i s0 = _mm512_add_epi32(_mm512_add_epi32(c0[0], c0[1]), _mm512_add_epi32(c0[2], c0[3]));
-  _mm512_storeu_si512(C, _mm512_add_epi32(_mm512_loadu_si512(C), s0));
-  if (W1 != nullptr) {
-    const __m512i s1 = _mm512_add_epi32(_mm512_add_epi32(c1[0], c1[1]), _mm512_add_epi32(c1[2], c1[3]));
-    _mm512_storeu_si512(C + kNR, _mm512_add_epi32(_mm512_loadu_si512(C + kNR), s1));
+  for (int p = 0; p < NP; ++p) fold_add(C + p * kNR, lo[p], hi[p]);
+}
+
+template <int NP>
+static void gemv_w2(const uint8_t* x, const uint8_t* W, int64_t ksteps, int32_t* C) {
+  const __m512i m2 = _mm512_set1_epi8(0x03), h = _mm512_set1_epi8(2);
+  const int64_t ps = ksteps / 2 * 32;  // panel stride (ksteps is even for 2-bit blobs)
+  __m512i lo[NP], hi[NP];
+  for (int p = 0; p < NP; ++p) lo[p] = hi[p] = _mm512_setzero_si512();
+  auto q = [&](__m512i v, int sh, __mmask64 m) {
+    return _mm512_maskz_sub_epi8(m, _mm512_and_si512(_mm512_srli_epi16(v, sh), m2), h);
+  };
+  for (int64_t s = 0; s < ksteps; s += 4) {
+    // 64 bytes: steps s, s+1 (bytes 0-31) and s+2, s+3 (32-63); the last pair may be alone
+    const bool full = s + 4 <= ksteps;
+    const __mmask64 m = full ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
+    const __m512i a02 = two_dwords(dword_at(x + 4 * s), full ? dword_at(x + 4 * s + 8) : 0);
+    const __m512i a13 = two_dwords(dword_at(x + 4 * s + 4), full ? dword_at(x + 4 * s + 12) : 0);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, W + p * ps + s / 2 * 32);
+      lo[p] = _mm512_dpbusd_epi32(lo[p], a02, q(v, 0, m));
+      hi[p] = _mm512_dpbusd_epi32(hi[p], a02, q(v, 2, m));
+      lo[p] = _mm512_dpbusd_epi32(lo[p], a13, q(v, 4, m));
+      hi[p] = _mm512_dpbusd_epi32(hi[p], a13, q(v, 6, m));
+    }
+  }
+  for (int p = 0; p < NP; ++p) fold_add(C + p * kNR, lo[p], hi[p]);
+}
+
+template <int NP>
+static void gemv_w8(const uint8_t* x, const uint8_t* W, int64_t bsteps, int32_t* C) {
+  const int64_t ps = bsteps * 32;
+  __m512i ev[NP], od[NP];
+  for (int p = 0; p < NP; ++p) ev[p] = od[p] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < bsteps; t += 2) {  // blob steps t, t+1: k = 2t .. 2t+3
+    const bool full = t + 2 <= bsteps;
+    const __mmask64 m = full ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
+    const uint32_t d = static_cast<uint32_t>(dword_at(x + 2 * t));
+    const int32_t e0 = int32_t(d & 0xFFFF), e1 = full ? int32_t(d >> 16) : 0;
+    const __m512i ae = two_dwords(e0, e1), ao = two_dwords(e0 << 16, int32_t(uint32_t(e1) << 16));
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, W + p * ps + t * 32);
+      ev[p] = _mm512_dpbusd_epi32(ev[p], ae, v);
+      od[p] = _mm512_dpbusd_epi32(od[p], ao, v);
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    const __m256i e = _mm256_add_epi32(_mm512_castsi512_si256(ev[p]), _mm512_extracti64x4_epi64(ev[p], 1));
+    const __m256i o = _mm256_add_epi32(_mm512_castsi512_si256(od[p]), _mm512_extracti64x4_epi64(od[p], 1));
+    // e: columns 0, 2, ..., 14; o: 1, 3, ..., 15 -> interleave
+    const __m256i lo = _mm256_unpacklo_epi32(e, o), hi = _mm256_unpackhi_epi32(e, o);
+    __m256i* c = reinterpret_cast<__m256i*>(C + p * kNR);
+    _mm256_storeu_si256(c, _mm256_add_epi32(_mm256_loadu_si256(c), _mm256_permute2x128_si256(lo, hi, 0x20)));
+    _mm256_storeu_si256(c + 1, _mm256_add_epi32(_mm256_loadu_si256(c + 1), _mm256_permute2x128_si256(lo, hi, 0x31)));
+  }
+}
+
+template <int NP>
+static void gemv_np(int lbits, const uint8_t* x, const uint8_t* W, int64_t bsteps, int32_t* C) {
+  if (lbits == 8) return gemv_w8<NP>(x, W, bsteps, C);
+  if (lbits == 4) return gemv_w4<NP>(x, W, bsteps, C);
+  gemv_w2<NP>(x, W, bsteps, C);
+}
+
+void gemv_vnni(int lbits, const uint8_t* x, const uint8_t* W, int64_t bsteps, int np, int32_t* C) {
+  switch (np) {
+    case 1: return gemv_np<1>(lbits, x, W, bsteps, C);
+    case 2: return gemv_np<2>(lbits, x, W, bsteps, C);
+    case 3: return gemv_np<3>(lbits, x, W, bsteps, C);
+    default: return gemv_np<4>(lbits, x, W, bsteps, C);
   }
 }
 
@@ -210,7 +308,7 @@ bool cpu_has_avx512vnni() {
 #else  // no AVX-512 VNNI code in this build: never dispatched
 void micro_vnni(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, int64_t, int32_t*,
                 int64_t) {}
-void micro_vnni_row1(const uint8_t*, const uint8_t*, const uint8_t*, int64_t, int32_t*) {}
+void gemv_vnni(int, const uint8_t*, const uint8_t*, int64_t, int, int32_t*) {}
 bool cpu_has_avx512vnni() { return false; }
 void flip_row_avx512(int8_t*, const uint8_t*, int64_t, uint8_t) {}
 void epilogue_row_avx512(const int32_t*, int64_t, const RowEpi&, void*) {}

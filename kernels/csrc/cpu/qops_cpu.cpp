@@ -152,11 +152,9 @@ struct Route {
       decode(panels + (p * ksteps + k0) * sb, ks, out);
     }
   }
-  // C[6][16] (+ C[6][16..32] for W1) += A-tile x decoded panel(s) W0 (W1); rows = 1: only
-  // the first row is needed (M = 1)
+  // C[6][16] (+ C[6][16..32] for W1) += A-tile x decoded panel(s) W0 (W1)
   void tile(const uint8_t* A, int64_t lda, const uint8_t* W0, const uint8_t* W1, int64_t steps,
-            int32_t* C, int64_t ldc, int rows = kMR) const {
-    if (zmm && rows == 1) return micro_vnni_row1(A, W0, W1, steps, C);
+            int32_t* C, int64_t ldc) const {
     if (zmm) return micro_vnni(A, lda, W0, W1, steps, C, ldc);
     micro(A, lda, W0, steps, C, ldc);
     if (W1 != nullptr) micro(A, lda, W1, steps, C + kNR, ldc);
@@ -292,7 +290,7 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
         if (two) rt.dec(panels, p0 + p + 1, k0, ks, wd1);
         for (int64_t r = 0; r < mrows; r += kMR) {
           rt.tile(A + r * lda_a + k0 * 4, lda_a, wd, two ? wd1 : nullptr, ks,
-                  cbuf + r * ldc + p * kNR, ldc, M == 1 ? 1 : kMR);
+                  cbuf + r * ldc + p * kNR, ldc);
         }
       }
     }
@@ -326,6 +324,23 @@ void gemm(int bits, bool xs8, int64_t M, int64_t N, const uint8_t* blob, const R
         }
       }
     });
+    return;
+  }
+  if (rt.zmm && M == 1) {  // GEMV: the weights straight from the blob (gemv_vnni)
+    uint8_t* row = scratch_shared.get(align64(Kpad + 64));
+    pack_row(0, row);
+    std::memset(row + Kpad, 0, 64);
+    const int lbits = int(layout_bits(rt.bits));
+    at::parallel_for(0, nb, 1, [&](int64_t b, int64_t e) {
+      int32_t cbuf[kNCP * kNR];
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t p0 = t * NCP, np = std::min(NCP, P - p0);
+        init_tile_rows(rt, ep, colsum, p0 * kNR, np * kNR, 1, cbuf, ldc);
+        gemv_vnni(lbits, row, panels + p0 * rt.bsteps * rt.sb, rt.bsteps, int(np), cbuf);
+        epilogue_rows(rt, ep, cbuf, ldc, 0, 1, p0 * kNR, std::min((p0 + np) * kNR, N));
+      }
+    });
+    scratch_shared.trim();
     return;
   }
   // Few rows: pack all of A once, then parallelize over (row block, channel block) tasks.
