@@ -319,6 +319,8 @@ def main() -> None:
     goals_md, goals_met = goal_table(rows, cpu_isa())
     print("\nGoals (ratios of fastest-round medians; '(miss)' below the goal):\n" + goals_md)
     print("shapes meeting each goal (GEMV rows excluded):", goals_met)
+    print("([avx2] columns: lcpaq forced to its AVX2 kernels; torch and ORT always run their best "
+          "ISA, so [avx2] W8A8/ORT-u8u8 is not what an AVX2-only CPU would show)")
     for row in e2e:
         print(f"[t={row['threads']}] resnet18 e2e vs fp32 (>= 2.5): {cpu_isa()} {row['speedup']:.2f}"
               + (f", avx2 {row['speedup_avx2']:.2f}" if "speedup_avx2" in row else ""))
