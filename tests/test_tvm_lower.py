@@ -219,21 +219,52 @@ def test_fp32_nchwc_conv_matches_ort(name, in_class):
 @pytest.mark.parametrize("bits,in_class,act", [((8, 8), "int8", True), ((4, 8), "fp32", False), ((32, 32), "fp32", True)],
                          ids=["w8a8-in_int8-relu", "w4a8-in_fp32-none", "fp32-relu"])
 def test_nchwc_epilogue_moves_the_requantize_before_one_opaque_transpose(bits, in_class, act):
-    """nchwc_epilogue: astype/scale/bias/relu/quantize run on the packed conv's NCHWc output, one
-    opaque kernel transposes the result back to NCHW; output still equals ORT's."""
+    """nchwc_epilogue: astype/scale/bias/relu/quantize run on the packed int8 conv's NCHWc output,
+    one opaque kernel transposes the uint8 result back to NCHW (float convs keep their form);
+    the output still equals ORT's."""
     layer = conv_layer(c=8, o=16, hw=9, act=act)
     onnx_bytes, feeds = build_unit(layer, bits, in_class, seed=7)
     mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
     low, _ = lower_qdq(mod, int8_intrin="avx2", fp32_nchwc=8, nchwc_epilogue=True)
     text = low["main"].script()
-    assert "R.permute_dims" not in text and text.count("transpose_nchwc8_to_nchw_") == 1
-    out_dtype = "uint8" if bits != (32, 32) else "float32"
-    assert f"transpose_nchwc8_to_nchw_{out_dtype}" in text  # the transpose moves the final tensor
-    assert int(low[f"transpose_nchwc8_to_nchw_{out_dtype}_1x2x9x9"].attrs["op_pattern"]) == 8
+    if bits == (32, 32):
+        assert "R.permute_dims" in text and "transpose_nchwc" not in text
+    else:
+        assert "R.permute_dims" not in text and text.count("transpose_nchwc8_to_nchw_uint8") == 1
+        assert int(low["transpose_nchwc8_to_nchw_uint8_1x2x9x9"].attrs["op_pattern"]) == 8
+        conv = next(gv for gv in low.functions if gv.name_hint.startswith("conv2d_nchwc8_u8s8"))
+        assert int(low[conv].attrs["op_pattern"]) == 8  # kept out of FuseOps (see tvm_lower)
     ref = session(onnx_bytes, 1).run(None, feeds)[0]
     out = _run(low, feeds)
-    if out_dtype == "uint8":
+    if bits != (32, 32):
         diff = np.abs(out.astype(np.int32) - ref.astype(np.int32))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     else:
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_opaque_kernel_reuses_the_tuning_record_of_its_fusable_twin(tmp_path):
+    """The NCHWc-epilogue path marks packed convs opaque (op_pattern 8): a different workload hash
+    for the same loop nest. Tuner copies the twin's record (op_pattern 4) instead of re-tuning."""
+    from types import SimpleNamespace
+
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from lcpaq.profiler.tvm_lower import conv2d_nchwc_u8s8
+    from lcpaq.profiler.tvm_tune import TuneConfig, Tuner
+
+    target = tvm.target.Target(HOST_TARGET)
+    prim = conv2d_nchwc_u8s8((1, 8, 6, 6), 16, (3, 3), (1, 1), (1, 1, 1, 1), 8).with_attr("global_symbol", "main")
+    opaque = tvm.IRModule({"main": prim.with_attr("op_pattern", 8)})
+    twin = tvm.IRModule({"main": prim.with_attr("op_pattern", 4)})
+    tuner = Tuner(target, tmp_path, TuneConfig(trials=1))
+    task = SimpleNamespace(dispatched=[opaque], task_name="conv2d_nchwc8_u8s8")
+    assert not tuner._reuse_twin(task)  # no record for the twin yet: tune it
+    sch = s_tir.Schedule(twin)
+    sch.split(sch.get_loops(sch.get_sblock("conv2d_nchwc"))[3], [None, 2])  # a non-trivial trace
+    tuner.db.commit_tuning_record(ms.database.TuningRecord(sch.trace, tuner.db.commit_workload(twin), [1e-3], target))
+    assert tuner.db.query_tuning_record(opaque, target, "t") is None
+    assert tuner._reuse_twin(task)
+    rec = tuner.db.query_tuning_record(opaque, target, "t")
+    assert rec is not None and str(rec.trace) == str(sch.trace)

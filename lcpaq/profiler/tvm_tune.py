@@ -202,9 +202,35 @@ class Tuner:
             for t in heavy_tasks(mod, self.target, self.config.extra_ops):
                 seen.setdefault(task_key(t), t)
         miss = {k: t for k, t in seen.items() if k not in self._tuned
-                and self.db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None}
+                and self.db.query_tuning_record(t.dispatched[0], self.target, t.task_name) is None
+                and not self._reuse_twin(t)}
         self._tuned.update(k for k in seen if k not in miss)
         return list(miss.values()), len(seen)
+
+    def _reuse_twin(self, task: Any) -> bool:
+        """A kernel marked opaque (``op_pattern`` 8, tvm_lower's NCHWc-epilogue path) is the same
+        loop nest as its fusable twin (``op_pattern`` 4) but hashes differently: copy the twin's
+        record, when the database has one and its trace applies, instead of tuning it again."""
+        from tvm import s_tir
+        from tvm.s_tir import meta_schedule as ms
+
+        mod = task.dispatched[0]
+        (gv, fn), = mod.functions.items()
+        if fn.attrs is None or int(fn.attrs.get("op_pattern", -1)) != 8:
+            return False
+        import tvm
+
+        twin = tvm.IRModule({gv: fn.with_attr("op_pattern", 4)})
+        rec = self.db.query_tuning_record(twin, self.target, task.task_name)
+        if rec is None:
+            return False
+        try:
+            rec.trace.apply_to_schedule(s_tir.Schedule(mod), remove_postproc=False)
+        except Exception:  # noqa: BLE001 - the trace does not fit: tune it
+            return False
+        self.db.commit_tuning_record(ms.database.TuningRecord(
+            rec.trace, self.db.commit_workload(mod), rec.run_secs, self.target, rec.args_info))
+        return True
 
     def strategy(self, trials: int | None = None) -> Any:
         from tvm.s_tir import meta_schedule as ms
