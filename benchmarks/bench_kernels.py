@@ -135,6 +135,23 @@ def gemm_contestants(m: int, n: int, k: int, threads: int) -> dict[str, Callable
     return out
 
 
+def steady_malloc() -> bool:
+    """Keep glibc from returning freed memory to the OS between calls (mmap and trim thresholds
+    256 MiB), for every contestant alike: otherwise each call's multi-MB output can land on fresh
+    pages, and the page faults (in the timed thread's CPU time) depend on what ran before: in
+    session 5 and 6 runs the same VNNI kernel timed as W8 and as W7 differed by up to 1.6x on the
+    stem. Returns False where it cannot be set (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_isa() -> str:
     """The lcpaq kernels' instruction set on this CPU, as the extension picks it."""
     from lcpaq.profiler.backends.kernels import kernel_isa
@@ -258,9 +275,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two GEMM shapes, no end-to-end")
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the resnet18 end-to-end run")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's mmap/trim thresholds as they are (see steady_malloc)")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    print("lcpaq kernels:", status(), "ISA:", cpu_isa())
+    malloc_steady = False if args.malloc_default else steady_malloc()
+    print("lcpaq kernels:", status(), "ISA:", cpu_isa(), "steady malloc:", malloc_steady)
     rows = []
     shapes = SHAPES[1:3] if args.quick else SHAPES
     if args.shapes:
@@ -327,7 +347,7 @@ def main() -> None:
     print("load average:", loadavg, "end", os.getloadavg())
     meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
             "kernels": str(status()), "isa": cpu_isa(), "gemm": rows, "resnet18_e2e": e2e,
-            "goals_met": goals_met,
+            "goals_met": goals_met, "steady_malloc": malloc_steady,
             "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded; convert fuses ReLU + "
                       "the next conv's uint8 quantization into the epilogue)",
             "loadavg": loadavg | {"end": [round(v, 2) for v in os.getloadavg()]},
