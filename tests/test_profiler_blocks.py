@@ -247,7 +247,10 @@ def test_profile_blocks_covers_every_context_on_ort(blocknet):
     for b, ctx in table.plan.context.items():
         assert len(table.keys[b]) == 2 ** len(ctx)
     assert all(np.isfinite(v) for v in table.ms.values())
-    assert len(table.whole) == 6 and lm.meta["whole_rows"] == 6
+    # 6 designed policies + 3 anchor rows each of uniform fp32 and uniform int8 (the corners)
+    assert len(table.whole) == 12 and lm.meta["whole_rows"] == 12
+    corners = [{tuple(p) for p in r["policy"].values()} for r in table.whole[6:]]
+    assert corners == [{(32, 32)}, {(8, 8)}] * 3
     pol = Policy({n: CANDS[i % 3] for i, n in enumerate(table.plan.layers)})
     assert np.isfinite(lm.predict(pol))
     coef, _, _ = fit_correction(table, features=lm.meta["correction_features"])
@@ -284,7 +287,8 @@ def test_edge_correction_learns_one_boundary_cost_and_auto_picks_it():
     coef, rms, chosen = fit_correction(t, features="auto")
     assert chosen == "edge"
     j = plan.edges.index(("a2", "b1"))
-    others = [abs(c) for k, c in enumerate(coef[5:]) if k != 3 * j + 2]
+    per_edge = coef[5:5 + 3 * len(plan.edges)]  # then the fp32-weight and int8-fraction terms
+    others = [abs(c) for k, c in enumerate(per_edge) if k != 3 * j + 2]
     assert coef[5 + 3 * j + 2] > 0.1 > max(others)  # the "fi" indicator of that edge (ridge shrinks it)
     lm = fit_block_model(t, CANDS, features="edge")
     errs = []
