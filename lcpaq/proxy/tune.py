@@ -161,7 +161,7 @@ def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: An
     rungs = max(1, math.ceil(math.log(max(len(alive), 1), eta)) + 1)
     rungs = min(rungs, int(math.log(max(n_all / max(min_samples, 1), 1), eta)) + 1)  # smallest >= min_samples
     sizes = [n_all // eta ** (rungs - 1 - r) for r in range(rungs)]
-    cache: dict[tuple, Trial] = {}
+    cache: dict[tuple, Any] = {}  # (policy, calib method, n) -> ProxyScore
     for r, n in enumerate(sizes):
         scored = []
         # the rung's new (policy, calibration) pairs in one call: knobs that lead to the same
@@ -169,11 +169,10 @@ def tune(model: Any, inventory: Any, report: Any, evaluator: Any, *, budgets: An
         todo = list(dict.fromkeys((pol, k.calib_method) for k, pol in alive if (pol, k.calib_method, n) not in cache))
         many = getattr(evaluator, "evaluate_many", None)
         got = many(todo, n=n) if many is not None else [evaluator.evaluate(p, calib_method=c, n=n) for p, c in todo]
-        for (pol, cm), s in zip(todo, got, strict=True):
-            cache[(pol, cm, n)] = Trial(Knobs(), pol, {m: s.get(m) for m in PROXY_METRICS}, n, s.seconds)
+        cache.update({(pol, cm, n): s for (pol, cm), s in zip(todo, got, strict=True)})
         for k, pol in alive:
-            key = (pol, k.calib_method, n)
-            tr = Trial(k, pol, cache[key].scores, n, cache[key].seconds)
+            s = cache[(pol, k.calib_method, n)]
+            tr = Trial(k, pol, {m: s.get(m) for m in PROXY_METRICS}, n, s.seconds)
             done[k] = tr
             scored.append(tr)
             if progress is not None:
