@@ -165,6 +165,7 @@ class ProxyEvaluator:
             ly.name for ly in inventory.layers if ly.kind == "conv" and tuple(ly.fused[:1]) == ("bn",)}
         self._bn_pairs: dict[str, str] = {}  # conv -> the BatchNorm2d folded into its twins
         self._bn_fold: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # conv -> (g, folded bias)
+        self._skip = _Skip().eval()  # stands in for every folded BN (stateless)
         # with fp32 ranges, the one fp32 pass also records every quantizable layer's input
         logits, feats = self._forward(self.model, len(self.y), record=calibration == "fp32")
         self.fp32_logits, self.fp32_features = logits[0], feats[0]
@@ -272,7 +273,7 @@ class ProxyEvaluator:
             if t is not self._float_layers[name]:
                 _put(m, name, t)
         for bn in self._bn_pairs.values():
-            _put(m, bn, _SKIP)
+            _put(m, bn, self._skip)
         return m
 
     def quantized(self, policy: Policy, *, calib_method: str = "minmax") -> nn.Module:
@@ -426,9 +427,6 @@ class _Skip(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-_SKIP = _Skip().eval()
 
 
 def _put(root: nn.Module, path: str, mod: nn.Module) -> None:
