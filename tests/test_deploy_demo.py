@@ -79,4 +79,4 @@ def test_demo_quick_on_ort_predicts_with_the_block_model(tmp_path):
     assert blocks > 0.5 * w8["measured_ms"]
     mixed = s["rows"][2]
     assert mixed["predicted_ms"] <= s["budgets"]["max_latency_ms"] * (1 + 1e-6)
-    assert not any(r["in_sample"] for r in s["rows"])
+    assert [r["in_sample"] for r in s["rows"]] == [True, True, False]  # uniform rows anchor the correction

@@ -371,7 +371,7 @@ def run_demo(out: str | Path = "lcpaq-demo-report", *, quick: bool = False, back
                      "gbops": c.total_gbops, "predicted_ms": rep.predicted_ms, "measured_ms": rep.measured_ms,
                      "error_pct": rep.error_pct, "deployed_acc_pct": rep.output_check.get("deployed_acc"),
                      "raw_table_predicted_ms": lm_raw.predict(pol),
-                     "in_sample": label != "mixed" and hw.backend != "ort"})
+                     "in_sample": label != "mixed"})
     summary = {"model": MODEL, "backend": hw.backend, "profile": hw.name, "quick": quick, "budgets": budgets,
                "chosen_policy": {k: format_bits(v) for k, v in res.policy.items()}, "rows": rows,
                "finetune": {"ptq_acc": ft.ptq_acc, "qat_acc": ft.qat_acc}, "onnx_check": val["onnx_check"],
@@ -395,8 +395,8 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
     console.print(t)
     if s["backend"] == "ort":
         console.print("predicted = block model (every block timed in its context + isolation correction fitted on "
-                      "whole-model times of the designed policies, measured earlier in this run); every row out of "
-                      "sample; raw table ms = the same model")
+                      "whole-model times of the designed policies and of uniform fp32/W8A8, measured earlier in this "
+                      "run: ref rows are in its training rows, mixed is out of sample); raw table ms = the same model")
     else:
         console.print("predicted = table calibrated to fp32/W8A8 whole-model references measured earlier in this run "
                       "(ref rows: re-measured references; mixed: out of sample); raw table ms = uncalibrated sum of "
