@@ -53,7 +53,12 @@ def qconv2d(
     w_scale: torch.Tensor, x_scale: float, x_zero_point: int, bias: torch.Tensor | None = None,
     out_scale: float = 0.0, out_zero_point: int = 0, relu: bool = False,
 ) -> torch.Tensor:
-    """Integer conv2d (NHWC im2col + packed GEMM); output NCHW shape in channels_last memory."""
+    """Integer conv2d; output NCHW shape in channels_last memory.
+
+    CPU: NHWC im2col + packed GEMM, or for short kernel rows (one group, unit column dilation,
+    KW * C <= 64, e.g. the 7x7 3-channel stem) a direct conv over the padded input
+    (``LCPAQ_KERNELS_DIRECT=0`` forces im2col); both exact, so bit-identical.
+    """
     args = (x, w_packed, w_bits, list(weight_shape), list(stride), list(padding), list(dilation),
             int(groups), w_scale, float(x_scale), int(x_zero_point), bias, float(out_scale),
             int(out_zero_point), bool(relu))
