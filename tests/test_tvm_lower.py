@@ -218,13 +218,16 @@ def test_fp32_nchwc_conv_matches_ort(name, in_class):
 
 @pytest.mark.parametrize("bits,in_class,act", [((8, 8), "int8", True), ((4, 8), "fp32", False), ((32, 32), "fp32", True)],
                          ids=["w8a8-in_int8-relu", "w4a8-in_fp32-none", "fp32-relu"])
-def test_nchwc_epilogue_moves_the_requantize_before_one_opaque_transpose(bits, in_class, act):
+def test_nchwc_epilogue_moves_the_requantize_before_one_opaque_transpose(bits, in_class, act, monkeypatch):
     """nchwc_epilogue: astype/scale/bias/relu/quantize run on the packed int8 conv's NCHWc output,
     one opaque kernel transposes the uint8 result back to NCHW (float convs keep their form);
     the output still equals ORT's."""
     layer = conv_layer(c=8, o=16, hw=9, act=act)
     onnx_bytes, feeds = build_unit(layer, bits, in_class, seed=7)
     mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    small, _ = lower_qdq(mod, int8_intrin="avx2", fp32_nchwc=8, nchwc_epilogue=True)
+    assert "transpose_nchwc" not in small.script()  # 1296 outputs: below EPILOGUE_MIN_ELEMS, unchanged
+    monkeypatch.setattr("lcpaq.profiler.tvm_lower.EPILOGUE_MIN_ELEMS", 0)
     low, _ = lower_qdq(mod, int8_intrin="avx2", fp32_nchwc=8, nchwc_epilogue=True)
     text = low["main"].script()
     if bits == (32, 32):

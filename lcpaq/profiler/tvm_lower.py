@@ -40,6 +40,11 @@ from typing import Any
 
 import numpy as np
 
+# NCHWc epilogue (lower_qdq(nchwc_epilogue=True)) only for int8 convs with at least this many
+# outputs: resnet18 at 1 thread, 64 trials: 200K and 100K outputs 1.65-1.71x ORT -> 1.27-1.37x;
+# 50K and less 1.08-1.49x -> 1.16-1.58x (one more kernel launch, untuned-size elementwise tasks)
+EPILOGUE_MIN_ELEMS = 65536
+
 # int8 tensor intrinsics, by kind: (name, output channels per call (lanes), max |w| for exactness)
 INT8_INTRINS = {
     # AVX2: vpmaddubsw (u8 x s8 -> i16 pair sums, saturating) + vpmaddwd by ones -> 8 x i32.
@@ -199,6 +204,7 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
 
     kinds: list[str] = []
     prims: dict[str, Any] = {}  # name -> (GlobalVar, PrimFunc) added for the intrinsic path
+    big: dict[str, bool] = {}  # int8 conv name -> output large enough for the NCHWc epilogue
     builder = relax.BlockBuilder(mod)
     x, sx, zx = wildcard(), is_const(), is_const()
     w, sw, zw = is_const(), is_const(), is_const()
@@ -247,6 +253,7 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
         wp = wv.reshape(o // lanes, lanes, c // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3).copy()
         xc = relax.op.layout_transform(xi, index_map=lambda b, ch, y, xx: (b, ch // 4, y, xx, ch % 4))
         oshape = [int(d) for d in m[conv].ty.shape]
+        big[name] = int(np.prod(oshape)) >= EPILOGUE_MIN_ELEMS
         acc = relax.call_tir(prims[name][0], [xc, relax.const(wp)], relax.TensorType(
             (oshape[0], o // lanes, oshape[2], oshape[3], lanes), "int32"))
         # back to NCHW: [N, O/L, OH, OW, L] -> [N, O/L, L, OH, OW] -> [N, O, OH, OW]
@@ -333,12 +340,13 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
     if nchwc_epilogue and prims:
         # the packed convs stay kernels of their own (FuseTIR rejects fusing these TE convs with an
         # elementwise consumer in 0.27: "Inconsistent buffers ... mapped to the same relax var")
-        # int8 convs only: their int32 accumulator is 4x the size of the uint8 result. A float conv
+        # int8 convs with >= EPILOGUE_MIN_ELEMS outputs only: their int32 accumulator is 4x the size
+        # of the uint8 result; on small outputs the extra kernel cost more than it saved. A float conv
         # gains nothing (its transpose still moves float32; measured 1.42 vs 1.44 ms on resnet18's
         # 64->64 56x56 conv, and the re-tuned opaque conv came out slower)
-        new = sink_epilogue(tvm.IRModule({gv: (f.with_attr("op_pattern", 8) if "_u8s8_" in gv.name_hint
-                                               and gv.name_hint in prims else f)
-                                          for gv, f in new.functions.items()}, attrs=new.attrs), dtypes=("int32",))
+        new = sink_epilogue(tvm.IRModule({gv: (f.with_attr("op_pattern", 8) if big.get(gv.name_hint) else f)
+                                          for gv, f in new.functions.items()}, attrs=new.attrs),
+                            dtypes=("int32",), min_elems=EPILOGUE_MIN_ELEMS)
     return new, kinds
 
 
@@ -358,7 +366,7 @@ def nchwc_to_nchw(shape: tuple[int, ...], dtype: str) -> Any:
 _SINKABLE = ("relax.astype", "relax.multiply", "relax.add", "relax.nn.relu", "relax.quantize")
 
 
-def sink_epilogue(mod: Any, dtypes: tuple[str, ...] = ("int32", "float32")) -> Any:
+def sink_epilogue(mod: Any, dtypes: tuple[str, ...] = ("int32", "float32"), min_elems: int = 0) -> Any:
     """Move the elementwise chain after ``reshape(permute_dims(nchwc, [0, 1, 4, 2, 3]))`` (the way
     lower_qdq brings a packed conv's output back to NCHW) before the transposition: astype,
     multiply / add by a scalar or a [1, C, 1, 1] constant, relu, quantize with scalar parameters.
@@ -366,7 +374,8 @@ def sink_epilogue(mod: Any, dtypes: tuple[str, ...] = ("int32", "float32")) -> A
     opaque kernel of its own; the chain runs as one contiguous elementwise kernel on the NCHWc
     tensor (vectorizable), instead of inside the transposing loop nest.
     A chain op with another operand (a residual add) ends the chain: it stays after the transpose.
-    ``dtypes``: the NCHWc tensors (int32 accumulators, float32 outputs) whose chains move.
+    ``dtypes``: the NCHWc tensors (int32 accumulators, float32 outputs) whose chains move;
+    ``min_elems``: only tensors of at least that many elements.
     """
     import tvm
     from tvm import relax
@@ -405,7 +414,7 @@ def sink_epilogue(mod: Any, dtypes: tuple[str, ...] = ("int32", "float32")) -> A
             x = m[src]
             shape = [int(d) for d in x.ty.shape]
             if (len(shape) != 5 or [int(a) for a in m[perm].attrs.axes] != [0, 1, 4, 2, 3]
-                    or str(x.ty.dtype) not in dtypes):
+                    or str(x.ty.dtype) not in dtypes or int(np.prod(shape)) < min_elems):
                 return expr
             n, cb, h, w, lanes = shape
             vals = [_const_np(m[c]) for c in consts]
