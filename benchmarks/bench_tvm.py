@@ -123,6 +123,9 @@ def full_table(inv, hw, table_dir: Path, model: str, reprofile: bool = True) -> 
 
 def ratios(inv, hw, n_layers: int | None, rounds: int, only: str | None = None) -> list[dict]:
     """Interleaved ORT vs TVM on the dense 3x3 convs (module doc)."""
+    import dataclasses
+
+    hw = dataclasses.replace(hw, tvm={**hw.tvm, "flush_weights": False})  # warm vs warm, as ORT is timed
     dense = [ly for ly in unique_layers(inv) if ly.kind == "conv" and ly.groups == 1
              and ly.kernel_size == (3, 3) and ly.in_shape[1] > 3][:n_layers]
     tvm_be, ort_be = get_backend("tvm", hw), get_backend("ort", None)

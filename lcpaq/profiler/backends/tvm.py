@@ -143,6 +143,9 @@ class TvmBackend:
             pass
         if self.rpc is not None:
             v["rpc"] = f"{self.rpc.host}:{self.rpc.port}/{self.rpc.key}"
+        # how units were lowered and timed (a table's header says which form its rows are)
+        v["tvm_lowering"] = f"epilogue={self.epilogue},fp32_layout={self.fp32_layout},int8_intrin={self.int8_intrin}"
+        v["tvm_flush_weights"] = str(self.flush_weights)
         return v
 
     def target(self) -> Any:
