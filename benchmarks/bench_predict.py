@@ -13,6 +13,8 @@ export_qdq and measure it (same settings, same run). Reports per policy the % er
     python benchmarks/bench_predict.py --models resnet18 --threads 1 --policies 5
     python benchmarks/bench_predict.py --method blocks --threads 1,2   # block units (the best, session 5)
     python benchmarks/bench_predict.py --method blocks --rescore       # refit saved block tables
+    python benchmarks/bench_predict.py --method blocks --pairs --threads 1,2c   # + block pairs; 2 threads
+                                                                # on summed CPU time, spinning off
 
 ``--method blocks`` takes the shared bench lock (/tmp/lcpaq-bench.lock) itself, around the timing
 only; ``cut`` and ``whole`` time everything and must run under ``flock /tmp/lcpaq-bench.lock``.
