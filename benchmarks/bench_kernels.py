@@ -19,7 +19,13 @@ shapes are reported beside them (W4's memory advantage), not counted. Writes CSV
 benchmarks/results/ (a run with --quick, --shapes or --no-e2e writes bench_kernels_quick.*).
 
     .venv/bin/python benchmarks/bench_kernels.py [--rounds 5] [--threads 1,2] [--quick]
-        [--shapes r18.conv1-7x7,linear-fc-b1] [--no-e2e]
+        [--shapes r18.conv1-7x7,linear-fc-b1] [--no-e2e] [--avx2-host]
+
+--avx2-host emulates an AVX2-only CPU on a newer one: the run re-executes itself with torch held
+to AVX2 (ATEN_CPU_CAPABILITY=avx2, DNNL_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2) and the
+lcpaq kernels forced to AVX2 (LCPAQ_KERNELS_ISA=avx2), so the fp32 baseline is what such a CPU
+runs; ONNX Runtime has no such switch and keeps its best ISA (its columns are not an AVX2 CPU's).
+Writes bench_kernels_avx2host.*.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import torch
 from lcpaq.kernels import pack_weight, qlinear, status
 
 RESULTS = Path(__file__).resolve().parent / "results"
+AVX2_HOST_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                 "LCPAQ_KERNELS_ISA": "avx2"}
 SHAPES = [  # name, M, N, K
     ("r18.conv1-7x7", 12544, 64, 147),
     ("r18.layer1-3x3", 3136, 64, 576),
@@ -284,10 +292,18 @@ def main() -> None:
     ap.add_argument("--no-e2e", action="store_true", help="skip the resnet18 end-to-end run")
     ap.add_argument("--malloc-default", action="store_true",
                     help="leave glibc's mmap/trim thresholds as they are (see steady_malloc)")
+    ap.add_argument("--avx2-host", action="store_true",
+                    help="hold torch and the lcpaq kernels to AVX2 (emulates an AVX2-only CPU; see the docstring)")
     args = ap.parse_args()
+    avx2_host = all(os.environ.get(k) == v for k, v in AVX2_HOST_ENV.items())
+    if args.avx2_host and not avx2_host:  # the switches are read when torch loads: start again with them
+        import sys
+
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_HOST_ENV})
     threads = [int(t) for t in args.threads.split(",")]
     malloc_steady = False if args.malloc_default else steady_malloc()
-    print("lcpaq kernels:", status(), "ISA:", cpu_isa(), "steady malloc:", malloc_steady)
+    print("lcpaq kernels:", status(), "ISA:", cpu_isa(), "torch ISA:", torch.backends.cpu.get_cpu_capability(),
+          "steady malloc:", malloc_steady, "(AVX2 host emulated)" if avx2_host else "")
     rows = []
     shapes = SHAPES[1:3] if args.quick else SHAPES
     if args.shapes:
@@ -339,21 +355,24 @@ def main() -> None:
 
     df = pd.DataFrame(rows)
     partial = args.quick or args.shapes or args.no_e2e
-    tag = "bench_kernels" + ("_quick" if partial else "")
+    tag = "bench_kernels" + ("_avx2host" if avx2_host else "") + ("_quick" if partial else "")
     df.to_csv(RESULTS / f"{tag}.csv", index=False)
     table = df.pivot_table(index=["threads", "shape"], columns="contestant", values="gops")
     print("\nGOP/s (higher is better):\n" + table.round(0).to_string())
     goals_md, goals_met = goal_table(rows, cpu_isa())
     print("\nGoals (ratios of fastest-round medians; '(miss)' below the goal):\n" + goals_md)
     print("shapes meeting each goal (GEMV rows excluded):", goals_met)
-    print("([avx2] columns: lcpaq forced to its AVX2 kernels; torch and ORT always run their best "
-          "ISA, so [avx2] W8A8/ORT-u8u8 is not what an AVX2-only CPU would show)")
+    print("([avx2] columns: lcpaq forced to its AVX2 kernels; "
+          + ("torch held to AVX2 (--avx2-host), ORT still runs its best ISA" if avx2_host
+             else "torch and ORT run their best ISA")
+          + ", so [avx2] W8A8/ORT-u8u8 is not what an AVX2-only CPU would show)")
     for row in e2e:
         print(f"[t={row['threads']}] resnet18 e2e vs fp32 (>= 2.5): {cpu_isa()} {row['speedup']:.2f}"
               + (f", avx2 {row['speedup_avx2']:.2f}" if "speedup_avx2" in row else ""))
     print("load average:", loadavg, "end", os.getloadavg())
     meta = {"torch": torch.__version__, "threads": threads, "rounds": args.rounds,
-            "kernels": str(status()), "isa": cpu_isa(), "gemm": rows, "resnet18_e2e": e2e,
+            "kernels": str(status()), "isa": cpu_isa(), "torch_isa": torch.backends.cpu.get_cpu_capability(),
+            "avx2_host_emulated": avx2_host, "gemm": rows, "resnet18_e2e": e2e,
             "goals_met": goals_met, "steady_malloc": malloc_steady,
             "policy": "conv1/fc w8a8, layer4 3x3 w2a8, rest w4a8 (BN folded; convert fuses ReLU + "
                       "the next conv's uint8 quantization into the epilogue)",
