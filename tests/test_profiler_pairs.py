@@ -105,27 +105,7 @@ def test_pair_costs_recover_each_boundary_joint_cost_and_the_model_predicts_whol
 
 
 torch = pytest.importorskip("torch")
-
-
-class _Block(torch.nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class _Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.layer = torch.nn.Sequential(_Block(8), _Block(8))
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(self.layer(torch.relu(self.stem(x))).mean((2, 3)))
+from _blocknet import BlockNet  # noqa: E402
 
 
 def test_profile_blocks_with_pairs_times_each_boundary_as_one_unit_on_ort():
@@ -138,7 +118,7 @@ def test_profile_blocks_with_pairs_times_each_boundary_as_one_unit_on_ort():
     from lcpaq.profiler.onnx_export import export_qdq
 
     torch.manual_seed(0)
-    net, shape = _Net().eval(), (1, 3, 8, 8)
+    net, shape = BlockNet().eval(), BlockNet.input_shape
     st = MeasureSettings(warmup=1, number=1, repeat=3)
     table, _ = profile_blocks(net, shape, CANDS, settings=st, n_whole=4, pairs=True)
     lm = fit_block_model(table, CANDS, pairs=True)
