@@ -201,3 +201,34 @@ def test_prepare_step_sees_every_missing_unit_once(tmp_path):
     assert len(calls) == 1
     with IsolatedRunner("fake", load_profile(tmp_path / "hw.toml")) as r:
         assert r.prepare([], 30.0) == {}
+
+
+# what lcpaq itself decides about a table's setup; the runtime versions (pip may serve newer ones)
+# and the target the host resolves (-mcpu=native) are the machine's, not the repository's
+RUNTIME_VERSION_KEYS = {"onnxruntime", "tvm", "tvm_ffi", "tvm_target", "torch", "lcpaq-kernels"}
+
+
+@pytest.mark.parametrize("profile_name", ["host-cpu-ort", "host-cpu-tvm"])
+def test_committed_tables_resume_with_the_shipped_profile(profile_name):
+    """A committed table must be one `lcpaq profile --hw <shipped profile>` resumes (or reports
+    complete) rather than refusing it as another setup: same profile, settings and lcpaq-side
+    lowering (e.g. TVM's epilogue / cold-weight timing, recorded in the versions)."""
+    from pathlib import Path
+
+    from lcpaq.profiler.backend import get_backend
+    from lcpaq.profiler.hwprofile import load_profile
+
+    root = Path(__file__).resolve().parent.parent
+    hw = load_profile(root / "hw_profiles" / f"{profile_name}.toml")
+    if hw.backend == "tvm":
+        pytest.importorskip("tvm")
+    versions = get_backend(hw.backend, hw).versions()
+    tables = sorted((root / "latency_tables" / profile_name).glob("*.jsonl"))
+    assert tables, f"no committed table under latency_tables/{profile_name}"
+    for t in tables:
+        head = json.loads(t.read_text().splitlines()[0])
+        want = {"profile": hw.name, "profile_version": hw.version, "backend": hw.backend, "target": hw.target,
+                "threads": hw.threads, "settings": hw.settings.__dict__,
+                "versions": {k: v for k, v in versions.items() if k not in RUNTIME_VERSION_KEYS}}
+        have = {**head, "versions": {k: v for k, v in head["versions"].items() if k not in RUNTIME_VERSION_KEYS}}
+        assert header_changes(have, want) == [], t.name
