@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks: also cut and time every boundary's two blocks as one unit (lcpaq.profiler.pairs)")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="blocks: statistic of the timing samples (min: the least disturbed sample)")
+    ap.add_argument("--flush-mb", default="0",
+                    help="blocks: comma list of cold-cache sizes in MB (OrtTimer(flush_bytes=)): each unit call "
+                         "is preceded by a read through that many MB; 0 = warm (default). Every size times the "
+                         "units in the same lock hold against the same whole rows; sizes > 0 add _flush<N>mb "
+                         "to the result files")
     ap.add_argument("--tag", default="", help="blocks: suffix of the result files (e.g. _min)")
     ap.add_argument("--rescore", action="store_true",
                     help="blocks: refit the saved block tables and re-score the saved test measurements")
@@ -384,34 +389,43 @@ def bench_blocks(args: argparse.Namespace) -> int:
         t_export = time.perf_counter() - t0
         print(f"  {len(todo)} block units to time; exports took {t_export:.0f} s", flush=True)
         timed = []
+        flushes = [float(v) for v in args.flush_mb.split(",")]
         with _bench_lock():  # one hold per model for every thread count (fewer waits in the queue)
             for threads in threads_list:
                 st = _settings(model_name, threads)
-                table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()}, [],
-                                   {g: list(v) for g, v in keys.pairs.items()})
                 load0, t1 = os.getloadavg(), time.perf_counter()
-                timer = OrtTimer(st, x, args.stat)
-                for u in todo:
-                    table.ms[u.key] = timer.unit(u)
-                t_units = time.perf_counter() - t1
-                for pol, f in whole_files:
-                    table.whole.append(timer.whole_row(pol, f.read_bytes(), ref_b))
-                tests = [(k, pol, timer.whole_row(pol, f.read_bytes(), ref_b), mm) for k, pol, f, mm in tests_files]
+                variants = []
+                for mb in flushes:
+                    table = BlockTable(plan, {}, {b: dict(v) for b, v in keys.keys.items()}, [],
+                                       {g: list(v) for g, v in keys.pairs.items()})
+                    tu = time.perf_counter()
+                    timer = OrtTimer(st, x, args.stat, flush_bytes=int(mb * 2 ** 20))
+                    for u in todo:
+                        table.ms[u.key] = timer.unit(u)
+                    variants.append((mb, table, timer.overhead_ms, round(time.perf_counter() - tu, 1)))
+                    print(f"  {threads}t flush {mb:g} MB: units timed in {variants[-1][3]:.0f} s, "
+                          f"overhead {timer.overhead_ms * 1e3:.1f} us, load {os.getloadavg()}", flush=True)
+                warm = OrtTimer(st, x, args.stat)  # whole rows: always warm, shared by every flush size
+                whole = [warm.whole_row(pol, f.read_bytes(), ref_b) for pol, f in whole_files]
+                tests = [(k, pol, warm.whole_row(pol, f.read_bytes(), ref_b), mm) for k, pol, f, mm in tests_files]
                 load1, t_timed = os.getloadavg(), time.perf_counter() - t1
-                extra = {"designed_policies": len(pols), "block_units": len(todo), "export_s": round(t_export, 1),
-                         "unit_timing_s": round(t_units, 1), "locked_s": round(t_timed, 1),
-                         "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": load1,
-                         "overhead_ms": timer.overhead_ms}
-                timed.append((threads, table, tests, extra))
-        for threads, table, tests, extra in timed:
-            table.save(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t{args.tag}.json")
-            table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra, args.tag))
+                for mb, table, overhead, t_units in variants:
+                    table.whole.extend(whole)
+                    extra = {"designed_policies": len(pols), "block_units": len(todo), "export_s": round(t_export, 1),
+                             "unit_timing_s": t_units, "locked_s": round(t_timed, 1),
+                             "wall_s": round(time.perf_counter() - t0, 1), "load_start": load0, "load_end": load1,
+                             "overhead_ms": overhead, "flush_mb": mb}
+                    tag = args.tag + (f"_flush{mb:g}mb" if mb else "")
+                    timed.append((threads, table, tests, extra, tag))
+        for threads, table, tests, extra, tag in timed:
+            table.save(RESULTS / f"bench_predict_blocks_table_{model_name}_{threads}t{tag}.json")
+            table_out.append(_score_blocks(table, tests, cands, model_name, threads, extra, tag))
         for f in tmp.iterdir():
             f.unlink()
         tmp.rmdir()
-    print("\n model           thr  median|err|  max|err|  within±5%  correction  load")
+    print("\n model           thr  flushMB  median|err|  max|err|  within±5%  correction  load")
     for s in table_out:
-        print(f" {s['model']:15s} {s['threads']:>3s}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
+        print(f" {s['model']:15s} {s['threads']:>3s}  {s.get('flush_mb', 0):7g}  {s['median_abs_err_pct']:9.2f}%  {s['max_abs_err_pct']:7.2f}%"
               f"  {s['within_5pct']:3d}/{s['policies']}   {s['correction']:9s}  {s['load_end'][0]:.1f}")
     return 0
 

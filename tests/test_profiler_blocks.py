@@ -279,3 +279,41 @@ def test_edge_correction_learns_one_boundary_cost_and_auto_picks_it():
     assert np.sqrt(np.mean(np.square(c_errs))) > 0.1
     with pytest.raises(Exception, match="unknown correction"):
         fit_correction(t, features="nope")
+
+
+def test_cold_cache_units_run_and_are_not_faster_than_warm(blocknet):
+    pytest.importorskip("onnxruntime")
+    from lcpaq.errors import ConfigError
+    from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.blocks import OrtTimer, block_plan
+    from lcpaq.profiler.fidelity import cut_groups
+    from lcpaq.profiler.onnx_export import export_qdq
+
+    shape = _BlockNet.input_shape
+    plan = block_plan(blocknet, shape)
+    pol = Policy({n: CANDS[i % 3] for i, n in enumerate(plan.layers)})
+    units = cut_groups(export_qdq(blocknet, pol, shape), blocknet, pol, plan.groups)
+    st = MeasureSettings(warmup=2, number=5, repeat=5)
+    x = np.zeros(shape, np.float32)
+    warm, cold = OrtTimer(st, x), OrtTimer(st, x, flush_bytes=8 << 20)
+    calls = []
+    flush = cold._flush
+    cold._flush = lambda: (calls.append(1), flush())
+    w = {g: warm.time(u.onnx, u.feeds, cold=True) for g, u in units.items()}  # no buffer: stays warm
+    c = {g: cold.time(u.onnx, u.feeds, cold=True) for g, u in units.items()}
+    assert len(calls) == len(units) * st.number * st.repeat  # one flush before every timed call
+    assert all(np.isfinite(v) and v > 0 for v in [*w.values(), *c.values()])
+    # the whole unit's state (weights, ORT's own buffers) comes from memory after an 8 MB read
+    assert sum(c.values()) >= sum(w.values())
+    assert np.isfinite(cold.unit(units["layer.0"]))
+    calls.clear()
+    cold.time(units["fc"].onnx, units["fc"].feeds)  # whole-model path: never flushed
+    assert not calls
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="flush_bytes"):
+            OrtTimer(st, x, flush_bytes=bad)
+    from lcpaq.profiler.blocks import profile_blocks
+
+    table, lm = profile_blocks(blocknet, shape, CANDS, settings=MeasureSettings(warmup=1, number=1, repeat=3),
+                               n_whole=2, anchors=0, flush_bytes=2 << 20)
+    assert table.ms and all(np.isfinite(v) for v in table.ms.values()) and np.isfinite(lm.predict(pol))

@@ -474,6 +474,7 @@ def profile_blocks(
     pairs: bool = False,
     export: Any = None,
     progress: Any = None,
+    flush_bytes: int = 0,
 ) -> tuple[BlockTable, LatencyModel]:
     """Export the designed policies, cut and time every new block unit (per-call overhead removed),
     time ``n_whole`` of those policies (None: all) whole against an interleaved uniform-int8
@@ -485,7 +486,8 @@ def profile_blocks(
     are ~50 % mixes, and a correction fitted on them alone extrapolated to the uniform corners by
     +8 % on the embedded model (predicted 0.0795 ms for the W8A8 graph the same run measured at
     0.0737 ms), where a deployed policy often sits. ``export``: see
-    :func:`block_plan`; ``progress(done, total)`` after each designed policy.
+    :func:`block_plan`; ``progress(done, total)`` after each designed policy. ``flush_bytes``: time
+    the units with cold caches (:class:`OrtTimer`; 0 = warm, the default).
 
     >>> # table, lm = profile_blocks(get_model("mobilenet_v2"), (1, 3, 224, 224), [(32, 32), (8, 8)])
     """
@@ -500,7 +502,7 @@ def profile_blocks(
     plan = block_plan(model, input_shape, calib=cal, export=export)
     pols = design_policies(plan, candidates, np.random.default_rng(seed))
     table = BlockTable(plan)
-    timer = OrtTimer(st, x)
+    timer = OrtTimer(st, x, flush_bytes=flush_bytes)
     n = len(pols) if n_whole is None else min(n_whole, len(pols))
     whole_idx = set(np.linspace(0, len(pols) - 1, n).round().astype(int).tolist())
     ref = export(model, Policy.uniform(plan.layers, 8, 8), input_shape, cal)
@@ -535,7 +537,9 @@ def process_cpu_ms(onnx_bytes: bytes, feeds: Mapping[str, np.ndarray], settings:
 
 
 def _time_session(onnx_bytes: bytes, feeds: Mapping[str, np.ndarray], settings: Any, clock: Any, stat: str,
-                  *, spin: bool = True) -> float:
+                  *, spin: bool = True, before: Any = None) -> float:
+    """``before``: called before every timed call, outside the timed region (each call then has its
+    own clock reads)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -552,43 +556,78 @@ def _time_session(onnx_bytes: bytes, feeds: Mapping[str, np.ndarray], settings: 
         run(None, fd)
     out = []
     for _ in range(settings.repeat):
-        c0 = clock()
+        if before is None:
+            c0 = clock()
+            for _ in range(settings.number):
+                run(None, fd)
+            out.append((clock() - c0) / 1e6 / settings.number)
+            continue
+        total = 0
         for _ in range(settings.number):
+            before()
+            c0 = clock()
             run(None, fd)
-        out.append((clock() - c0) / 1e6 / settings.number)
+            total += clock() - c0
+        out.append(total / 1e6 / settings.number)
     return float(np.min(out) if stat == "min" else np.median(out))
 
 
 class OrtTimer:
     """Times block units (minus the empty-graph overhead) and whole models against a reference."""
 
-    def __init__(self, settings: Any, x: np.ndarray, stat: str = "median") -> None:
+    def __init__(self, settings: Any, x: np.ndarray, stat: str = "median", *, flush_bytes: int = 0) -> None:
         """``stat``: "median" of the samples (OrtBackend's figure) or "min": the least disturbed
-        sample, for a VM whose other tenants inflate CPU time through cache pollution."""
+        sample, for a VM whose other tenants inflate CPU time through cache pollution.
+        ``flush_bytes``: cold-cache units. Before each timed call of a block unit (and of the
+        empty-graph overhead), outside the timed region, read through a buffer of this many bytes,
+        so the unit's weights are evicted as the rest of the whole model evicts them; a unit timed
+        alone in a loop keeps them hot. The read also evicts ORT's own call path (binding, session
+        run), which the whole model pays once, not per unit: an empty graph is run after it, still
+        outside the timed region, to warm that path again (64 MB on the test net: the subtracted
+        overhead 52 us -> 12 us, warm 4 us). Whole-model rows are always timed warm. 0: off."""
+        from lcpaq.errors import ConfigError
         from lcpaq.profiler.backends.ort import OrtBackend
         from lcpaq.profiler.units import overhead_unit
 
+        if isinstance(flush_bytes, bool) or not isinstance(flush_bytes, (int, np.integer)) or flush_bytes < 0:
+            raise ConfigError(f"OrtTimer: flush_bytes must be an int >= 0 (0 = warm caches), got {flush_bytes!r}")
         self.st, self.x, self.be, self.stat = settings, x, OrtBackend(), stat
-        self.overhead_ms = self.time(*overhead_unit())
+        self.flush_bytes = int(flush_bytes)
+        self._buf = np.ones(max(self.flush_bytes // 8, 1), np.float64) if self.flush_bytes else None
+        if self._buf is not None:
+            import onnxruntime as ort
 
-    def time(self, onnx_bytes: bytes, feeds: Mapping[str, np.ndarray]) -> float:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.log_severity_level = settings.threads, 3
+            empty, self._empty_feeds = overhead_unit()
+            self._empty = ort.InferenceSession(empty, so, providers=["CPUExecutionProvider"])
+        self.overhead_ms = self.time(*overhead_unit(), cold=True)
+
+    def _flush(self) -> None:
+        self._sink = float(self._buf.sum())  # streams every line of the buffer through the caches
+        self._empty.run(None, self._empty_feeds)  # ORT's call path warm again, as in the whole model
+
+    def time(self, onnx_bytes: bytes, feeds: Mapping[str, np.ndarray], *, cold: bool = False) -> float:
+        """Per-call time of a graph; ``cold``: flush ``flush_bytes`` before each timed call."""
+        import time
+
         from lcpaq.errors import BackendUnavailableError
         from lcpaq.profiler.backend import Unit
 
+        before = self._flush if cold and self._buf is not None else None
         if self.st.metric == "process_cpu":
-            return process_cpu_ms(onnx_bytes, feeds, self.st, self.stat)
-        if self.stat == "min":
-            import time
-
+            return _time_session(onnx_bytes, feeds, self.st, time.process_time_ns, self.stat, spin=False,
+                                 before=before)
+        if self.stat == "min" or before is not None:
             clock = time.thread_time_ns if self.st.metric == "thread_cpu" else time.perf_counter_ns
-            return _time_session(onnx_bytes, feeds, self.st, clock, "min")
+            return _time_session(onnx_bytes, feeds, self.st, clock, self.stat, before=before)
         m = self.be.measure(Unit("b", onnx_bytes, feeds), self.st)
         if m.error:
             raise BackendUnavailableError(f"ORT failed: {m.error}")
         return m.median_ms
 
     def unit(self, u: Any) -> float:
-        return self.time(u.onnx, u.feeds) - self.overhead_ms
+        return self.time(u.onnx, u.feeds, cold=True) - self.overhead_ms
 
     def whole_row(self, pol: Policy, b: bytes, ref: bytes, rounds: int = 2) -> dict[str, Any]:
         """A B A B against the reference, fastest round of each."""
