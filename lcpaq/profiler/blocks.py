@@ -540,17 +540,9 @@ def _time_session(onnx_bytes: bytes, feeds: Mapping[str, np.ndarray], settings: 
                   *, spin: bool = True, before: Any = None) -> float:
     """``before``: called before every timed call, outside the timed region (each call then has its
     own clock reads)."""
-    import onnxruntime as ort
+    from lcpaq.profiler.backends.ort import session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = settings.threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    sess = session(onnx_bytes, settings.threads, spin=spin)
     run, fd = sess.run, dict(feeds)
     for _ in range(settings.warmup):
         run(None, fd)
@@ -586,7 +578,7 @@ class OrtTimer:
         outside the timed region, to warm that path again (64 MB on the test net: the subtracted
         overhead 52 us -> 12 us, warm 4 us). Whole-model rows are always timed warm. 0: off."""
         from lcpaq.errors import ConfigError
-        from lcpaq.profiler.backends.ort import OrtBackend
+        from lcpaq.profiler.backends.ort import OrtBackend, session
         from lcpaq.profiler.units import overhead_unit
 
         if isinstance(flush_bytes, bool) or not isinstance(flush_bytes, (int, np.integer)) or flush_bytes < 0:
@@ -595,12 +587,8 @@ class OrtTimer:
         self.flush_bytes = int(flush_bytes)
         self._buf = np.ones(max(self.flush_bytes // 8, 1), np.float64) if self.flush_bytes else None
         if self._buf is not None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads, so.log_severity_level = settings.threads, 3
             empty, self._empty_feeds = overhead_unit()
-            self._empty = ort.InferenceSession(empty, so, providers=["CPUExecutionProvider"])
+            self._empty = session(empty, settings.threads)
         self.overhead_ms = self.time(*overhead_unit(), cold=True)
 
     def _flush(self) -> None:
