@@ -68,6 +68,10 @@ class _IntBase(nn.Module):
     out_scale: float = 0.0
     out_zp: int = 0
     takes_u8: bool = False  # the producer already quantized the input to this layer's grid
+    # names of the layers on the other end of a fused uint8 requantization (set by the fusion pass;
+    # the kernels latency backend keys a layer's unit by their precision)
+    requant_for: str = ""
+    u8_from: str = ""
 
     def _quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_u8 and x.dtype == torch.uint8:
@@ -198,18 +202,23 @@ def _fuse(model: nn.Module, converted: set[str]) -> int:
                 and (consumer.qmin, consumer.qmax) == (0, 255):
             layer.out_scale, layer.out_zp = float(consumer.x_scale), int(consumer.x_zp)
             consumer.takes_u8 = True
+            layer.requant_for, consumer.u8_from = str(nxt.target), str(node.target)
             n += 1
     return n
 
 
 def convert(model: nn.Module, policy: Policy | None = None, *, inplace: bool = True,
-            fuse: bool = True) -> nn.Module:
+            fuse: bool = True, channels_last: bool = True) -> nn.Module:
     """Run every quantized layer of a calibrated fake-quant ``model`` on the integer kernels.
 
     ``policy`` (optional) is checked against the model: every layer it quantizes must already be a
     calibrated QuantConv2d/QuantLinear at those bits. ``fuse``: fold BN, ReLU and the next layer's
-    input quantization into the epilogues (module docstring). Returns the model (a deep copy
-    unless ``inplace``).
+    input quantization into the epilogues (module docstring). ``channels_last``: store the weights
+    of the convs that stay float in channels_last memory, so they run NHWC like the integer convs
+    (whose outputs are channels_last) whatever layout reaches them. Without it a float conv takes
+    its input's layout, which depends on layers far upstream: a float chain fed by a 1-channel
+    input ran NCHW, 44 -> 65 us for one mnist_resnet conv, so a layer's cost depended on the
+    precision of layers two blocks away. Returns the model (a deep copy unless ``inplace``).
 
     >>> from lcpaq.testing.models import TinyResNet
     >>> from lcpaq.quant import apply_policy, quantizable_names
@@ -243,5 +252,9 @@ def convert(model: nn.Module, policy: Policy | None = None, *, inplace: bool = T
         setattr(modules[parent_name] if parent_name else model, attr, new)
         done.add(name)
     fused = _fuse(model, done) if fuse and done else 0
+    if channels_last:
+        for mod in model.modules():
+            if isinstance(mod, nn.Conv2d) and mod.weight.dim() == 4:
+                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)
     log.info("convert: %d layers on integer kernels, %d fusions", len(done), fused)
     return model

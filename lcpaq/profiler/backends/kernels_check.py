@@ -1,0 +1,570 @@
+"""Whole-model latency prediction on lcpaq's kernels from *segment units*, and its check.
+
+The per-layer units of :mod:`lcpaq.profiler.backends.kernels` time one layer alone, on random
+inputs, with its BN/ReLU/add rebuilt by hand; summed, they missed the converted model by ~60 %
+(notes/deploy.md). A *segment* here is cut from the converted model itself (the torch.fx graph of
+:func:`lcpaq.kernels.convert`'s output): a quantizable layer's module call and every node after it
+up to the next quantizable layer (its activation quantize, the kernel and epilogue live in the call;
+the unfolded BN, ReLU, the residual add and pooling follow it). Its cost depends on the layer's own
+bits and, through fusion, on the class of its *partners*: the layers at the other end of a uint8
+edge that convert() fuses when both are integer (conv -> [BN] -> ReLU -> next int layer: the
+producer's epilogue requantizes, the consumer skips its quantize pass). A segment's key is
+``layer|bits|partner classes``. Segments are timed one after another inside runs of the whole
+converted model (thread CPU time between consecutive segment ends, one clock read subtracted), so
+each carries the cache and allocator state the whole model gives it.
+
+* :func:`segment_plan`, :func:`design_segment_policies`: which keys exist, policies covering them.
+* :class:`SegmentRunner`, :func:`time_segments`: the converted model as compiled segments, timed.
+* :func:`profile_segments`: one call: time every designed policy's segments and its whole model
+  (A B A B against a uniform W8A8 reference), fit :func:`fit_segment_model`: an additive
+  :class:`~lcpaq.latency.LatencyModel` (unary + pairwise on the fusable edges + a correction for
+  what the module structure adds), so the ILP sees all of it.
+* :func:`check_policies`: measured vs predicted end to end for given policies (the benchmark).
+
+>>> # table, lm = profile_segments(get_model("mnist_resnet"), (1, 1, 28, 28), [(4, 8), (8, 8), (32, 32)])
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcpaq.profiler.backend import MeasureSettings
+
+
+SEGMENT_SCHEMA = "lcpaq.kernel_segments/1"
+
+
+def fuse_class(pair: tuple[int, int]) -> str:
+    """A partner's class for fusion: 'f' (a float side: no fusion), 'u' (integer with 8-bit
+    activations: a uint8 edge is fused) or 'i' (other integer: the layer runs its own quantize)."""
+    w, a = (int(v) for v in pair)
+    return "f" if 32 in (w, a) else ("u" if a == 8 else "i")
+
+
+def segment_key(layer: str, pair: tuple[int, int], ctx: str) -> str:
+    """``layer|wXaY|<partner classes>``; a float layer fuses nothing: ``layer|fp32``."""
+    w, a = (int(v) for v in pair)
+    return f"{layer}|fp32" if 32 in (w, a) else f"{layer}|w{w}a{a}|{ctx}"
+
+
+class SegmentPlan:
+    """Layers (model order) and each one's fusion partners (producer first)."""
+
+    def __init__(self, layers: Sequence[str], partners: Mapping[str, Sequence[str]]) -> None:
+        self.layers = tuple(layers)
+        self.partners = {n: tuple(partners.get(n, ())) for n in self.layers}
+
+    def key(self, policy: Any, layer: str) -> str:
+        """The key of ``layer``'s segment under ``policy``."""
+        ctx = "".join(fuse_class(policy[p]) for p in self.partners[layer])
+        return segment_key(layer, policy[layer], ctx)
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Fusable (producer, consumer) edges in model order."""
+        pos = {n: i for i, n in enumerate(self.layers)}
+        out = {tuple(sorted((n, p), key=pos.__getitem__)) for n in self.layers for p in self.partners[n]}
+        return sorted(out, key=lambda e: (pos[e[0]], pos[e[1]]))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "partners": {k: list(v) for k, v in self.partners.items()}}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> SegmentPlan:
+        return SegmentPlan(d["layers"], d["partners"])
+
+
+def quantized_copy(model: Any, policy: Any, calib: Sequence[Any]) -> Any:
+    """A calibrated fake-quant deep copy of ``model`` at ``policy`` (what validate deploys)."""
+    import copy
+
+    import torch
+
+    from lcpaq.quant import apply_policy
+
+    cal = [torch.as_tensor(c, dtype=torch.float32) for c in calib]
+    return apply_policy(copy.deepcopy(model), policy, calib_loader=cal, calib_batches=len(cal)).eval()
+
+
+def segment_plan(model: Any, calib: Sequence[Any]) -> SegmentPlan:
+    """The plan of a float ``model``: convert it at uniform W8A8 and read which edges were fused."""
+    from lcpaq.kernels.convert import _IntBase, convert
+    from lcpaq.policy import Policy
+    from lcpaq.quant import quantizable_names
+
+    names = quantizable_names(model)
+    conv = convert(quantized_copy(model, Policy.uniform(names, 8, 8), calib), inplace=True)
+    partners: dict[str, list[str]] = {n: [] for n in names}
+    for n, m in conv.named_modules():
+        if isinstance(m, _IntBase) and m.requant_for:
+            partners[m.requant_for].insert(0, n)  # producer first
+            partners[n].append(m.requant_for)
+    return SegmentPlan(names, partners)
+
+
+class SegmentRunner:
+    """The converted model's fx graph split into one segment per quantizable layer, compiled to
+    plain Python (one function per segment over a slot list, freeing each value after its last
+    use, as fx's own codegen does), runnable in sequence with a clock read between segments."""
+
+    def __init__(self, conv_model: Any, layers: Sequence[str], x: Any) -> None:
+        from torch import fx
+
+        from lcpaq.errors import KernelError
+        from lcpaq.kernels.convert import _IntBase
+        from lcpaq.quant.modules import QuantConv2d, QuantLinear
+
+        class _Tracer(fx.Tracer):
+            def is_leaf_module(self, m: Any, qualname: str) -> bool:
+                return isinstance(m, (_IntBase, QuantConv2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+
+        try:
+            graph = _Tracer().trace(conv_model)
+        except Exception as e:  # noqa: BLE001
+            raise KernelError(f"segment units need a torch.fx-traceable model ({type(e).__name__}: {e})") from e
+        nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        outputs = [n for n in graph.nodes if n.op == "output"]
+        if len(inputs) != 1:
+            raise KernelError(f"segment units need a model with one input, got {len(inputs)}")
+        slot = {inputs[0]: 0} | {n: i + 1 for i, n in enumerate(nodes)}
+        last: dict[Any, Any] = {}
+        for n in [*nodes, *outputs]:
+            for a in n.all_input_nodes:
+                last[a] = n
+        mods = dict(conv_model.named_modules())
+        wanted = set(layers)
+        self.names: list[str] = []
+        groups: list[list[Any]] = []
+        for n in nodes:
+            if n.op == "call_module" and str(n.target) in wanted:
+                self.names.append(str(n.target))
+                groups.append([n])
+            elif groups:
+                groups[-1].append(n)
+            else:  # nodes before the first layer: a prologue segment
+                self.names.append("(pre)")
+                groups.append([n])
+        consts: dict[str, Any] = {}
+
+        def arg(a: Any) -> str:
+            if isinstance(a, fx.Node):
+                return f"e[{slot[a]}]"
+            if isinstance(a, (tuple, list)):
+                inner = ", ".join(arg(v) for v in a)
+                return f"({inner},)" if isinstance(a, tuple) else f"[{inner}]"
+            if isinstance(a, dict):
+                return "{" + ", ".join(f"{k!r}: {arg(v)}" for k, v in a.items()) + "}"
+            if a is None or isinstance(a, (bool, int, float, str)):
+                return repr(a)
+            name = f"c{len(consts)}"
+            consts[name] = a
+            return name
+
+        self._fns = []
+        for g in groups:
+            lines = ["def seg(e):"]
+            for n in g:
+                args = [arg(a) for a in n.args] + [f"{k}={arg(v)}" for k, v in n.kwargs.items()]
+                if n.op == "call_module":
+                    fn = arg(mods[str(n.target)])
+                elif n.op == "call_function":
+                    fn = arg(n.target)
+                elif n.op == "call_method":
+                    fn, args = f"{args[0]}.{n.target}", args[1:]
+                elif n.op == "get_attr":
+                    obj = conv_model
+                    for part in str(n.target).split("."):
+                        obj = getattr(obj, part)
+                    lines.append(f"    e[{slot[n]}] = {arg(obj)}")
+                    continue
+                else:
+                    raise KernelError(f"segment units: unsupported fx node {n.op} {n.target}")
+                lines.append(f"    e[{slot[n]}] = {fn}({', '.join(args)})")
+                for a in n.all_input_nodes:
+                    if last.get(a) is n:
+                        lines.append(f"    e[{slot[a]}] = None")
+            scope = dict(consts)
+            exec("\n".join(lines), scope)  # noqa: S102 - generated from the traced graph above
+            self._fns.append(scope["seg"])
+        self._out = slot[outputs[0].args[0]] if outputs and isinstance(outputs[0].args[0], fx.Node) else None
+        self._n, self.x = len(nodes) + 1, x
+
+    def __call__(self) -> Any:
+        e = [None] * self._n
+        e[0] = self.x
+        for f in self._fns:
+            f(e)
+        return e[self._out] if self._out is not None else None
+
+    def timed(self, clock: Callable[[], int]) -> list[int]:
+        """One run of the whole sequence; clock ticks spent in each segment (one clock read included)."""
+        e: list[Any] = [None] * self._n
+        e[0] = self.x
+        out = []
+        t = clock()
+        for f in self._fns:
+            f(e)
+            t2 = clock()
+            out.append(t2 - t)
+            t = t2
+        return out
+
+
+def clock_overhead_ns(clock: Callable[[], int], n: int = 2000) -> float:
+    """Median ticks between two consecutive clock reads (what each segment's interval includes once)."""
+    import statistics
+
+    ts = [clock() for _ in range(n)]
+    return float(statistics.median(b - a for a, b in zip(ts, ts[1:], strict=False)))
+
+
+def time_segments(runner: SegmentRunner, settings: MeasureSettings) -> dict[str, float]:
+    """Median ms of every segment over ``settings.repeat * settings.number`` runs of the whole
+    sequence (after ``settings.warmup``), one clock read subtracted; segments of the same name
+    (a layer called twice) are summed per run."""
+    import statistics
+
+    import torch
+
+    clock = time.thread_time_ns if settings.metric == "thread_cpu" and settings.threads == 1 else time.perf_counter_ns
+    with torch.inference_mode():
+        for _ in range(settings.warmup):
+            runner()
+        ov = clock_overhead_ns(clock)
+        runs = [runner.timed(clock) for _ in range(settings.repeat * settings.number)]
+    out: dict[str, float] = {}
+    for i, name in enumerate(runner.names):
+        out[name] = out.get(name, 0.0) + statistics.median(r[i] for r in runs) - ov
+    return {k: v / 1e6 for k, v in out.items()}
+
+
+def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, int]], rng: Any) -> list[Any]:
+    """Policies in which every layer appears at every candidate with every class of its partners
+    (greedy: each policy takes as many uncovered keys as agree with it; the rest is random with a
+    per-policy fp32 share drawn from [0, 1])."""
+    from itertools import product
+
+    from lcpaq.policy import Policy
+
+    cands = [tuple(int(v) for v in c) for c in candidates]
+    by_class: dict[str, list[tuple[int, int]]] = {}
+    for c in cands:
+        by_class.setdefault(fuse_class(c), []).append(c)
+    ints = [c for c in cands if fuse_class(c) != "f"] or cands
+    fp = by_class.get("f", [])
+    todo = {}
+    for n in plan.layers:
+        for c in cands:
+            ctxs = [()] if fuse_class(c) == "f" else product(sorted(by_class), repeat=len(plan.partners[n]))
+            for ctx in ctxs:
+                todo[segment_key(n, c, "".join(ctx))] = (n, c, ctx)
+    out = []
+    while todo:
+        q = rng.random()
+        fixed: dict[str, tuple[int, int]] = {}
+        items = list(todo.values())
+        for k in rng.permutation(len(items)):
+            n, c, ctx = items[int(k)]
+            if n in fixed and fixed[n] != c:
+                continue
+            need = list(zip(plan.partners[n], ctx, strict=False))  # ctx is () for a float layer
+            if any(p in fixed and fuse_class(fixed[p]) != cl for p, cl in need):
+                continue
+            fixed[n] = c
+            for p, cl in need:
+                if p not in fixed:
+                    fixed[p] = by_class[cl][int(rng.integers(len(by_class[cl])))]
+        pol = Policy({n: fixed.get(n) or (fp[0] if fp and rng.random() < q else ints[int(rng.integers(len(ints)))])
+                      for n in plan.layers})
+        out.append(pol)
+        for n in plan.layers:
+            todo.pop(plan.key(pol, n), None)
+    return out
+
+
+@dataclass
+class SegmentTable:
+    """Profiled policies of one model: per policy its segments' ms, its whole-model ms and the
+    uniform-W8A8 reference's ms measured next to it (drift), plus the header (``meta``)."""
+
+    plan: SegmentPlan
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def drift(self) -> np.ndarray:
+        from lcpaq.profiler.blocks import smooth_drift
+
+        return smooth_drift([r["ref_ms"] for r in self.rows])
+
+    def samples(self) -> dict[str, list[float]]:
+        """Segment key -> drift-free ms, one per profiled policy that shows it."""
+        from lcpaq.policy import Policy
+
+        out: dict[str, list[float]] = {}
+        for r, d in zip(self.rows, self.drift(), strict=True):
+            pol = Policy({n: tuple(p) for n, p in r["policy"].items()})
+            for n in self.plan.layers:
+                out.setdefault(self.plan.key(pol, n), []).append(r["segments"][n] / d)
+        return out
+
+    def unit_ms(self) -> dict[str, float]:
+        return {k: float(np.median(v)) for k, v in self.samples().items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SEGMENT_SCHEMA, "meta": self.meta, "plan": self.plan.to_dict(), "rows": self.rows}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> SegmentTable:
+        from lcpaq.errors import TableError
+
+        if d.get("schema") != SEGMENT_SCHEMA:
+            raise TableError(f"segment table schema is {d.get('schema')!r}, expected {SEGMENT_SCHEMA!r}")
+        return SegmentTable(SegmentPlan.from_dict(d["plan"]), list(d["rows"]), dict(d.get("meta", {})))
+
+    def save(self, path: str | Path) -> Path:
+        from lcpaq.policy import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> SegmentTable:
+        return SegmentTable.from_dict(json.loads(Path(path).read_text()))
+
+
+CORRECTIONS = ("const", "scale", "split")
+
+
+def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
+                ) -> tuple[dict[str, dict[tuple[int, int], float]], dict[tuple[str, str], dict[Any, float]]]:
+    """Additive form of the unit table: per (layer, bits) a base cost (all partners float) plus one
+    term per partner and partner class, least squares over the keys seen (exact when each layer
+    has at most one partner, as in ResNets: conv1 -> conv2 of a block). Missing keys raise."""
+    from lcpaq.errors import MissingLatencyError
+
+    ms = table.unit_ms()
+    plan = table.plan
+    classes = sorted({fuse_class(c) for c in candidates} - {"f"})
+    unary: dict[str, dict[tuple[int, int], float]] = {n: {} for n in plan.layers}
+    pairwise: dict[tuple[str, str], dict[Any, float]] = {e: {} for e in plan.edges()}
+    pos = {n: i for i, n in enumerate(plan.layers)}
+    missing = []
+    for n in plan.layers:
+        parts = plan.partners[n]
+        for c in candidates:
+            c = tuple(int(v) for v in c)
+            if fuse_class(c) == "f":
+                k = segment_key(n, c, "")
+                if k not in ms:
+                    missing.append(k)
+                unary[n][c] = ms.get(k, 0.0)
+                continue
+            obs = {k.rsplit("|", 1)[1]: v for k, v in ms.items() if k.startswith(segment_key(n, c, ""))}
+            if not obs:
+                missing.append(segment_key(n, c, "*"))
+                continue
+            cols = [(j, cl) for j in range(len(parts)) for cl in classes]
+            ctxs = sorted(obs)
+            A = np.array([[1.0] + [float(ctx[j] == cl) for j, cl in cols] for ctx in ctxs])
+            w = np.linalg.lstsq(A, np.array([obs[x] for x in ctxs]), rcond=None)[0]
+            unary[n][c] = float(w[0])
+            for (j, cl), v in zip(cols, w[1:], strict=True):
+                p = parts[j]
+                edge = (n, p) if pos[n] < pos[p] else (p, n)
+                for pc in candidates:
+                    pc = tuple(int(u) for u in pc)
+                    if fuse_class(pc) == cl:
+                        pair = (c, pc) if edge[0] == n else (pc, c)
+                        pairwise[edge][pair] = pairwise[edge].get(pair, 0.0) + float(v)
+    if missing:
+        raise MissingLatencyError(
+            f"segment table lacks {len(missing)} key(s), e.g. {', '.join(missing[:3])}; profile the model's "
+            "designed policies at these candidates (lcpaq.profiler.backends.kernels_check.profile_segments)")
+    return unary, pairwise
+
+
+def _additive(unary: Mapping[str, Mapping[Any, float]], pairwise: Mapping[Any, Mapping[Any, float]],
+              policy: Any) -> tuple[float, float]:
+    """(fp32 layers' share, integer layers' share) of the additive prediction of ``policy``."""
+    f = i = 0.0
+    for n, tab in unary.items():
+        v = tab[tuple(policy[n])]
+        f, i = (f + v, i) if 32 in tuple(policy[n]) else (f, i + v)
+    for (p, c), tab in pairwise.items():
+        i += tab.get((tuple(policy[p]), tuple(policy[c])), 0.0)  # fused edges: both ends integer
+    return f, i
+
+
+def _design(rows: Sequence[tuple[float, float]], variant: str) -> np.ndarray:
+    sf, si = (np.array(v, float) for v in zip(*rows, strict=True))
+    one = np.ones_like(sf)
+    return {"const": np.c_[one], "scale": np.c_[one, sf + si], "split": np.c_[one, sf, si]}[variant]
+
+
+def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]], *,
+                      correction: str = "auto") -> Any:
+    """LatencyModel = correction applied to the additive unit table.
+
+    What the whole converted model runs beyond its segments (the model's and each block's module
+    call, Python between them) is fitted on the whole rows: ``const`` (whole = c0 + sum of
+    segments), ``scale`` (c0 + b * sum) or ``split`` (c0 + b_fp32 * fp32 part + b_int * int part);
+    ``auto`` picks the smallest leave-one-out relative error. Every term is per layer or per edge,
+    so the search sees the whole model."""
+    from lcpaq.errors import ConfigError
+    from lcpaq.latency import LatencyModel
+    from lcpaq.policy import Policy
+
+    if correction not in ("auto", *CORRECTIONS):
+        raise ConfigError(f"unknown correction {correction!r}; use auto or one of {', '.join(CORRECTIONS)}")
+    unary, pairwise = _projection(table, candidates)
+    d = table.drift()
+    pols = [Policy({n: tuple(p) for n, p in r["policy"].items()}) for r in table.rows]
+    parts = [_additive(unary, pairwise, p) for p in pols]
+    y = np.array([r["whole_ms"] for r in table.rows]) / d
+    s = np.array([a + b for a, b in parts])
+
+    loo: dict[str, float] = {}
+    for var in CORRECTIONS:
+        X = _design(parts, var)
+        if len(y) <= X.shape[1] + 1:
+            continue
+        errs = []
+        for i in range(len(y)):
+            m = np.arange(len(y)) != i
+            coef = _fit(X[m], y[m], s[m], var)
+            errs.append((_apply(X[i:i + 1], s[i:i + 1], coef, var)[0] - y[i]) / y[i])
+        loo[var] = float(np.sqrt(np.mean(np.square(errs))))
+    var = correction if correction != "auto" else (min(loo, key=loo.__getitem__) if loo else "const")
+    X = _design(parts, var)
+    coef = _fit(X, y, s, var) if len(y) else np.zeros(1)
+    bf = bi = 1.0
+    if len(y) and var == "scale":
+        bf = bi = float(coef[1])
+    elif len(y) and var == "split":
+        bf, bi = float(coef[1]), float(coef[2])
+    un = {n: {p: v * (bf if 32 in p else bi) for p, v in tab.items()} for n, tab in unary.items()}
+    pw = {e: {k: v * bi for k, v in tab.items()} for e, tab in pairwise.items()}
+    fit_rms = float(np.sqrt(np.mean(np.square((_apply(X, s, coef, var) - y) / y)))) if len(y) else float("nan")
+    return LatencyModel(un, pw, float(coef[0]), meta={
+        "source": "lcpaq.profiler.backends.kernels_check.fit_segment_model", "correction": var,
+        "coef": [float(v) for v in coef], "loo_rel_rms": loo, "fit_rel_rms": fit_rms, "rows": len(y),
+        "units": len(table.unit_ms())})
+
+
+def _fit(X: np.ndarray, y: np.ndarray, s: np.ndarray, var: str) -> np.ndarray:
+    if var == "const":
+        return np.array([float(np.mean(y - s))])
+    return np.linalg.lstsq(X, y, rcond=None)[0]
+
+
+def _apply(X: np.ndarray, s: np.ndarray, coef: np.ndarray, var: str) -> np.ndarray:
+    return s + coef[0] if var == "const" else X @ coef
+
+
+@dataclass
+class Deployed:
+    """A policy converted to the kernels as validate deploys it: ``call`` is the timed inference."""
+
+    model: Any
+    call: Callable[[], Any]
+    runner: SegmentRunner
+
+
+def deploy_policy(model: Any, policy: Any, input_shape: Sequence[int], calib: Sequence[Any],
+                  layers: Sequence[str]) -> Deployed:
+    """apply_policy (calibrated copy) -> convert, called on the fixed channels_last input that
+    :func:`lcpaq.deploy.runtime.deploy` uses ('lcpaq-kernels': rng(0) normal, batch 1)."""
+    import torch
+
+    from lcpaq.kernels import convert
+
+    x1 = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+    xt = torch.from_numpy(x1).contiguous(memory_format=torch.channels_last)
+    m = convert(quantized_copy(model, policy, calib), inplace=True).eval()
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return m(xt)
+
+    return Deployed(m, call, SegmentRunner(m, layers, xt))
+
+
+def time_whole(fns: Sequence[Callable[[], Any]], settings: MeasureSettings, rounds: int = 2
+               ) -> list[tuple[float, float]]:
+    """Interleaved (A B A B ...) whole-model times: per callable (fastest round's median primary ms,
+    that round's median wall ms)."""
+    from lcpaq.profiler.backends.ort import time_callable
+
+    per: list[list[tuple[float, float]]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            cpu, wall = time_callable(f, settings)
+            prim = cpu if settings.metric == "thread_cpu" and settings.threads == 1 else wall
+            per[i].append((float(np.median(prim)), float(np.median(wall))))
+    return [min(p) for p in per]
+
+
+def profile_segments(
+    model: Any,
+    input_shape: Sequence[int],
+    candidates: Sequence[tuple[int, int]],
+    *,
+    settings: MeasureSettings | None = None,
+    calib: Sequence[Any] | None = None,
+    extra: int = 12,
+    seed: int = 1000,
+    correction: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[SegmentTable, Any]:
+    """Time the segments of the designed policies (every key) plus ``extra`` random policies and the
+    uniform corners (one per candidate), each also whole, A B A B against uniform W8A8; fit.
+
+    1 thread, the calling thread's CPU time by default (``settings``: the profile's). ``calib``:
+    arrays or tensors for the activation ranges (random normal when None: kernel times do not
+    depend on the values)."""
+    import torch
+
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.backends.kernels import kernel_isa
+
+    st = settings or MeasureSettings(warmup=3, number=5, repeat=15)
+    shape = tuple(int(v) for v in input_shape)
+    cal = list(calib) if calib is not None else [
+        np.random.default_rng(1).standard_normal((4, *shape[1:])).astype(np.float32)]
+    rng = np.random.default_rng(seed)
+    cands = [tuple(int(v) for v in c) for c in candidates]
+    old = torch.get_num_threads()
+    torch.set_num_threads(st.threads)
+    try:
+        plan = segment_plan(model, cal)
+        pols = design_segment_policies(plan, cands, rng)
+        n_design = len(pols)
+        ints = [c for c in cands if fuse_class(c) != "f"]
+        for _ in range(extra):
+            q = rng.random()
+            pols.append(Policy({n: (32, 32) if rng.random() < q or not ints else ints[int(rng.integers(len(ints)))]
+                                for n in plan.layers}))
+        pols += [Policy.uniform(plan.layers, *c) for c in cands]
+        ref = deploy_policy(model, Policy.uniform(plan.layers, 8, 8), shape, cal, plan.layers)
+        table = SegmentTable(plan, meta={
+            "model": type(model).__name__, "input_shape": list(shape), "candidates": [list(c) for c in cands],
+            "settings": dict(st.__dict__), "torch": torch.__version__, "isa": kernel_isa(),
+            "designed": n_design, "extra": extra, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        for i, pol in enumerate(pols):
+            dep = deploy_policy(model, pol, shape, cal, plan.layers)
+            segs = time_segments(dep.runner, st)
+            (whole, wall), (ref_ms, _) = time_whole([dep.call, ref.call], st)
+            table.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "whole_ms": whole, "wall_ms": wall,
+                               "ref_ms": ref_ms, "segments": {n: segs.get(n, 0.0) for n in plan.layers},
+                               "pre_ms": segs.get("(pre)", 0.0), "designed": i < n_design})
+            if progress:
+                progress(i + 1, len(pols))
+    finally:
+        torch.set_num_threads(old)
+    return table, fit_segment_model(table, cands, correction=correction)
