@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lcpaq.cli import main
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
+    from lcpaq.kernels import status
+
     out = tmp_path / "report"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
@@ -17,10 +21,26 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     mixed = s["rows"][2]
     assert mixed["predicted_ms"] <= s["budgets"]["max_latency_ms"] * (1 + 1e-6)
     assert mixed["size_kb"] <= s["budgets"]["max_size_mb"] * 1e3 * (1 + 1e-6)
-    for f in ("policy.json", "latency_table.jsonl", "sensitivity.json", "pareto.png", "predicted_vs_measured.png",
+    kernels = s["backend"] == "lcpaq-kernels"
+    assert kernels == status().loaded
+    table = "latency_segments.json" if kernels else "latency_blocks.json"
+    for f in ("policy.json", table, "sensitivity.json", "pareto.png", "predicted_vs_measured.png",
               "model_qdq.onnx", "validation_mixed.json", "summary.md"):
         assert (out / f).is_file(), f
     assert "mixed" in capsys.readouterr().out
+    if kernels:  # segment units: every key of the embedded model timed, the model additive (the ILP sees it all)
+        from lcpaq.latency import LatencyModel
+        from lcpaq.policy import Policy
+        from lcpaq.profiler.backends.kernels_check import SegmentTable, fit_segment_model
+
+        assert "segment" in s["stages"]["profile"]
+        t = SegmentTable.load(out / "latency_segments.json")
+        lm = fit_segment_model(t, [(2, 8), (4, 8), (8, 8), (32, 32)])
+        assert isinstance(lm, LatencyModel) and not lm.groups
+        assert lm.predict(Policy.from_dict(json.loads((out / "policy.json").read_text()))) == \
+            pytest.approx(mixed["predicted_ms"], rel=1e-6)
+        # the correction is small beside the units: they carry the work
+        assert mixed["raw_table_predicted_ms"] > 0.7 * mixed["predicted_ms"]
 
 
 def test_block_units_cut_from_the_deployed_graph_run_on_real_inputs():

@@ -1,6 +1,7 @@
 """``lcpaq demo``: the whole loop on the embedded model, each stage one function over library verbs.
 
-profile this host (lcpaq kernels if built, else ONNX Runtime fp32-vs-int8; on ORT the block model of
+profile this host (lcpaq kernels if built: segment units cut from the converted model,
+lcpaq.profiler.backends.kernels_check; else ONNX Runtime fp32-vs-int8 with the block model of
 lcpaq.profiler.blocks, cut from the graphs validate deploys) -> sensitivity ->
 search under a latency budget between the fastest and slowest uniform policy plus a size budget
 -> brief KD fine-tune -> export (ONNX QDQ, checked) and validate (fp32, W8A8, chosen) -> one
@@ -33,12 +34,14 @@ class DemoSettings:
     rounds: int = 3
     measure: dict[str, int] = dataclasses.field(default_factory=dict)  # MeasureSettings overrides
     whole_rows: int | None = None  # ORT block model: designed policies also timed whole (None: all)
+    extra_policies: int = 12  # kernels segment model: random policies profiled beyond the designed ones
 
     @staticmethod
     def make(quick: bool) -> DemoSettings:
         if quick:
             return DemoSettings(True, probes=6, finetune_epochs=1, finetune_steps=6, pareto_points=3,
-                                rounds=2, measure={"warmup": 2, "number": 3, "repeat": 5}, whole_rows=24)
+                                rounds=2, measure={"warmup": 2, "number": 3, "repeat": 5}, whole_rows=24,
+                                extra_policies=6)
         return DemoSettings(False, probes=30, finetune_epochs=1, finetune_steps=40, pareto_points=8,
                             rounds=3, measure={})
 
@@ -132,6 +135,27 @@ def stage_profile_blocks(fp32: Any, hw: Any, st: DemoSettings, out: Path, prog: 
     prog.update(task, info=f"{len(table.ms)} units, {len(table.whole)} whole, correction "
                            f"{lm.meta['correction_features']}")
     return lm
+
+
+def stage_profile_segments(fp32: Any, hw: Any, st: DemoSettings, out: Path, prog: Any) -> tuple[Any, Any]:
+    """lcpaq kernels: time the segments of the converted model (each layer's module call with its
+    quantize, kernel, epilogue, unfolded BN/ReLU/add, keyed by its fusion partners' class) inside
+    whole runs of designed + random policies, and those policies whole (A B against uniform W8A8);
+    fit the additive model + correction (:func:`lcpaq.profiler.backends.kernels_check.profile_segments`).
+    Returns (model, uncorrected sum of segments); the table goes to ``out/latency_segments.json``.
+    Session 7: 20 random mixed policies of the embedded model within ~1-2 % median (notes/deploy.md);
+    the per-layer table calibrated to fp32/W8A8 missed by up to -12 % before."""
+    from lcpaq.profiler.backends.kernels_check import fit_segment_model, profile_segments
+
+    task = prog.add_task("profile segments (kernels)", total=None, info="")
+    cal, _, _ = _calib_check(8)
+    table, lm = profile_segments(fp32, (1, 1, 28, 28), hw.candidates, settings=hw.settings, calib=[cal[0][:16]],
+                                 extra=st.extra_policies,
+                                 progress=lambda i, n: prog.update(task, completed=i, total=n, info="policies"))
+    table.save(out / "latency_segments.json")
+    prog.update(task, info=f"{lm.meta['units']} units, {len(table.rows)} policies whole, correction "
+                           f"{lm.meta['correction']}")
+    return lm, fit_segment_model(table, hw.candidates, correction="none")
 
 
 def stage_reference(fp32: Any, lm: Any, hw: Any, st: DemoSettings, out: Path, prog: Any) -> Any:
@@ -341,6 +365,10 @@ def run_demo(out: str | Path = "lcpaq-demo-report", *, quick: bool = False, back
         if hw.backend == "ort":  # block units: the whole model within a few %, no calibration step
             lm = lm_raw = stage_profile_blocks(fp32, hw, st, out, prog)
             stages["profile"] = "real: ort block units + whole-model correction (lcpaq.profiler.blocks)"
+        elif hw.backend == "lcpaq-kernels":  # segment units: what convert() runs, timed in sequence
+            lm, lm_raw = stage_profile_segments(fp32, hw, st, out, prog)
+            stages["profile"] = ("real: lcpaq-kernels segment units (converted model, in sequence) + whole-model "
+                                 "correction (lcpaq.profiler.backends.kernels_check)")
         else:
             table = stage_profile(inventory, hw, out, prog)
             stages["profile"] = f"real: {hw.backend} on this host"
@@ -397,6 +425,11 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
         console.print("predicted = block model (every block timed in its context + isolation correction fitted on "
                       "whole-model times of the designed policies and of uniform fp32/W8A8, measured earlier in this "
                       "run: ref rows are in its training rows, mixed is out of sample); raw table ms = the same model")
+    elif s["backend"] == "lcpaq-kernels":
+        console.print("predicted = segment units of the converted model (timed in sequence, keyed by the fusion "
+                      "partners' class) + a correction fitted on whole-model times of the profiled policies, uniform "
+                      "ones included (ref rows: in its training rows; mixed: out of sample); raw table ms = the sum "
+                      "of the segments without the correction")
     else:
         console.print("predicted = table calibrated to fp32/W8A8 whole-model references measured earlier in this run "
                       "(ref rows: re-measured references; mixed: out of sample); raw table ms = uncalibrated sum of "

@@ -131,15 +131,23 @@ class IntLinear(_IntBase):
         return f"out={self.out_features}, w_bits={self.w_bits} (kernel {self.kbits}), a_bits={self.a_bits}"
 
 
+class NhwcConv2d(nn.Conv2d):
+    """A float conv that writes channels_last even when neither its input nor its weight has a
+    layout (one input channel, e.g. an MNIST stem): torch would write NCHW there, and every float
+    layer downstream would run NCHW or mix layouts in a residual add. Same parameters and
+    state_dict as the nn.Conv2d it replaces (convert swaps the class)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous(memory_format=torch.channels_last)
+
+
 def _fuse(model: nn.Module, converted: set[str]) -> int:
     """Fusion pass over the fx graph (see the module docstring); returns the number of fusions."""
     from torch import fx
 
-    from lcpaq.quant.modules import QuantConv2d, QuantLinear
-
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, (_IntBase, QuantConv2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (_IntBase, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
 
     try:
         graph = _Tracer().trace(model)
@@ -254,7 +262,9 @@ def convert(model: nn.Module, policy: Policy | None = None, *, inplace: bool = T
     fused = _fuse(model, done) if fuse and done else 0
     if channels_last:
         for mod in model.modules():
-            if isinstance(mod, nn.Conv2d) and mod.weight.dim() == 4:
+            if type(mod) is nn.Conv2d:
                 mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)
+                if mod.in_channels == 1:  # a 1-channel input and weight have no layout: say it
+                    mod.__class__ = NhwcConv2d
     log.info("convert: %d layers on integer kernels, %d fusions", len(done), fused)
     return model

@@ -37,7 +37,6 @@ import numpy as np
 
 from lcpaq.profiler.backend import MeasureSettings
 
-
 SEGMENT_SCHEMA = "lcpaq.kernel_segments/1"
 
 
@@ -114,15 +113,14 @@ class SegmentRunner:
     use, as fx's own codegen does), runnable in sequence with a clock read between segments."""
 
     def __init__(self, conv_model: Any, layers: Sequence[str], x: Any) -> None:
-        from torch import fx
+        from torch import fx, nn
 
         from lcpaq.errors import KernelError
         from lcpaq.kernels.convert import _IntBase
-        from lcpaq.quant.modules import QuantConv2d, QuantLinear
 
-        class _Tracer(fx.Tracer):
+        class _Tracer(fx.Tracer):  # every layer a leaf (subclasses too: QuantConv2d, NhwcConv2d)
             def is_leaf_module(self, m: Any, qualname: str) -> bool:
-                return isinstance(m, (_IntBase, QuantConv2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+                return isinstance(m, (_IntBase, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
 
         try:
             graph = _Tracer().trace(conv_model)
@@ -415,13 +413,13 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
     call, Python between them) is fitted on the whole rows: ``const`` (whole = c0 + sum of
     segments), ``scale`` (c0 + b * sum) or ``split`` (c0 + b_fp32 * fp32 part + b_int * int part);
     ``auto`` picks the smallest leave-one-out relative error. Every term is per layer or per edge,
-    so the search sees the whole model."""
+    so the search sees the whole model. ``none``: the sum of the segments alone (c0 = 0, b = 1)."""
     from lcpaq.errors import ConfigError
     from lcpaq.latency import LatencyModel
     from lcpaq.policy import Policy
 
-    if correction not in ("auto", *CORRECTIONS):
-        raise ConfigError(f"unknown correction {correction!r}; use auto or one of {', '.join(CORRECTIONS)}")
+    if correction not in ("auto", "none", *CORRECTIONS):
+        raise ConfigError(f"unknown correction {correction!r}; use auto, none or one of {', '.join(CORRECTIONS)}")
     unary, pairwise = _projection(table, candidates)
     d = table.drift()
     pols = [Policy({n: tuple(p) for n, p in r["policy"].items()}) for r in table.rows]
@@ -441,8 +439,8 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
             errs.append((_apply(X[i:i + 1], s[i:i + 1], coef, var)[0] - y[i]) / y[i])
         loo[var] = float(np.sqrt(np.mean(np.square(errs))))
     var = correction if correction != "auto" else (min(loo, key=loo.__getitem__) if loo else "const")
-    X = _design(parts, var)
-    coef = _fit(X, y, s, var) if len(y) else np.zeros(1)
+    X = _design(parts, "const" if var == "none" else var)
+    coef = _fit(X, y, s, var) if len(y) and var != "none" else np.zeros(1)
     bf = bi = 1.0
     if len(y) and var == "scale":
         bf = bi = float(coef[1])
@@ -450,7 +448,8 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
         bf, bi = float(coef[1]), float(coef[2])
     un = {n: {p: v * (bf if 32 in p else bi) for p, v in tab.items()} for n, tab in unary.items()}
     pw = {e: {k: v * bi for k, v in tab.items()} for e, tab in pairwise.items()}
-    fit_rms = float(np.sqrt(np.mean(np.square((_apply(X, s, coef, var) - y) / y)))) if len(y) else float("nan")
+    fit_rms = float(np.sqrt(np.mean(np.square((_apply(X, s, coef, var if var != "none" else "const") - y) / y)))) \
+        if len(y) else float("nan")
     return LatencyModel(un, pw, float(coef[0]), meta={
         "source": "lcpaq.profiler.backends.kernels_check.fit_segment_model", "correction": var,
         "coef": [float(v) for v in coef], "loo_rel_rms": loo, "fit_rel_rms": fit_rms, "rows": len(y),
@@ -477,16 +476,17 @@ class Deployed:
 
 
 def deploy_policy(model: Any, policy: Any, input_shape: Sequence[int], calib: Sequence[Any],
-                  layers: Sequence[str]) -> Deployed:
+                  layers: Sequence[str], *, channels_last: bool = True) -> Deployed:
     """apply_policy (calibrated copy) -> convert, called on the fixed channels_last input that
-    :func:`lcpaq.deploy.runtime.deploy` uses ('lcpaq-kernels': rng(0) normal, batch 1)."""
+    :func:`lcpaq.deploy.runtime.deploy` uses ('lcpaq-kernels': rng(0) normal, batch 1).
+    ``channels_last=False``: float convs in their input's layout (convert before session 7)."""
     import torch
 
     from lcpaq.kernels import convert
 
     x1 = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
     xt = torch.from_numpy(x1).contiguous(memory_format=torch.channels_last)
-    m = convert(quantized_copy(model, policy, calib), inplace=True).eval()
+    m = convert(quantized_copy(model, policy, calib), inplace=True, channels_last=channels_last).eval()
 
     def call() -> Any:
         with torch.inference_mode():
@@ -520,6 +520,7 @@ def profile_segments(
     extra: int = 12,
     seed: int = 1000,
     correction: str = "auto",
+    channels_last: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[SegmentTable, Any]:
     """Time the segments of the designed policies (every key) plus ``extra`` random policies and the
@@ -527,7 +528,7 @@ def profile_segments(
 
     1 thread, the calling thread's CPU time by default (``settings``: the profile's). ``calib``:
     arrays or tensors for the activation ranges (random normal when None: kernel times do not
-    depend on the values)."""
+    depend on the values). ``channels_last``: passed to :func:`lcpaq.kernels.convert`."""
     import torch
 
     from lcpaq.policy import Policy
@@ -551,13 +552,14 @@ def profile_segments(
             pols.append(Policy({n: (32, 32) if rng.random() < q or not ints else ints[int(rng.integers(len(ints)))]
                                 for n in plan.layers}))
         pols += [Policy.uniform(plan.layers, *c) for c in cands]
-        ref = deploy_policy(model, Policy.uniform(plan.layers, 8, 8), shape, cal, plan.layers)
+        ref = deploy_policy(model, Policy.uniform(plan.layers, 8, 8), shape, cal, plan.layers,
+                            channels_last=channels_last)
         table = SegmentTable(plan, meta={
             "model": type(model).__name__, "input_shape": list(shape), "candidates": [list(c) for c in cands],
             "settings": dict(st.__dict__), "torch": torch.__version__, "isa": kernel_isa(),
-            "designed": n_design, "extra": extra, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "designed": n_design, "extra": extra, "channels_last": channels_last, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         for i, pol in enumerate(pols):
-            dep = deploy_policy(model, pol, shape, cal, plan.layers)
+            dep = deploy_policy(model, pol, shape, cal, plan.layers, channels_last=channels_last)
             segs = time_segments(dep.runner, st)
             (whole, wall), (ref_ms, _) = time_whole([dep.call, ref.call], st)
             table.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "whole_ms": whole, "wall_ms": wall,
@@ -568,3 +570,63 @@ def profile_segments(
     finally:
         torch.set_num_threads(old)
     return table, fit_segment_model(table, cands, correction=correction)
+
+
+def random_policies(layers: Sequence[str], candidates: Sequence[tuple[int, int]], n: int, *,
+                    p_fp32: float = 0.5, first_seed: int = 0) -> list[Any]:
+    """Test policies (the ORT benchmark's draw): seed k, each layer fp32 with probability ``p_fp32``,
+    else one of the integer candidates at random."""
+    from lcpaq.policy import Policy
+
+    ints = [tuple(c) for c in candidates if 32 not in tuple(c)]
+    out = []
+    for s in range(first_seed, first_seed + n):
+        rng = np.random.default_rng(s)
+        out.append(Policy({n_: (32, 32) if rng.random() < p_fp32 else ints[int(rng.integers(len(ints)))]
+                           for n_ in layers}))
+    return out
+
+
+def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[Any], predict: Callable[[Any], float],
+                   *, settings: MeasureSettings, ref_ms: float, rounds: int = 3, channels_last: bool = True,
+                   calib: Sequence[Any] | None = None, progress: Callable[[int, int], None] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Measure each policy converted end to end (``rounds`` A B A B rounds against uniform W8A8,
+    fastest round) and compare with ``predict(policy)``. ``ref_ms``: the reference's time when the
+    table was made; ``error_pct`` rescales the prediction by the reference's drift since then,
+    ``error_raw_pct`` does not. 1 thread: thread CPU time (wall beside)."""
+    import torch
+
+    from lcpaq.policy import Policy
+    from lcpaq.quant import quantizable_names
+
+    shape = tuple(int(v) for v in input_shape)
+    cal = list(calib) if calib is not None else [
+        np.random.default_rng(1).standard_normal((4, *shape[1:])).astype(np.float32)]
+    layers = quantizable_names(model)
+    old = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    rows = []
+    try:
+        ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
+        for i, pol in enumerate(policies):
+            dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
+            (ms, wall), (r, _) = time_whole([dep.call, ref.call], settings, rounds)
+            pred = float(predict(pol))
+            drift = r / ref_ms
+            rows.append({"policy": {n: list(p) for n, p in pol.items()}, "predicted_ms": pred, "measured_ms": ms,
+                         "measured_wall_ms": wall, "ref_ms": r, "drift": drift,
+                         "error_pct": (pred * drift - ms) / ms * 100.0, "error_raw_pct": (pred - ms) / ms * 100.0,
+                         "fp32_layers": sum(32 in tuple(p) for _, p in pol.items())})
+            if progress:
+                progress(i + 1, len(policies))
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], key: str = "error_pct") -> dict[str, float]:
+    """Median and max absolute % error, and how many policies are within +-5 %."""
+    e = np.abs([r[key] for r in rows])
+    return {"median_abs_pct": float(np.median(e)), "max_abs_pct": float(e.max()), "within_5": int((e <= 5).sum()),
+            "n": len(e), "median_signed_pct": float(np.median([r[key] for r in rows]))}

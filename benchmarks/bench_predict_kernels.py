@@ -1,0 +1,197 @@
+"""Prediction fidelity on lcpaq's kernels: 20 random mixed policies per model, predicted vs measured.
+
+For each model (the embedded mnist_resnet, resnet18 with random weights, ``torch.manual_seed(0)``)
+and each predictor variant:
+
+* ``segments``  (session 7, what ``lcpaq demo`` uses): segment units cut from the converted model
+  and timed in its own sequence, keyed by the fusion partners' class, plus a correction fitted on
+  the profiled policies' whole-model times (lcpaq.profiler.backends.kernels_check.profile_segments);
+  the deployment is ``lcpaq.kernels.convert`` as it is now (float convs channels_last).
+* ``segments-nchw``: the same predictor on the deployment before session 7 (float convs in their
+  input's layout: ``convert(channels_last=False)``).
+* ``table``     (the demo before session 7): the per-layer ``lcpaq-kernels`` table (each layer's
+  kernel timed alone, lcpaq.profiler.backends.kernels), calibrated on uniform fp32 / W8A8
+  whole-model times (lcpaq.profiler.fidelity.calibrate_to_references), on the pre-session-7
+  deployment.
+
+Test policies: seeds 0..19, each layer fp32 with p = 0.5 else w2a8/w4a8/w8a8 at random. Each is
+converted and timed end to end A B A B against uniform W8A8 (``--rounds``, fastest round), 1 thread,
+the calling thread's CPU time (wall beside). ``error_pct`` rescales the prediction by the
+reference's drift since the table was made; ``error_raw_pct`` does not.
+
+The script takes the shared bench lock (/tmp/lcpaq-bench.lock) itself, one hold per model and
+variant (profile + test policies: ~10 s for mnist_resnet, ~1-2 min for resnet18).
+
+    python benchmarks/bench_predict_kernels.py
+    python benchmarks/bench_predict_kernels.py --models mnist_resnet --variants segments --policies 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CANDIDATES = ((2, 8), (4, 8), (8, 8), (32, 32))
+VARIANTS = ("segments", "segments-nchw", "table")
+
+
+@contextlib.contextmanager
+def bench_lock():
+    """The shared timing lock (same file and flock(2) as `flock /tmp/lcpaq-bench.lock CMD`)."""
+    import fcntl
+
+    with open("/tmp/lcpaq-bench.lock", "a") as f:
+        t0 = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        print(f"  bench lock taken after {time.perf_counter() - t0:.0f} s; load {os.getloadavg()}", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def settings_for(model_name: str):
+    """The embedded model is ~0.3 ms: more calls per sample; resnet18 ~15 ms: one call per sample."""
+    from lcpaq.profiler.backend import MeasureSettings
+
+    if model_name == "mnist_resnet":
+        return MeasureSettings(warmup=3, number=5, repeat=15)
+    return MeasureSettings(warmup=2, number=1, repeat=11)
+
+
+def shape_of(model_name: str) -> tuple[int, ...]:
+    from lcpaq.models import default_input_shape
+
+    return (1, *default_input_shape(model_name)[1:])
+
+
+def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
+    """The pre-session-7 demo predictor: per-layer kernels table calibrated on uniform fp32 / W8A8
+    whole models (measured here, A B against each other), and the reference's time."""
+    from lcpaq.graph import trace
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.backends.kernels_check import deploy_policy, time_whole
+    from lcpaq.profiler.fidelity import calibrate_to_references
+    from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.profiler.predict import latency_model
+    from lcpaq.profiler.run import profile
+    from lcpaq.quant import quantizable_names
+
+    inv = trace(model, shape, name=name)
+    hw = load_profile(ROOT / "hw_profiles" / "host-cpu-kernels.toml")
+    hw = dataclasses.replace(hw, candidates=CANDIDATES)
+    if out.exists():
+        out.unlink()
+    profile(inv, hw, out, candidates=CANDIDATES)
+    raw = latency_model(out, inv, CANDIDATES)
+    layers = quantizable_names(model)
+    cal = [np.random.default_rng(1).standard_normal((4, *shape[1:])).astype(np.float32)]
+    fp = deploy_policy(model, Policy.uniform(layers, 32, 32), shape, cal, layers, channels_last=channels_last)
+    w8 = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
+    (fp_ms, _), (w8_ms, _) = time_whole([fp.call, w8.call], st, rounds=3)
+    lm = calibrate_to_references(raw, {(32, 32): fp_ms, (8, 8): w8_ms})
+    return lm, raw, w8_ms, {"fp32_ref_ms": fp_ms, "w8a8_ref_ms": w8_ms}
+
+
+def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int) -> dict:
+    import torch
+
+    from lcpaq.models import get_model
+    from lcpaq.profiler.backends.kernels_check import (
+        check_policies,
+        profile_segments,
+        random_policies,
+        summarize,
+    )
+    from lcpaq.quant import quantizable_names
+
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    shape = shape_of(name)
+    st = settings_for(name)
+    cl = variant == "segments"
+    tests = random_policies(quantizable_names(model), CANDIDATES, n_pol)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    info: dict = {}
+    with bench_lock():
+        load0 = os.getloadavg()
+        if variant == "table":
+            lm, raw, ref_ms, info = table_model(model, name, shape, st, RESULTS / f"bench_predict_kernels_table_{name}.jsonl",
+                                                channels_last=False)
+            info["raw_predict"] = True
+        else:
+            table, lm = profile_segments(model, shape, CANDIDATES, settings=st, extra=extra, channels_last=cl)
+            table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}.json")
+            ref_ms = float(np.median([r["ref_ms"] for r in table.rows]))
+            raw = None
+            info = {"fit": dict(lm.meta), "profiled_policies": len(table.rows)}
+        t_prof = time.perf_counter() - t0
+        rows = check_policies(model, shape, tests, lm.predict, settings=st, ref_ms=ref_ms, rounds=rounds,
+                              channels_last=cl)
+        load1 = os.getloadavg()
+    if raw is not None:  # the uncalibrated per-layer table beside it
+        for r, pol in zip(rows, tests, strict=True):
+            r["raw_table_ms"] = raw.predict(pol)
+            r["error_raw_table_pct"] = (raw.predict(pol) * r["drift"] - r["measured_ms"]) / r["measured_ms"] * 100
+    summ = {"model": name, "variant": variant, "drift": summarize(rows, "error_pct"),
+            "no_drift": summarize(rows, "error_raw_pct"), "load_start": load0, "load_end": load1,
+            "profile_s": t_prof, "total_s": time.perf_counter() - t0, "settings": dataclasses.asdict(st),
+            "rounds": rounds, "measured_ms_range": [min(r["measured_ms"] for r in rows),
+                                                     max(r["measured_ms"] for r in rows)], **info}
+    if raw is not None:
+        summ["raw_table"] = summarize(rows, "error_raw_table_pct")
+    return {"summary": summ, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mnist_resnet,resnet18")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--policies", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3, help="A B rounds per test policy (fastest kept)")
+    ap.add_argument("--extra", type=int, default=12, help="random policies profiled beyond the designed ones")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or args.policies < 1 or args.rounds < 1:
+        print(f"error: unknown variant(s) {bad} (use {', '.join(VARIANTS)}); --policies and --rounds must be >= 1",
+              file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name in [m for m in args.models.split(",") if m]:
+        for v in variants:
+            print(f"{name} / {v} ...", flush=True)
+            res = run_variant(name, v, args.policies, args.rounds, args.extra)
+            path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
+            path.write_text(json.dumps(res, indent=1, default=float) + "\n")
+            s = res["summary"]
+            for key in ("drift", "no_drift", "raw_table"):
+                if key in s:
+                    d = s[key]
+                    lines.append(f" {name:13s} {v:14s} {key:9s} {d['median_abs_pct']:7.2f}% {d['max_abs_pct']:7.2f}% "
+                                 f"{d['within_5']:3d}/{d['n']}  {d['median_signed_pct']:+7.2f}%  "
+                                 f"{s['load_start'][0]:.2f}->{s['load_end'][0]:.2f}  {s['total_s']:.0f}s")
+            print(lines[-1], flush=True)
+    print("\n model         variant        scoring   med|err|  max|err|  ±5%   med err   load(1m)   time")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
