@@ -16,8 +16,9 @@ and each predictor variant:
 
 Test policies: seeds 0..19, each layer fp32 with p = 0.5 else w2a8/w4a8/w8a8 at random. Each is
 converted and timed end to end A B A B against uniform W8A8 (``--rounds``, fastest round), 1 thread,
-the calling thread's CPU time (wall beside). ``error_pct`` rescales the prediction by the
-reference's drift since the table was made; ``error_raw_pct`` does not.
+the calling thread's CPU time (wall beside). Scoring: ``drift`` rescales the prediction by the
+reference's drift since the table was made (running median of 7 neighbouring policies' reference
+readings), ``row_drift`` by the policy's own reference reading, ``no_drift`` not at all.
 
 The script takes the shared bench lock (/tmp/lcpaq-bench.lock) itself, one hold per model and
 variant (profile + test policies: ~10 s for mnist_resnet, ~1-2 min for resnet18).
@@ -143,9 +144,9 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int) ->
     if raw is not None:  # the uncalibrated per-layer table beside it
         for r, pol in zip(rows, tests, strict=True):
             r["raw_table_ms"] = raw.predict(pol)
-            r["error_raw_table_pct"] = (raw.predict(pol) * r["drift"] - r["measured_ms"]) / r["measured_ms"] * 100
+            r["error_raw_table_pct"] = (raw.predict(pol) - r["measured_ms"]) / r["measured_ms"] * 100
     summ = {"model": name, "variant": variant, "drift": summarize(rows, "error_pct"),
-            "no_drift": summarize(rows, "error_raw_pct"), "load_start": load0, "load_end": load1,
+            "row_drift": summarize(rows, "error_row_pct"), "no_drift": summarize(rows, "error_raw_pct"), "load_start": load0, "load_end": load1,
             "profile_s": t_prof, "total_s": time.perf_counter() - t0, "settings": dataclasses.asdict(st),
             "rounds": rounds, "measured_ms_range": [min(r["measured_ms"] for r in rows),
                                                      max(r["measured_ms"] for r in rows)], **info}
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]
-            for key in ("drift", "no_drift", "raw_table"):
+            for key in ("drift", "row_drift", "no_drift", "raw_table"):
                 if key in s:
                     d = s[key]
                     lines.append(f" {name:13s} {v:14s} {key:9s} {d['median_abs_pct']:7.2f}% {d['max_abs_pct']:7.2f}% "

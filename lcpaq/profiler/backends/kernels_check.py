@@ -13,8 +13,10 @@ producer's epilogue requantizes, the consumer skips its quantize pass). A segmen
 converted model (thread CPU time between consecutive segment ends, one clock read subtracted), so
 each carries the cache and allocator state the whole model gives it.
 
-* :func:`segment_plan`, :func:`design_segment_policies`: which keys exist, policies covering them.
-* :class:`SegmentRunner`, :func:`time_segments`: the converted model as compiled segments, timed.
+* :func:`~lcpaq.kernels.segments.segment_plan`, :class:`~lcpaq.kernels.segments.SegmentRunner`
+  (in :mod:`lcpaq.kernels.segments`, re-exported here): the keys, the converted model as compiled
+  segments; :func:`time_segments` times them in sequence.
+* :func:`design_segment_policies`: policies covering every key.
 * :func:`profile_segments`: one call: time every designed policy's segments and its whole model
   (A B A B against a uniform W8A8 reference), fit :func:`fit_segment_model`: an additive
   :class:`~lcpaq.latency.LatencyModel` (unary + pairwise on the fusable edges + a correction for
@@ -35,184 +37,24 @@ from typing import Any
 
 import numpy as np
 
+from lcpaq.kernels.segments import (
+    SegmentPlan,
+    SegmentRunner,
+    fuse_class,
+    quantized_copy,
+    segment_key,
+    segment_plan,
+)
 from lcpaq.profiler.backend import MeasureSettings
 
+__all__ = [
+    "SEGMENT_SCHEMA", "Deployed", "SegmentPlan", "SegmentRunner", "SegmentTable", "check_policies",
+    "deploy_policy", "design_segment_policies", "fit_segment_model", "fuse_class", "profile_segments",
+    "quantized_copy", "random_policies", "segment_key", "segment_plan", "summarize", "time_segments",
+    "time_whole",
+]
+
 SEGMENT_SCHEMA = "lcpaq.kernel_segments/1"
-
-
-def fuse_class(pair: tuple[int, int]) -> str:
-    """A partner's class for fusion: 'f' (a float side: no fusion), 'u' (integer with 8-bit
-    activations: a uint8 edge is fused) or 'i' (other integer: the layer runs its own quantize)."""
-    w, a = (int(v) for v in pair)
-    return "f" if 32 in (w, a) else ("u" if a == 8 else "i")
-
-
-def segment_key(layer: str, pair: tuple[int, int], ctx: str) -> str:
-    """``layer|wXaY|<partner classes>``; a float layer fuses nothing: ``layer|fp32``."""
-    w, a = (int(v) for v in pair)
-    return f"{layer}|fp32" if 32 in (w, a) else f"{layer}|w{w}a{a}|{ctx}"
-
-
-class SegmentPlan:
-    """Layers (model order) and each one's fusion partners (producer first)."""
-
-    def __init__(self, layers: Sequence[str], partners: Mapping[str, Sequence[str]]) -> None:
-        self.layers = tuple(layers)
-        self.partners = {n: tuple(partners.get(n, ())) for n in self.layers}
-
-    def key(self, policy: Any, layer: str) -> str:
-        """The key of ``layer``'s segment under ``policy``."""
-        ctx = "".join(fuse_class(policy[p]) for p in self.partners[layer])
-        return segment_key(layer, policy[layer], ctx)
-
-    def edges(self) -> list[tuple[str, str]]:
-        """Fusable (producer, consumer) edges in model order."""
-        pos = {n: i for i, n in enumerate(self.layers)}
-        out = {tuple(sorted((n, p), key=pos.__getitem__)) for n in self.layers for p in self.partners[n]}
-        return sorted(out, key=lambda e: (pos[e[0]], pos[e[1]]))  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "partners": {k: list(v) for k, v in self.partners.items()}}
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> SegmentPlan:
-        return SegmentPlan(d["layers"], d["partners"])
-
-
-def quantized_copy(model: Any, policy: Any, calib: Sequence[Any]) -> Any:
-    """A calibrated fake-quant deep copy of ``model`` at ``policy`` (what validate deploys)."""
-    import copy
-
-    import torch
-
-    from lcpaq.quant import apply_policy
-
-    cal = [torch.as_tensor(c, dtype=torch.float32) for c in calib]
-    return apply_policy(copy.deepcopy(model), policy, calib_loader=cal, calib_batches=len(cal)).eval()
-
-
-def segment_plan(model: Any, calib: Sequence[Any]) -> SegmentPlan:
-    """The plan of a float ``model``: convert it at uniform W8A8 and read which edges were fused."""
-    from lcpaq.kernels.convert import _IntBase, convert
-    from lcpaq.policy import Policy
-    from lcpaq.quant import quantizable_names
-
-    names = quantizable_names(model)
-    conv = convert(quantized_copy(model, Policy.uniform(names, 8, 8), calib), inplace=True)
-    partners: dict[str, list[str]] = {n: [] for n in names}
-    for n, m in conv.named_modules():
-        if isinstance(m, _IntBase) and m.requant_for:
-            partners[m.requant_for].insert(0, n)  # producer first
-            partners[n].append(m.requant_for)
-    return SegmentPlan(names, partners)
-
-
-class SegmentRunner:
-    """The converted model's fx graph split into one segment per quantizable layer, compiled to
-    plain Python (one function per segment over a slot list, freeing each value after its last
-    use, as fx's own codegen does), runnable in sequence with a clock read between segments."""
-
-    def __init__(self, conv_model: Any, layers: Sequence[str], x: Any) -> None:
-        from torch import fx, nn
-
-        from lcpaq.errors import KernelError
-        from lcpaq.kernels.convert import _IntBase
-
-        class _Tracer(fx.Tracer):  # every layer a leaf (subclasses too: QuantConv2d, NhwcConv2d)
-            def is_leaf_module(self, m: Any, qualname: str) -> bool:
-                return isinstance(m, (_IntBase, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
-
-        try:
-            graph = _Tracer().trace(conv_model)
-        except Exception as e:  # noqa: BLE001
-            raise KernelError(f"segment units need a torch.fx-traceable model ({type(e).__name__}: {e})") from e
-        nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-        inputs = [n for n in graph.nodes if n.op == "placeholder"]
-        outputs = [n for n in graph.nodes if n.op == "output"]
-        if len(inputs) != 1:
-            raise KernelError(f"segment units need a model with one input, got {len(inputs)}")
-        slot = {inputs[0]: 0} | {n: i + 1 for i, n in enumerate(nodes)}
-        last: dict[Any, Any] = {}
-        for n in [*nodes, *outputs]:
-            for a in n.all_input_nodes:
-                last[a] = n
-        mods = dict(conv_model.named_modules())
-        wanted = set(layers)
-        self.names: list[str] = []
-        groups: list[list[Any]] = []
-        for n in nodes:
-            if n.op == "call_module" and str(n.target) in wanted:
-                self.names.append(str(n.target))
-                groups.append([n])
-            elif groups:
-                groups[-1].append(n)
-            else:  # nodes before the first layer: a prologue segment
-                self.names.append("(pre)")
-                groups.append([n])
-        consts: dict[str, Any] = {}
-
-        def arg(a: Any) -> str:
-            if isinstance(a, fx.Node):
-                return f"e[{slot[a]}]"
-            if isinstance(a, (tuple, list)):
-                inner = ", ".join(arg(v) for v in a)
-                return f"({inner},)" if isinstance(a, tuple) else f"[{inner}]"
-            if isinstance(a, dict):
-                return "{" + ", ".join(f"{k!r}: {arg(v)}" for k, v in a.items()) + "}"
-            if a is None or isinstance(a, (bool, int, float, str)):
-                return repr(a)
-            name = f"c{len(consts)}"
-            consts[name] = a
-            return name
-
-        self._fns = []
-        for g in groups:
-            lines = ["def seg(e):"]
-            for n in g:
-                args = [arg(a) for a in n.args] + [f"{k}={arg(v)}" for k, v in n.kwargs.items()]
-                if n.op == "call_module":
-                    fn = arg(mods[str(n.target)])
-                elif n.op == "call_function":
-                    fn = arg(n.target)
-                elif n.op == "call_method":
-                    fn, args = f"{args[0]}.{n.target}", args[1:]
-                elif n.op == "get_attr":
-                    obj = conv_model
-                    for part in str(n.target).split("."):
-                        obj = getattr(obj, part)
-                    lines.append(f"    e[{slot[n]}] = {arg(obj)}")
-                    continue
-                else:
-                    raise KernelError(f"segment units: unsupported fx node {n.op} {n.target}")
-                lines.append(f"    e[{slot[n]}] = {fn}({', '.join(args)})")
-                for a in n.all_input_nodes:
-                    if last.get(a) is n:
-                        lines.append(f"    e[{slot[a]}] = None")
-            scope = dict(consts)
-            exec("\n".join(lines), scope)  # noqa: S102 - generated from the traced graph above
-            self._fns.append(scope["seg"])
-        self._out = slot[outputs[0].args[0]] if outputs and isinstance(outputs[0].args[0], fx.Node) else None
-        self._n, self.x = len(nodes) + 1, x
-
-    def __call__(self) -> Any:
-        e = [None] * self._n
-        e[0] = self.x
-        for f in self._fns:
-            f(e)
-        return e[self._out] if self._out is not None else None
-
-    def timed(self, clock: Callable[[], int]) -> list[int]:
-        """One run of the whole sequence; clock ticks spent in each segment (one clock read included)."""
-        e: list[Any] = [None] * self._n
-        e[0] = self.x
-        out = []
-        t = clock()
-        for f in self._fns:
-            f(e)
-            t2 = clock()
-            out.append(t2 - t)
-            t = t2
-        return out
 
 
 def clock_overhead_ns(clock: Callable[[], int], n: int = 2000) -> float:
@@ -593,8 +435,10 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
                    ) -> list[dict[str, Any]]:
     """Measure each policy converted end to end (``rounds`` A B A B rounds against uniform W8A8,
     fastest round) and compare with ``predict(policy)``. ``ref_ms``: the reference's time when the
-    table was made; ``error_pct`` rescales the prediction by the reference's drift since then,
-    ``error_raw_pct`` does not. 1 thread: thread CPU time (wall beside)."""
+    table was made; ``error_pct`` rescales the prediction by the reference's drift since then (the
+    running median of 7 neighbouring policies' references, as the ORT benchmark does: one reading of
+    the 0.28 ms mnist reference is a few % noisy, the drift moves over minutes), ``error_row_pct`` by
+    the policy's own reference, ``error_raw_pct`` not at all. 1 thread: thread CPU time (wall beside)."""
     import torch
 
     from lcpaq.policy import Policy
@@ -613,15 +457,18 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
             dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
             (ms, wall), (r, _) = time_whole([dep.call, ref.call], settings, rounds)
             pred = float(predict(pol))
-            drift = r / ref_ms
             rows.append({"policy": {n: list(p) for n, p in pol.items()}, "predicted_ms": pred, "measured_ms": ms,
-                         "measured_wall_ms": wall, "ref_ms": r, "drift": drift,
-                         "error_pct": (pred * drift - ms) / ms * 100.0, "error_raw_pct": (pred - ms) / ms * 100.0,
+                         "measured_wall_ms": wall, "ref_ms": r, "error_raw_pct": (pred - ms) / ms * 100.0,
+                         "error_row_pct": (pred * r / ref_ms - ms) / ms * 100.0,
                          "fp32_layers": sum(32 in tuple(p) for _, p in pol.items())})
             if progress:
                 progress(i + 1, len(policies))
     finally:
         torch.set_num_threads(old)
+    refs = [r["ref_ms"] for r in rows]
+    for i, r in enumerate(rows):
+        r["drift"] = float(np.median(refs[max(0, i - 3):i + 4])) / ref_ms
+        r["error_pct"] = (r["predicted_ms"] * r["drift"] - r["measured_ms"]) / r["measured_ms"] * 100.0
     return rows
 
 
