@@ -271,3 +271,24 @@ def test_opaque_kernel_reuses_the_tuning_record_of_its_fusable_twin(tmp_path):
     assert tuner._reuse_twin(task)
     rec = tuner.db.query_tuning_record(opaque, target, "t")
     assert rec is not None and str(rec.trace) == str(sch.trace)
+
+
+@pytest.mark.parametrize("hw,act,in_class", [(8, True, "fp32"), (6, False, "int8"), (7, True, "fp32")],
+                         ids=["64px-relu", "36px-bias-in_int8", "49px-relu"])
+def test_fp32_unpack_is_one_vectorized_kernel_and_matches_ort(hw, act, in_class):
+    """fp32_unpack: the NCHWc float conv's output, its bias and ReLU go back to NCHW through one
+    scheduled, opaque kernel (no tuning task, no transposing loop nest left in main); the output
+    equals ORT's at every spatial size (vector widths 16, 4 and 1 here)."""
+    onnx_bytes, feeds = build_unit(conv_layer(c=8, o=16, hw=hw, act=act), (32, 32), in_class, seed=8)
+    mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    low, kinds = lower_qdq(mod, fp32_nchwc=8, fp32_unpack=True)
+    text = low["main"].script()
+    assert kinds == ["conv2d-fp32-nchwc"] and "R.permute_dims" not in text and "R.nn.relu" not in text
+    (name,) = [gv.name_hint for gv in low.functions if gv.name_hint.startswith("unpack_nchwc8_float32_b")]
+    assert name.endswith("_r_1x2x%dx%d" % (hw, hw)) == act
+    attrs = low[name].attrs
+    # noalias matters beyond this kernel: with the key "tir.noalias" (not 0.27's "tirx.noalias") no
+    # kernel of the module got its noalias compute function and the tuned conv beside it ran 2.3x slower
+    assert attrs["tirx.is_scheduled"] and attrs["tirx.noalias"] and int(attrs["op_pattern"]) == 8
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    np.testing.assert_allclose(_run(low, feeds), ref, rtol=1e-4, atol=1e-4)

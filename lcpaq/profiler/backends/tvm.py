@@ -128,6 +128,12 @@ class TvmBackend:
         self.epilogue = str(tvm_cfg.get("epilogue", "nchw"))
         if self.epilogue not in ("nchw", "nchwc"):
             raise ProfileError(f"[tvm] epilogue = '{self.epilogue}': use nchw or nchwc")
+        # "vector": the NCHWc float conv's output goes back to NCHW with its bias and ReLU through
+        # one hand-vectorized kernel (tvm_lower.vector_unpack; resnet18's 64x56x56 fp32 unit 1.56x ->
+        # 1.43x ORT, notes/tvm.md session 7); "fused": the transposing loop nest FuseOps builds (scalar)
+        self.fp32_epilogue = str(tvm_cfg.get("fp32_epilogue", "vector"))
+        if self.fp32_epilogue not in ("vector", "fused"):
+            raise ProfileError(f"[tvm] fp32_epilogue = '{self.fp32_epilogue}': use vector or fused")
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
 
@@ -145,6 +151,8 @@ class TvmBackend:
             v["rpc"] = f"{self.rpc.host}:{self.rpc.port}/{self.rpc.key}"
         # how units were lowered and timed (a table's header says which form its rows are)
         v["tvm_lowering"] = f"epilogue={self.epilogue},fp32_layout={self.fp32_layout},int8_intrin={self.int8_intrin}"
+        if self.fp32_layout == "nchwc" and self.fp32_epilogue != "fused":  # absent in older tables = fused
+            v["tvm_lowering"] += f",fp32_epilogue={self.fp32_epilogue}"
         v["tvm_flush_weights"] = str(self.flush_weights)
         return v
 
@@ -177,7 +185,7 @@ class TvmBackend:
 
             lanes = 16 if codegen.target_has_features("avx512f", self.target()) else 8
         mod, kinds = lower_qdq(mod, int8_intrin=self._intrin, fp32_nchwc=lanes,
-                               nchwc_epilogue=self.epilogue == "nchwc")
+                               nchwc_epilogue=self.epilogue == "nchwc", fp32_unpack=self.fp32_epilogue == "vector")
         kernel = kernel_label(kinds, mod)
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
