@@ -32,6 +32,9 @@
 #endif
 
 #include "epilogue.h"
+#ifdef LCPAQ_HAVE_AVX2_TU
+#include "tile256.h"
+#endif
 
 namespace lcpaq {
 
@@ -122,25 +125,9 @@ static LCPAQ_AI void w8_step(__m256i (&c)[kMR][2], const uint8_t* a0, const uint
 
 void micro_w8_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
-  __m256i c[kMR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) {
-    c[r][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc));
-    c[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc + 8));
-  }
-  const uint8_t* a0 = A;
-  const uint8_t* a3 = A + 3 * lda;
-  int64_t s = 0;
-  for (; s + 4 <= steps; s += 4) {
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) w8_step(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, Wd + (s + j) * kDecStep);
-  }
-  for (; s < steps; ++s) w8_step(c, a0 + 4 * s, a3 + 4 * s, lda, Wd + s * kDecStep);
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc), c[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc + 8), c[r][1]);
-  }
+  tile_6x16_256(A, lda, Wd, steps, C, ldc,
+                [lda](__m256i(&c)[kMR][2], const uint8_t* a0, const uint8_t* a3, const uint8_t* w)
+                    __attribute__((always_inline)) { w8_step(c, a0, a3, lda, w); });
 }
 
 void decode_w7_avx2(const uint8_t* W, int64_t steps, int64_t avail, uint8_t* out) {
@@ -175,27 +162,10 @@ static LCPAQ_AI void w7_step(__m256i (&c)[kMR][2], const uint8_t* a0, const uint
 
 void micro_w7_avx2(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
-  __m256i c[kMR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) {
-    c[r][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc));
-    c[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc + 8));
-  }
   const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* a0 = A;
-  const uint8_t* a3 = A + 3 * lda;
-  int64_t s = 0;
-  for (; s + 4 <= steps; s += 4) {
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j)
-      w7_step(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, Wd + (s + j) * kDecStep, ones);
-  }
-  for (; s < steps; ++s) w7_step(c, a0 + 4 * s, a3 + 4 * s, lda, Wd + s * kDecStep, ones);
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc), c[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc + 8), c[r][1]);
-  }
+  tile_6x16_256(A, lda, Wd, steps, C, ldc,
+                [lda, ones](__m256i(&c)[kMR][2], const uint8_t* a0, const uint8_t* a3, const uint8_t* w)
+                    __attribute__((always_inline)) { w7_step(c, a0, a3, lda, w, ones); });
 }
 
 // C += acc widened (vpmaddwd with ones sums each column's two int16 partial sums)

@@ -14,6 +14,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avxvnni")
 #define LCPAQ_HAVE_AVXVNNI_TU 1
+#include "tile256.h"
 #endif
 
 namespace lcpaq {
@@ -38,27 +39,9 @@ static LCPAQ_AI void avxvnni_step(__m256i (&c)[kMR][2], const uint8_t* a0, const
 
 void micro_avxvnni(const uint8_t* A, int64_t lda, const uint8_t* Wd, int64_t steps, int32_t* C,
                    int64_t ldc) {
-  __m256i c[kMR][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) {
-    c[r][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc));
-    c[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(C + r * ldc + 8));
-  }
-  const uint8_t* a0 = A;
-  const uint8_t* a3 = A + 3 * lda;
-  int64_t s = 0;
-  for (; s + 4 <= steps; s += 4) {
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      avxvnni_step(c, a0 + 4 * (s + j), a3 + 4 * (s + j), lda, Wd + (s + j) * kDecStep);
-    }
-  }
-  for (; s < steps; ++s) avxvnni_step(c, a0 + 4 * s, a3 + 4 * s, lda, Wd + s * kDecStep);
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc), c[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + r * ldc + 8), c[r][1]);
-  }
+  tile_6x16_256(A, lda, Wd, steps, C, ldc,
+                [lda](__m256i(&c)[kMR][2], const uint8_t* a0, const uint8_t* a3, const uint8_t* w)
+                    __attribute__((always_inline)) { avxvnni_step(c, a0, a3, lda, w); });
 }
 
 bool cpu_has_avxvnni() {
