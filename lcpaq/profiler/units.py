@@ -12,7 +12,14 @@ whole model has at that boundary:
     fp32 unit, int8 input:  u8 -> DQ -> Conv -> act -> f32                        (+ Dequantize)
 
 The difference between the two input variants of a layer is the *transition* cost the search sees
-on the edge from its producer. Weights of w < 8 bits are stored in int8 restricted to the w-bit
+on the edge from its producer.
+
+``build_unit(..., context=True)`` is the form a whole-model build runs around the layer, for
+backends whose tables predict whole builds that do not fuse the way ORT does (TVM): a max-pool that
+follows the layer is part of its unit (``layer.fused`` has "maxpool"; pooling is never a unit of
+its own), and a layer fed by the model's image (:func:`feeds_image`) takes the image's quantization
+(a non-zero zero point, where a ReLU-fed input has 0) in both input variants, since no producer
+ever hands it uint8. ORT's and the kernels' tables keep the plain form (``context=False``). Weights of w < 8 bits are stored in int8 restricted to the w-bit
 grid; 8-bit weights use a 7-bit range (full-range int8 weights overflow ORT's fused AVX2 int8 conv,
 see shared FINDINGS), activations of a < 8 bits use the a-bit range of a uint8 tensor.
 """
@@ -72,10 +79,32 @@ def unit_key(layer: LayerInfo, pair: BitPair, in_class: str) -> str:
     return f"{workload_key(layer)}|{bits}|in={in_class}"
 
 
-def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0) -> tuple[bytes, dict[str, np.ndarray]]:
-    """ONNX bytes and feed dict of one unit variant."""
+# The quantization a whole model's first layer gets for an ImageNet-normalised RGB image, about
+# [-2.12, 2.64]: its zero point is not 0 (TVM then subtracts it in int16: another conv kernel)
+IMAGE_RANGE = (-2.118, 2.640)
+# the stem max-pool of torchvision's ResNets (the only max-pool in lcpaq's models)
+MAXPOOL = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+
+
+def feeds_image(layer: LayerInfo) -> bool:
+    """True for a layer that reads the model's image: a dense conv with 1 or 3 input channels."""
+    return layer.kind == "conv" and layer.groups == 1 and layer.in_channels in (1, 3)
+
+
+def _image_quant(a_bits: int) -> tuple[np.float32, np.uint8]:
+    lo, hi = IMAGE_RANGE
+    scale = (hi - lo) / (2 ** min(a_bits, 8) - 1)
+    return np.float32(scale), np.uint8(round(-lo / scale))
+
+
+def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0,
+               context: bool = False) -> tuple[bytes, dict[str, np.ndarray]]:
+    """ONNX bytes and feed dict of one unit variant (``context``: the whole-model form, module doc)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    image = context and feeds_image(layer)
+    if image:
+        in_class = "fp32"  # the image is float: no producer hands this layer uint8
     rng = np.random.default_rng(seed)
     own = precision_class(pair)
     w_bits, a_bits = pair
@@ -98,6 +127,8 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0)
     x_scale, x_zp = np.float32(0.02), np.uint8(0)
     if a_bits < 8:  # a-bit activations: the a-bit sub-range of uint8
         x_scale = np.float32(0.02 * 255 / (2**a_bits - 1))
+    if image:
+        x_scale, x_zp = _image_quant(a_bits)
     feeds: dict[str, np.ndarray] = {}
     if in_class == "int8":
         feeds["x"] = rng.integers(0, 2 ** min(a_bits, 8), size=in_shape, dtype=np.uint8)
@@ -155,12 +186,23 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0)
         const("c6", np.array(6, np.float32))
         nodes.append(helper.make_node("Clip", [y, "c0", "c6"], ["y1"]))
         y = "y1"
+    pool = context and "maxpool" in layer.fused
+    if pool:  # a whole QDQ model pools the dequantized output and quantizes again (the next input)
+        n_, c_, h_, w_ = out_shape
+        out_shape = [n_, c_, (h_ + 2 - 3) // 2 + 1, (w_ + 2 - 3) // 2 + 1]
     if own == "int8":
         const("ys", np.array(0.05, np.float32))
         const("yz", np.array(0 if act else 128, np.uint8))
-        nodes.append(helper.make_node("QuantizeLinear", [y, "ys", "yz"], ["y"]))
+        nodes.append(helper.make_node("QuantizeLinear", [y, "ys", "yz"], ["yq" if pool else "y"]))
+        if pool:
+            nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["yd"]))
+            nodes.append(helper.make_node("MaxPool", ["yd"], ["yp"], **MAXPOOL))
+            nodes.append(helper.make_node("QuantizeLinear", ["yp", "ys", "yz"], ["y"]))
         y_out = helper.make_tensor_value_info("y", TensorProto.UINT8, out_shape)
     else:
+        if pool:
+            nodes.append(helper.make_node("MaxPool", [y], ["yp"], **MAXPOOL))
+            y = "yp"
         nodes.append(helper.make_node("Identity", [y], ["y"]))
         y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
     graph = helper.make_graph(nodes, "unit", [x_in], [y_out], inits)

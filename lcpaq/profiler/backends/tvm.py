@@ -134,6 +134,12 @@ class TvmBackend:
         self.fp32_epilogue = str(tvm_cfg.get("fp32_epilogue", "vector"))
         if self.fp32_epilogue not in ("vector", "fused"):
             raise ProfileError(f"[tvm] fp32_epilogue = '{self.fp32_epilogue}': use vector or fused")
+        # "context": units in the form a whole-model build runs them (units.build_unit(context=True):
+        # the stem's max-pool inside its unit, an image-fed layer with the image's quantization);
+        # "layer": as built by the profiler (ORT's form)
+        self.unit_form = str(tvm_cfg.get("unit_form", "layer"))
+        if self.unit_form not in ("layer", "context"):
+            raise ProfileError(f"[tvm] unit_form = '{self.unit_form}': use layer or context")
         self._tuner: Any = None
         self._libs: dict[str, Any] = {}  # library key -> loaded executable, this process
 
@@ -154,7 +160,28 @@ class TvmBackend:
         if self.fp32_layout == "nchwc" and self.fp32_epilogue != "fused":  # absent in older tables = fused
             v["tvm_lowering"] += f",fp32_epilogue={self.fp32_epilogue}"
         v["tvm_flush_weights"] = str(self.flush_weights)
+        if self.unit_form != "layer":
+            v["tvm_unit_form"] = self.unit_form
         return v
+
+    def unit_in_form(self, unit: Unit) -> Unit:
+        """``unit`` rebuilt in this backend's unit form (``[tvm] unit_form``): a table unit (its
+        ``layer`` spec and an ``|in=`` key, as ``lcpaq profile`` makes them) whose layer has a
+        whole-model context (a max-pool after it, the image before it) is built again with it;
+        anything else (whole models, units without a layer spec) is returned as is."""
+        import dataclasses
+
+        from lcpaq.inventory import LayerInfo
+        from lcpaq.profiler.units import build_unit, feeds_image
+
+        if self.unit_form != "context" or "|in=" not in unit.key or "kind" not in unit.layer:
+            return unit
+        names = {f.name for f in dataclasses.fields(LayerInfo)}
+        layer = LayerInfo.from_dict({k: v for k, v in unit.layer.items() if k in names})
+        if not (feeds_image(layer) or "maxpool" in layer.fused):
+            return unit
+        onnx_bytes, feeds = build_unit(layer, unit.bits, unit.key.rsplit("|in=", 1)[1], context=True)
+        return dataclasses.replace(unit, onnx=onnx_bytes, inputs=feeds)
 
     def target(self) -> Any:
         import tvm
@@ -213,7 +240,7 @@ class TvmBackend:
         Returns {"tasks": unique tasks, "tuned_now": tuned in this call, "tune_s": seconds}.
         """
         tuner = self.tuner()
-        mods = [self.lower(u)[0] for u in units]
+        mods = [self.lower(self.unit_in_form(u))[0] for u in units]
         miss, n = tuner.missing(mods)
         return {"tasks": n, "tuned_now": len(miss), "tune_s": round(tuner.tune(miss), 2)}
 
@@ -260,6 +287,7 @@ class TvmBackend:
 
     def measure(self, unit: Unit, settings: MeasureSettings) -> Measurement:
         try:
+            unit = self.unit_in_form(unit)
             ex, kernel, params, info = self.compile(unit)
             if self.rpc is not None:
                 secs = self._run_remote(ex, unit, params, settings, info.get("lib"))
