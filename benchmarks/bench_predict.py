@@ -71,6 +71,17 @@ def _cached_export(cache: Path | None, model_name: str, model, pol, shape, x) ->
     tmp.replace(f)
     return b
 
+def _whole_chunk(spec: str) -> dict[str, int]:
+    """``--whole-chunk CALLS,SETTLE`` -> OrtTimer.whole_row keywords."""
+    if not spec:
+        return {}
+    try:
+        calls, settle = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--whole-chunk wants CALLS,SETTLE (e.g. 3,1 or 1,0), got {spec!r}") from None
+    return {"calls": calls, "settle": settle}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,mobilenet_v2,mnist_resnet")
@@ -83,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="blocks: time the saved test policies N more times (noise floor), score against the mean")
     ap.add_argument("--cache", default="/tmp/lcpaq_bench_exports",
                     help="blocks: folder keeping the exported policies between runs ('' for none)")
+    ap.add_argument("--whole-chunk", default="",
+                    help="blocks: CALLS,SETTLE of OrtTimer.whole_row (timed calls per chunk, untimed calls "
+                         "after each switch; '' = its defaults: number,1; '1,0' = call by call)")
+    ap.add_argument("--unit-passes", type=int, default=3,
+                    help="blocks: time every unit this many times, in passes over all units; median")
     ap.add_argument("--pairs", action="store_true",
                     help="blocks: also cut and time every boundary's two blocks as one unit (lcpaq.profiler.pairs)")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
@@ -346,7 +362,8 @@ def bench_blocks(args: argparse.Namespace) -> int:
                         table.plan, weight_numel={n: int(mods[n].weight.numel()) for n in table.plan.layers})
                 old = json.loads((RESULTS / f"bench_predict_blocks_{model_name}_{threads}t{args.tag}.json").read_text())
                 tests = [(r["policy"], random_class_policy(table.plan.layers, np.random.default_rng(r["policy"]),
-                                                           cands), {"ms": r["measured_ms"], "ref_ms": r["ref_ms"]},
+                                                           cands), {"ms": r["measured_ms"], "ref_ms": r["ref_ms"],
+                                                                    **({"rel": r["rel"]} if r.get("rel") else {})},
                           r["blocks_not_matching_table"]) for r in old["rows"]]
                 extra = {k: old["summary"][k] for k in ("designed_policies", "block_units", "export_s", "unit_timing_s",
                                                         "locked_s", "wall_s", "load_start", "load_end", "overhead_ms")}
@@ -400,14 +417,18 @@ def bench_blocks(args: argparse.Namespace) -> int:
                                        {g: list(v) for g, v in keys.pairs.items()})
                     tu = time.perf_counter()
                     timer = OrtTimer(st, x, args.stat, flush_bytes=int(mb * 2 ** 20))
-                    for u in todo:
-                        table.ms[u.key] = timer.unit(u)
+                    samples: dict[str, list[float]] = {u.key: [] for u in todo}
+                    for _ in range(args.unit_passes):  # passes spread in time: a burst hits one pass
+                        for u in todo:
+                            samples[u.key].append(timer.unit(u))
+                    table.ms.update({k: float(np.median(v)) for k, v in samples.items()})
                     variants.append((mb, table, timer.overhead_ms, round(time.perf_counter() - tu, 1)))
                     print(f"  {threads}t flush {mb:g} MB: units timed in {variants[-1][3]:.0f} s, "
                           f"overhead {timer.overhead_ms * 1e3:.1f} us, load {os.getloadavg()}", flush=True)
                 warm = OrtTimer(st, x, args.stat)  # whole rows: always warm, shared by every flush size
-                whole = [warm.whole_row(pol, f.read_bytes(), ref_b) for pol, f in whole_files]
-                tests = [(k, pol, warm.whole_row(pol, f.read_bytes(), ref_b), mm) for k, pol, f, mm in tests_files]
+                wk = _whole_chunk(args.whole_chunk)
+                whole = [warm.whole_row(pol, f.read_bytes(), ref_b, **wk) for pol, f in whole_files]
+                tests = [(k, pol, warm.whole_row(pol, f.read_bytes(), ref_b, **wk), mm) for k, pol, f, mm in tests_files]
                 load1, t_timed = os.getloadavg(), time.perf_counter() - t1
                 for mb, table, overhead, t_units in variants:
                     table.whole.extend(whole)
@@ -441,8 +462,11 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
     variants["pairs"] = fit_block_model(table, cands, pairs=True)
     # drift of the machine since the table: the test references' running median (smooth_drift),
     # relative to the training references' median; per-policy and no rescaling are reported beside it
+    # rows timed call by call against the reference carry their ratio: drift = ms / (rel * ref0)
     test_refs = [r["ref_ms"] for _, _, r, _ in tests]
     smooth = smooth_drift(test_refs) * float(np.median(test_refs)) / ref0
+    smooth = np.array([r["ms"] / (r["rel"] * ref0) if "rel" in r else d
+                       for (_, _, r, _), d in zip(tests, smooth.tolist(), strict=True)])
     rows = []
     for (k, pol, r, mismatch), drift in zip(tests, smooth.tolist(), strict=True):
         blocks_sum = sum(table.block_ms(pol).values())
@@ -450,7 +474,7 @@ def _score_blocks(table, tests, cands, model_name: str, threads: str, extra: dic
         additive = variants["auto"]
         add_pred = (additive.predict(pol) - sum(g.cost(pol) for g in additive.groups)) * drift
         row = {"threads": threads, "model": model_name, "policy": k, "measured_ms": r["ms"],
-               "ref_ms": r["ref_ms"], "drift": drift, "predicted_ms": preds["auto"],
+               "ref_ms": r["ref_ms"], "rel": r.get("rel"), "drift": drift, "predicted_ms": preds["auto"],
                "error_pct": 100 * (preds["auto"] / r["ms"] - 1),
                "error_uncorrected_pct": 100 * (blocks_sum * drift / r["ms"] - 1),
                "error_pairs_uncorrected_pct": 100 * ((blocks_sum + sum(
@@ -512,7 +536,8 @@ def retest_blocks(args: argparse.Namespace) -> int:
             with _bench_lock():
                 load0 = os.getloadavg()
                 timer = OrtTimer(_settings(model_name, threads), x, args.stat)
-                reps = [[timer.whole_row(p, b, ref_b) for p, b in zip(pols, blobs, strict=True)]
+                reps = [[timer.whole_row(p, b, ref_b, **_whole_chunk(args.whole_chunk))
+                         for p, b in zip(pols, blobs, strict=True)]
                         for _ in range(args.retest)]
                 load1 = os.getloadavg()
             ref0 = float(np.median([r["ref_ms"] for r in table.whole]))
@@ -523,7 +548,7 @@ def retest_blocks(args: argparse.Namespace) -> int:
                 ms = [r0["measured_ms"] / r0["drift"]]
                 for rep in reps:
                     d = smooth_drift([q["ref_ms"] for q in rep]) * float(np.median([q["ref_ms"] for q in rep])) / ref0
-                    ms.append(rep[i]["ms"] / float(d[i]))
+                    ms.append(rep[i]["rel"] * ref0 if "rel" in rep[i] else rep[i]["ms"] / float(d[i]))
                 pred = lm.predict(p)
                 rows.append({"policy": r0["policy"], "ms": ms, "spread_pct": 100 * (max(ms) / min(ms) - 1),
                              "error_vs_mean_pct": 100 * (pred / float(np.mean(ms)) - 1),

@@ -317,3 +317,52 @@ def test_cold_cache_units_run_and_are_not_faster_than_warm(blocknet):
     table, lm = profile_blocks(blocknet, shape, CANDS, settings=MeasureSettings(warmup=1, number=1, repeat=3),
                                n_whole=2, anchors=0, flush_bytes=2 << 20)
     assert table.ms and all(np.isfinite(v) for v in table.ms.values()) and np.isfinite(lm.predict(pol))
+
+
+def _matmul_chain(depth: int) -> bytes:
+    """x (1, 3, 8, 8) -> flatten -> ``depth`` chained 192x192 MatMuls: work proportional to depth."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((192, 192), 1e-3, np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 192], np.int64), "shape")
+    nodes, prev = [helper.make_node("Reshape", ["x", "shape"], ["h0"])], "h0"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i + 1}"]))
+        prev = f"h{i + 1}"
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 192])], [w, shape])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_whole_row_interleaves_reference_and_policy_chunks_and_reports_their_ratio(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import lcpaq.profiler.backends.ort as ort_backend
+    from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.blocks import OrtTimer
+
+    light, heavy = _matmul_chain(2), _matmul_chain(40)
+    log, real = [], ort_backend.session
+
+    def logged(onnx_bytes, threads, *, spin=True):
+        sess, tag = real(onnx_bytes, threads, spin=spin), "r" if onnx_bytes == light else "p"
+
+        class Logged:
+            def run(self, *a):
+                log.append(tag)
+                return sess.run(*a)
+        return Logged()
+
+    monkeypatch.setattr(ort_backend, "session", logged)
+    st = MeasureSettings(warmup=2, number=3, repeat=4)
+    timer = OrtTimer(st, np.zeros((1, 3, 8, 8), np.float32))
+    log.clear()
+    pol = Policy({"a": (8, 8)})
+    row = timer.whole_row(pol, heavy, light, rounds=5, calls=3, settle=1)
+    assert log == ["r", "p"] * 2 + (["r"] * 4 + ["p"] * 4) * 5  # warm-up, then settle + 3 timed per chunk
+    assert set(row) == {"policy", "ms", "ref_ms", "rel"} and row["policy"] == {"a": [8, 8]}
+    assert row["ms"] > row["ref_ms"] > 0 and row["rel"] > 2  # 20x the MatMuls (plus fixed per-call cost)
+    log.clear()
+    timer.whole_row(pol, light, light, rounds=2, calls=1, settle=0)  # call by call; reference session reused
+    assert log == ["r"] * (2 * 2 + 2 * 2)
+    assert timer.whole_row(pol, light, light)["rel"] == pytest.approx(1.0, rel=0.5)

@@ -195,7 +195,7 @@ class BlockTable:
     plan: BlockPlan
     ms: dict[str, float] = field(default_factory=dict)
     keys: dict[str, dict[str, str]] = field(default_factory=dict)  # block -> context -> key
-    whole: list[dict[str, Any]] = field(default_factory=list)  # {"policy": {...}, "rel": t/ref, "ref_ms"}
+    whole: list[dict[str, Any]] = field(default_factory=list)  # {"policy", "ms", "ref_ms", "rel": ms/ref}
     # boundary 'a+b' -> [pair-context pattern, pair key, key of a, key of b] per designed policy
     # (lcpaq.profiler.pairs); empty when the pairs were not timed
     pairs: dict[str, list[list[str]]] = field(default_factory=dict)
@@ -342,10 +342,13 @@ def _correction_data(table: BlockTable, sel: Sequence[int], extra: Sequence[Grou
     """Rows (1, features), targets (whole - sum of blocks - sum of ``extra`` groups, ms, drift-free)
     and whole ms."""
     drift = smooth_drift([r["ref_ms"] for r in table.whole])
+    ref_scale = float(np.median([r["ref_ms"] for r in table.whole])) if table.whole else 1.0
     X, y, tot = [], [], []
     for row, d in zip(table.whole, drift, strict=True):
         pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
-        whole = row["ms"] / d  # the machine's drift since the table was built
+        # the machine's drift since the table was built: rows timed call by call against the
+        # reference carry their ratio ("rel"), exact to the moment; older rows the running median
+        whole = row["rel"] * ref_scale if "rel" in row else row["ms"] / d
         X.append(np.r_[1.0, correction_features(table.plan, pol)[list(sel)]])
         y.append(whole - sum(table.block_ms(pol).values()) - sum(g.cost(pol) for g in extra))
         tot.append(whole)
@@ -617,17 +620,61 @@ class OrtTimer:
     def unit(self, u: Any) -> float:
         return self.time(u.onnx, u.feeds, cold=True) - self.overhead_ms
 
-    def whole_row(self, pol: Policy, b: bytes, ref: bytes, rounds: int = 2) -> dict[str, Any]:
-        """A B A B against the reference, fastest round of each."""
+    def whole_row(self, pol: Policy, b: bytes, ref: bytes, *, rounds: int | None = None, calls: int | None = None,
+                  settle: int = 1) -> dict[str, Any]:
+        """A whole model timed against the reference, interleaved in short chunks: ``rounds``
+        (default ``3 * repeat``) rounds of (``settle`` untimed calls of the reference, ``calls``
+        (default ``number``) timed calls of it, the same for the policy), after ``warmup`` calls
+        of each. Each chunk is a warm loop, as the whole model runs when it is validated: the
+        untimed call after the switch absorbs the other model's eviction of caches (timed straight
+        after the reference, a mobilenet_v2 call ran 6 % slower; after one untimed call, as in a
+        loop). Both models see the same interference from the VM's other tenants, so their ratio
+        holds where either time alone does not (mobilenet_v2 at load 2: eight runs spread 12-14 %
+        in ms and 1.4 % in ratio; whole measurements seconds apart left 9.8 % between repeats of
+        a row). ``rel`` = median of the per-round ratios (min / min with ``stat="min"``); ``ms``
+        and ``ref_ms`` are the medians (mins) of the rounds. ``calls=1, settle=0`` interleaves
+        call by call (every call then runs just after the other model)."""
+        import time
+
         import onnx
 
+        from lcpaq.profiler.backends.ort import session
+
+        st = self.st
+        clock = {"thread_cpu": time.thread_time_ns, "process_cpu": time.process_time_ns}.get(st.metric,
+                                                                                            time.perf_counter_ns)
+        spin = st.metric != "process_cpu"
+        if getattr(self, "_ref_key", None) != (ref, spin):  # one reference session per timer
+            self._ref_key = (ref, spin)
+            self._ref_sess = session(ref, st.threads, spin=spin)
+            self._ref_feed = {onnx.load_from_string(ref).graph.input[0].name: self.x}
+        pol_sess = session(b, st.threads, spin=spin)
+        pol_feed = {onnx.load_from_string(b).graph.input[0].name: self.x}
+        run_r, run_p = self._ref_sess.run, pol_sess.run
+        for _ in range(st.warmup):
+            run_r(None, self._ref_feed)
+            run_p(None, pol_feed)
+        calls = max(st.number if calls is None else calls, 1)
+
+        def chunk(run, feed) -> float:
+            for _ in range(settle):  # untimed: the switch from the other model
+                run(None, feed)
+            c0 = clock()
+            for _ in range(calls):
+                run(None, feed)
+            return (clock() - c0) / calls
+
         r, p = [], []
-        feed_r = {onnx.load_from_string(ref).graph.input[0].name: self.x}
-        feed_b = {onnx.load_from_string(b).graph.input[0].name: self.x}
-        for _ in range(rounds):
-            r.append(self.time(ref, feed_r))
-            p.append(self.time(b, feed_b))
-        return {"policy": {n: list(v) for n, v in pol.items()}, "ms": min(p), "ref_ms": min(r)}
+        for _ in range(max(3 * st.repeat if rounds is None else rounds, 1)):
+            r.append(chunk(run_r, self._ref_feed))
+            p.append(chunk(run_p, pol_feed))
+        ra, pa = np.asarray(r, float) / 1e6, np.asarray(p, float) / 1e6
+        if self.stat == "min":
+            ms, ref_ms, rel = float(pa.min()), float(ra.min()), float(pa.min() / ra.min())
+        else:
+            ms, ref_ms = float(np.median(pa)), float(np.median(ra))
+            rel = float(np.median(pa / np.maximum(ra, 1e-9)))
+        return {"policy": {n: list(v) for n, v in pol.items()}, "ms": ms, "ref_ms": ref_ms, "rel": rel}
 
 
 __all__ = ["correction_features", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
