@@ -25,6 +25,8 @@ variant (profile + test policies: ~10 s for mnist_resnet, ~1-2 min for resnet18)
 
     python benchmarks/bench_predict_kernels.py
     python benchmarks/bench_predict_kernels.py --models mnist_resnet --variants segments --policies 5
+    python benchmarks/bench_predict_kernels.py --rescore   # refit the saved segment tables with every
+                                                           # correction, re-score the saved test rows
 """
 
 from __future__ import annotations
@@ -155,6 +157,33 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int) ->
     return {"summary": summ, "rows": rows}
 
 
+def rescore(models: list[str], variants: list[str], tag: str) -> int:
+    """Refit each saved segment table with every correction; score the saved test measurements."""
+    from lcpaq.policy import Policy
+    from lcpaq.profiler.backends.kernels_check import SegmentTable, fit_segment_model, summarize
+
+    print(" model         variant        correction  drift: med / max / ±5%    no drift: med / max")
+    for name in models:
+        for v in [v for v in variants if v != "table"]:
+            res = RESULTS / f"bench_predict_kernels_{name}_{v}{tag}.json"
+            tab = RESULTS / f"bench_predict_kernels_segments_{name}{'' if v == 'segments' else '_nchw'}.json"
+            if not (res.exists() and tab.exists()):
+                continue
+            rows, t = json.loads(res.read_text())["rows"], SegmentTable.load(tab)
+            for corr in ("none", "const", "scale", "split", "auto"):
+                lm = fit_segment_model(t, CANDIDATES, correction=corr)
+                scored = []
+                for r in rows:
+                    p = lm.predict(Policy({n: tuple(b) for n, b in r["policy"].items()}))
+                    m = r["measured_ms"]
+                    scored.append({"d": (p * r["drift"] - m) / m * 100, "r": (p - m) / m * 100})
+                d, n = summarize(scored, "d"), summarize(scored, "r")
+                print(f" {name:13s} {v:14s} {corr + ('=' + lm.meta['correction'] if corr == 'auto' else ''):11s} "
+                      f"{d['median_abs_pct']:6.2f}% {d['max_abs_pct']:6.2f}% {d['within_5']:3d}/{d['n']}   "
+                      f"{n['median_abs_pct']:6.2f}% {n['max_abs_pct']:6.2f}%")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mnist_resnet,resnet18")
@@ -163,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="A B rounds per test policy (fastest kept)")
     ap.add_argument("--extra", type=int, default=12, help="random policies profiled beyond the designed ones")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--rescore", action="store_true", help="no timing: refit saved tables, re-score saved rows")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
@@ -170,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown variant(s) {bad} (use {', '.join(VARIANTS)}); --policies and --rounds must be >= 1",
               file=sys.stderr)
         return 2
+    if args.rescore:
+        return rescore([m for m in args.models.split(",") if m], variants, args.tag)
     import torch
 
     torch.set_num_threads(1)

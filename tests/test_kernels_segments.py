@@ -78,7 +78,7 @@ def _synthetic_table(c0=0.02, scale=1.0, noise=0.0):
 
 def test_fit_recovers_units_fused_edges_and_the_correction():
     t, unit, pols = _synthetic_table(c0=0.02, scale=1.1)
-    lm = kc.fit_segment_model(t, CANDS)
+    lm = kc.fit_segment_model(t, CANDS, correction="auto")  # LOO must find the slope
     assert lm.meta["correction"] in ("scale", "split")
     assert lm.constant_ms == pytest.approx(0.02, abs=1e-9)
     rng = np.random.default_rng(9)
@@ -87,6 +87,9 @@ def test_fit_recovers_units_fused_edges_and_the_correction():
         assert lm.predict(pol) == pytest.approx(0.02 + 1.1 * sum(unit(pol, n) for n in t.plan.layers), rel=1e-9)
     # the fused edge is a pairwise term (the ILP sees it), not hidden in a group
     assert not lm.groups and lm.pairwise[("a", "b")][((4, 8), (8, 8))] == pytest.approx(-2 * 0.004 * 1.1)
+    flat, _, _ = _synthetic_table(c0=0.03, scale=1.0, noise=0.0)
+    const = kc.fit_segment_model(flat, CANDS)  # the default: segments + a constant
+    assert const.meta["correction"] == "const" and const.constant_ms == pytest.approx(0.03, abs=1e-12)
     none = kc.fit_segment_model(t, CANDS, correction="none")
     assert none.constant_ms == 0.0 and none.predict(pols[0]) == pytest.approx(sum(unit(pols[0], n) for n in "sab"))
     with pytest.raises(ConfigError, match="correction"):
