@@ -32,7 +32,8 @@ def emit_json(obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app; LcpaqError -> message on stderr and exit code 2."""
+    """Console entry point: run the app; LcpaqError, a usage error or an unusable path -> a
+    one-line message on stderr and exit code 2; Ctrl-C -> exit code 130."""
     from lcpaq.cli import register_all
 
     register_all()
@@ -47,16 +48,34 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except typer.TyperException as e:  # usage errors: bad option, missing argument
+        return _usage_error(e)
+    except KeyboardInterrupt:
+        rv = 130
+    except OSError as e:  # a path the user gave: missing, a folder, read-only, ...
+        if e.filename is None:
+            raise
+        typer.echo(f"error: {e.filename}: {e.strerror or e}; check the path", err=True)
+        return 2
+    if rv == 130:  # typer turns Ctrl-C into exit code 130 without a word
+        typer.echo("interrupted", err=True)
+    return rv if isinstance(rv, int) else 0
+
+
+def _usage_error(e: Exception) -> int:
+    """One line (``error: Missing option '--hw'; see `lcpaq profile --help```) instead of click's
+    three; no-argument calls still print the help."""
+    code = int(getattr(e, "exit_code", 2) or 2)
+    fmt, ctx = getattr(e, "format_message", None), getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError" or fmt is None:
         show = getattr(e, "show", None)
         if show is not None:
             show()
         else:
             typer.echo(f"error: {e}", err=True)
-        return int(getattr(e, "exit_code", 2) or 2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    return rv if isinstance(rv, int) else 0
+        return code
+    where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+    typer.echo(f"error: {fmt().rstrip('.')}{where}", err=True)
+    return code
 
 
 def entry() -> None:

@@ -27,6 +27,32 @@ def parse_input_size(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def trace_model(model: str, input_size: str | None = None, weights: Path | str | None = None):
+    """``trace_named`` for a command; a --input-size the model cannot run is a ConfigError (checked
+    with one forward pass first, so the tracer does not print its own traceback)."""
+    from lcpaq.graph import trace_named
+
+    shape = parse_input_size(input_size)
+    w = str(weights) if weights else None
+    if shape is None:
+        return trace_named(model, weights=w)
+    import torch
+
+    from lcpaq.errors import ConfigError
+    from lcpaq.graph import trace
+    from lcpaq.models import default_input_shape, get_model
+
+    m = get_model(model, weights=w)
+    try:
+        with torch.no_grad():
+            m.eval()(torch.zeros(shape))
+    except (RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--input-size {input_size} does not fit {model} ({first}); its default is "
+                          f"{'x'.join(map(str, default_input_shape(model)))}") from None
+    return m, trace(m, shape, name=model)
+
+
 @app.command()
 def models(json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """List the registered models."""
@@ -51,10 +77,7 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Quantizable layers, MACs, params and tie groups of a model."""
-    from lcpaq.graph import trace_named
-
-    _, inv = trace_named(model, input_shape=parse_input_size(input_size),
-                         weights=str(weights) if weights else None)
+    _, inv = trace_model(model, input_size, weights)
     if json_out:
         emit_json(inv.to_dict())
         return
@@ -82,10 +105,9 @@ def cost(
 ) -> None:
     """Model size and BOPs of a policy, per layer and total."""
     from lcpaq.costs import policy_costs
-    from lcpaq.graph import trace_named
     from lcpaq.policy import Policy, format_bits
 
-    _, inv = trace_named(model, input_shape=parse_input_size(input_size))
+    _, inv = trace_model(model, input_size)
     pol = Policy.load(policy, layer_names=inv.names)
     rep = policy_costs(inv, pol)
     if json_out:

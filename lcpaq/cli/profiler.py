@@ -37,6 +37,7 @@ def profile(
         TimeRemainingColumn,
     )
 
+    from lcpaq.cli._checks import bits_text, out_path
     from lcpaq.graph import trace_named
     from lcpaq.policy import parse_bits_list
     from lcpaq.profiler.hwprofile import load_profile
@@ -45,16 +46,23 @@ def profile(
 
     prof = load_profile(hw)
     _, inv = trace_named(model)
-    cands = parse_bits_list(bits) if bits else prof.candidates
-    path = out or Path("latency_tables") / prof.name / f"{model}.jsonl"
+    cands = parse_bits_list(bits_text(bits)) if bits is not None else prof.candidates
+    path = out_path(out or Path("latency_tables") / prof.name / f"{model}.jsonl")
     if fresh and path.exists():
         console.print(f"kept the previous table as {keep_previous(path)}")
     before = len(read_table(path, repair=repair)) if path.exists() else 0
     with Progress(TextColumn("profiling {task.fields[layer]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as prog:
         task = prog.add_task("p", total=None, layer="")
-        run_profile(inv, prof, path, candidates=cands, repair=repair,
-                    progress=lambda d, t, name: prog.update(task, completed=d, total=t, layer=name))
+        try:
+            run_profile(inv, prof, path, candidates=cands, repair=repair,
+                        progress=lambda d, t, name: prog.update(task, completed=d, total=t, layer=name))
+        except KeyboardInterrupt:
+            prog.stop()
+            rows = len(read_table(path)) if path.exists() else 0
+            console.print(f"interrupted: {rows} rows are in {path}; run the same command again to "
+                          "resume (finished rows are not measured again)")
+            raise typer.Exit(130) from None
     t = read_table(path)
     if len(t) == before:
         console.print(f"nothing to measure: every unit is already in {path} (measured "
@@ -63,13 +71,34 @@ def profile(
         console.print(f"wrote {path} ({len(t) - before} new rows, {len(t)} in all)")
 
 
+def checked_rows(t) -> list[dict]:
+    """The table's rows; a measured row whose timing fields are not numbers is a TableError that
+    names it (a hand-edited or damaged table), not a traceback."""
+    from lcpaq.errors import TableError
+
+    rows = list(t)
+    for r in rows:
+        if r.get("error"):
+            continue
+        for f in ("median_ms", "p10_ms", "p90_ms"):
+            v = r.get(f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise TableError(f"latency table {t.path}: row {r.get('key')!r} has {f}={v!r}, not a "
+                                 "time in ms; delete that line and re-run `lcpaq profile` with the same "
+                                 "--out to measure it again")
+        if not isinstance(r.get("w_bits"), int) or not isinstance(r.get("a_bits"), int):
+            raise TableError(f"latency table {t.path}: row {r.get('key')!r} lacks integer w_bits/a_bits; "
+                             "delete that line and re-run `lcpaq profile` with the same --out")
+    return rows
+
+
 @tables_app.command("show")
 def tables_show(path: Path, json_out: bool = typer.Option(False, "--json")) -> None:
     """Summary of a latency table."""
     from lcpaq.profiler.table import read_table
 
     t = read_table(path)
-    rows = list(t)
+    rows = checked_rows(t)
     errors = [r for r in rows if r.get("error")]
     if json_out:
         emit_json({"header": t.header, "records": len(rows), "errors": len(errors)})
@@ -95,9 +124,14 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
         0.0, help="noise band (fraction); default: from each row's p10-p90 spread"),
         json_out: bool = typer.Option(False, "--json")) -> None:
     """Per-workload new/old ratio; flags changes beyond the noise band (e.g. after a runtime upgrade)."""
+    from lcpaq.errors import ConfigError
     from lcpaq.profiler.table import header_changes, read_table
 
+    if not (math.isfinite(band) and 0 <= band < 1):
+        raise ConfigError(f"--band {band:g}: give a fraction in [0, 1), e.g. 0.05 for ±5 %, or 0 for "
+                          "each row's own p10-p90 spread")
     a, b = read_table(old), read_table(new)
+    checked_rows(a), checked_rows(b)
     setup = header_changes(a.header, b.header)
     out = []
     for key in sorted(set(a.rows) & set(b.rows)):
