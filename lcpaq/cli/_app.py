@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     register_all()
     try:
-        rv = app(args=argv, standalone_mode=False)  # click returns Exit codes here, not raises
+        rv = app(args=argv, prog_name="lcpaq", standalone_mode=False)  # returns Exit codes, not raises
     except LcpaqError as e:
         typer.echo(f"error: {e}", err=True)
         return 2

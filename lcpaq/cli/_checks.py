@@ -57,15 +57,20 @@ def bits_text(text: str | None, option: str = "--bits") -> str | None:
     return text
 
 
-def data_fits(model: str, data: str, channels: int) -> None:
-    """The data's images must have the channel count the model takes (e.g. mnist5k is 1-channel)."""
+def data_fits(model: str, data: str, dataset) -> None:
+    """The data's images must have the channel count the model takes (mnist5k is 1-channel,
+    torchvision models take 3): a ConfigError now instead of a conv error mid-run."""
     from lcpaq.models import default_input_shape
 
     want = default_input_shape(model)[1]
-    if channels != want:
-        raise ConfigError(f"--data {data} has {channels}-channel images but {model} takes {want} "
-                          "channels; use a model made for this data (see `lcpaq models`) or data "
-                          f"with {want}-channel images (imagefolder:PATH)")
+    try:
+        got = int(dataset[0][0].shape[0])
+    except (IndexError, AttributeError, TypeError):
+        return  # an empty or unusual data set: the library reports it
+    if got != want:
+        raise ConfigError(f"--data {data} has {got}-channel images but {model} takes {want}-channel "
+                          "inputs; use a model made for this data (see `lcpaq models`) or data with "
+                          f"{want}-channel images (imagefolder:PATH)")
 
 
 @contextlib.contextmanager

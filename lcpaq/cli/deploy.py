@@ -38,23 +38,32 @@ def validate(
     weights: Path | None = typer.Option(None, help="state_dict to load"),
     threads: int | None = typer.Option(None, help="intra-op threads (default: the profile's)"),
     strict: bool = typer.Option(False, help="exit 1 when |error| exceeds --threshold-pct"),
-    threshold_pct: float = typer.Option(5.0, help="flag threshold, %"),
-    rounds: int = typer.Option(3, help="interleaved measurement rounds"),
+    threshold_pct: float = typer.Option(5.0, min=0.0, help="flag threshold, %"),
+    rounds: int = typer.Option(3, min=1, help="interleaved measurement rounds"),
     calibrate: bool = typer.Option(False, help="first measure uniform fp32/W8A8 whole models now and "
                                    "calibrate the table to them (absorbs drift and inter-layer ops)"),
     out: Path = typer.Option(Path("lcpaq-validate"), help="folder for validation.json and PNG"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a policy on the profile's runtime; measured vs predicted latency (and output check)."""
+    from lcpaq.cli._checks import out_path
     from lcpaq.deploy.validate import calibrated_latency_model
     from lcpaq.deploy.validate import validate as run_validate
+    from lcpaq.errors import ConfigError
     from lcpaq.models import default_input_shape, get_model
-    from lcpaq.policy import Policy
     from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.profiler.table import read_table
 
     hwp = load_profile(hw)  # bad profile -> ProfileError (exit 2) before any heavy work
-    pol = Policy.load(policy)
+    out_path(out, folder=True)
     m = get_model(model, weights=weights)
+    pol = Policy_load(policy, m)
+    if table.suffix != ".json":  # a block table (.json) names no profile
+        made_on = read_table(table).header.get("profile")
+        if made_on and made_on != hwp.name:
+            raise ConfigError(f"--table {table} was measured with profile '{made_on}', not '{hwp.name}' "
+                              f"(--hw {hw}); pass the table profiled with --hw {hw}, or make one with "
+                              f"`lcpaq profile --hw {hw} --model {model}`")
     cal, xs, ys = _calib_and_check(model)
     lm = table
     if calibrate:
@@ -108,10 +117,16 @@ def export(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a model under a policy and check the exported outputs against the fake-quant model."""
-    from lcpaq.deploy.export import export_model
+    from lcpaq.cli._checks import out_path
+    from lcpaq.deploy.export import FORMATS, export_model
+    from lcpaq.errors import ConfigError
+    from lcpaq.models import get_model
 
-    res = export_model(model, Policy_load(policy), format, out, weights=weights,
-                       calib_check=_calib_and_check(model))
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format}: use one of {', '.join(FORMATS)}")
+    out_path(out)
+    pol = Policy_load(policy, get_model(model, weights=weights))
+    res = export_model(model, pol, format, out, weights=weights, calib_check=_calib_and_check(model))
     if json_out:
         emit_json(res)
         return
@@ -120,10 +135,16 @@ def export(
                   f"{100 * res['check']['top1_agreement']:.2f} %")
 
 
-def Policy_load(path: Path):  # noqa: N802 - tiny indirection keeps imports lazy
+def Policy_load(path: Path, model=None):  # noqa: N802 - tiny indirection keeps imports lazy
+    """The policy at ``path``, checked against ``model``'s quantizable layers when given (so an
+    error names the file)."""
     from lcpaq.policy import Policy
 
-    return Policy.load(path)
+    if model is None:
+        return Policy.load(path)
+    from lcpaq.quant import quantizable_names
+
+    return Policy.load(path, layer_names=quantizable_names(model))
 
 
 @app.command()
@@ -134,8 +155,16 @@ def demo(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """The main job on the embedded model: profile -> sensitivity -> search -> KD -> export -> validate."""
-    from lcpaq.deploy.demo import run_demo
+    import contextlib
 
-    summary = run_demo(out, quick=quick, backend=backend, console=console)
+    from lcpaq.cli._checks import out_path, stdout_to_stderr
+    from lcpaq.deploy.demo import run_demo
+    from lcpaq.errors import ConfigError
+
+    if backend is not None and backend not in ("ort", "lcpaq-kernels"):
+        raise ConfigError(f"--backend {backend}: use ort or lcpaq-kernels (or leave it out)")
+    out_path(out, folder=True)
+    with stdout_to_stderr() if json_out else contextlib.nullcontext():  # progress and banners
+        summary = run_demo(out, quick=quick, backend=backend, console=console)
     if json_out:
         emit_json(summary)

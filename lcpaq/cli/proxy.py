@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -21,7 +22,7 @@ def finetune(
     kd_temp: float = typer.Option(4.0, help="distillation temperature T"),
     kd_alpha: float = typer.Option(0.7, help="weight of the KD term (1 - alpha on cross-entropy)"),
     lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, min=1),
     calib: str = typer.Option("minmax", help="activation calibration: minmax | percentile | mse"),
     checkpoint_dir: Path | None = typer.Option(None, help="per-epoch checkpoints (default: OUT.ckpt/)"),
     resume: bool = typer.Option(True, help="continue from the checkpoint if one exists"),
@@ -32,6 +33,7 @@ def finetune(
     """QAT with knowledge distillation from the fp32 model; reports fp32, PTQ and QAT accuracy."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lcpaq.cli._checks import data_fits, out_path
     from lcpaq.data import get_loader
     from lcpaq.finetune import finetune as run
     from lcpaq.finetune import save_quantized
@@ -39,11 +41,13 @@ def finetune(
     from lcpaq.policy import Policy
     from lcpaq.quant import quantizable_names
 
+    out_path(out)
+    ckpt = out_path(checkpoint_dir or out.with_name(out.name + ".ckpt"), "--checkpoint-dir", folder=True)
+    train = get_loader(data, "train", batch_size=batch_size, shuffle=True, seed=seed)
+    data_fits(model, data, train.dataset)
     m = get_model(model, weights=weights)
     pol = Policy.load(policy, layer_names=quantizable_names(m))
-    train = get_loader(data, "train", batch_size=batch_size, shuffle=True, seed=seed)
     val = get_loader(data, "val", batch_size=256)
-    ckpt = checkpoint_dir or out.with_name(out.name + ".ckpt")
     with Progress(TextColumn("epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]} train {task.fields[acc]} val {task.fields[val]}"),
                   TimeElapsedColumn(), console=console, transient=json_out) as prog:
@@ -84,9 +88,9 @@ def tune(
     w_bits: str = typer.Option("2,4,8", help="weight-bit candidates"),
     a_bit_sets: str = typer.Option("8;4,8", help="activation-bit candidate sets to try, ';'-separated"),
     proxy_fraction: float = typer.Option(0.04, help="share of the training data used as proxy"),
-    trials: int = typer.Option(12, help="knob settings sampled from the grid"),
+    trials: int = typer.Option(12, min=1, help="knob settings sampled from the grid"),
     metric: str = typer.Option("margin", help="proxy score: margin | kl | acc"),
-    eta: int = typer.Option(2, help="successive-halving reduction factor"),
+    eta: int = typer.Option(2, min=2, help="successive-halving reduction factor"),
     proxy_calibration: str = typer.Option(
         "fp32", help="activation ranges: fp32 (from the fp32 model, layers shared across trials: fast) | sequential"),
     proxy_weights: str = typer.Option("maxabs", help="proxy weight quantizer: maxabs | refit (needs fp32)"),
@@ -97,6 +101,7 @@ def tune(
     """Tune the search's knobs (Ω variant, a-bits, calibration, Pareto point) on a small proxy set."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lcpaq.cli._checks import data_fits, out_path, positive, stdout_to_stderr
     from lcpaq.data import get_dataset
     from lcpaq.errors import ConfigError
     from lcpaq.graph import trace_named
@@ -105,11 +110,20 @@ def tune(
     from lcpaq.search import Budgets
     from lcpaq.sensitivity import SensitivityReport
 
+    for value, option in ((max_latency_ms, "--max-latency-ms"), (max_size_mb, "--max-size-mb"),
+                          (max_gbops, "--max-gbops")):
+        positive(value, option)
+    out_path(out)
+    try:
+        wb = tuple(int(b) for b in w_bits.split(","))
+    except ValueError:
+        raise ConfigError(f"--w-bits '{w_bits}': write weight bits like '2,4,8'") from None
+    train_ds = get_dataset(data, "train")
+    data_fits(model, data, train_ds)
     m, inv = trace_named(model, weights=str(weights) if weights else None)
     rep = SensitivityReport.load(sensitivity)
     rep.check_layers(inv.names)
     latency = None
-    wb = tuple(int(b) for b in w_bits.split(","))
     try:
         a_sets = tuple(tuple(sorted(int(b) for b in grp.split(","))) for grp in a_bit_sets.split(";") if grp.strip())
     except ValueError:
@@ -123,14 +137,15 @@ def tune(
     elif max_latency_ms is not None:
         raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
-    sub = proxy_subset(get_dataset(data, "train"), fraction=proxy_fraction, seed=seed)
+    sub = proxy_subset(train_ds, fraction=proxy_fraction, seed=seed)
     ev = ProxyEvaluator(m, *sub.tensors(), calibration=proxy_calibration, weights=proxy_weights, inventory=inv)
     with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
                   TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
         task = prog.add_task("tune", total=None, last="")
-        res = run(m, inv, rep, ev, budgets=budgets, latency=latency, trials=trials, metric=metric, eta=eta, space=space,
-                  seed=seed, w_bits=wb, progress=lambda t: prog.update(
-                      task, advance=1, last=f"{t.knobs.label()} n={t.n} {metric}={t.scores[metric]:.4f}"))
+        with stdout_to_stderr() if json_out else contextlib.nullcontext():  # the C++ HiGHS banner
+            res = run(m, inv, rep, ev, budgets=budgets, latency=latency, trials=trials, metric=metric, eta=eta,
+                      space=space, seed=seed, w_bits=wb, progress=lambda t: prog.update(
+                          task, advance=1, last=f"{t.knobs.label()} n={t.n} {metric}={t.scores[metric]:.4f}"))
     best = res.best
     assert best.policy is not None
     pol = type(best.policy)(best.policy.bits, meta={"tuned": best.knobs.label(), "metric": metric,

@@ -26,7 +26,11 @@ def load_omega(path: Path, candidates: tuple | None) -> tuple[dict, tuple]:
         raise SensitivityError(f"{path} does not exist; create it with `lcpaq sensitivity`") from None
     except json.JSONDecodeError as e:
         raise SensitivityError(f"{path} is not valid JSON: {e}") from None
-    if isinstance(data, dict) and str(data.get("schema", "")).startswith("lcpaq.sensitivity/"):
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if isinstance(schema, str) and not schema.startswith("lcpaq.sensitivity/"):
+        raise SensitivityError(f"{path} is a {schema} file, not a sensitivity report; make one with "
+                               "`lcpaq sensitivity`")
+    if isinstance(schema, str):
         from lcpaq.sensitivity.report import SensitivityReport
 
         rep = SensitivityReport.from_dict(data, source=str(path))
@@ -57,24 +61,30 @@ def search(
     bits: str | None = typer.Option(None, help="candidate pairs, e.g. w2a8,w4a8,w8a8 (default: the report's)"),
     solver: str = typer.Option("ilp", help="ilp (exact) or mckp (greedy)"),
     ilp_solver: str | None = typer.Option(None, help="cbc or highs (default: auto)"),
-    time_limit: float = typer.Option(60.0, help="ILP time limit (s)"),
+    time_limit: float = typer.Option(60.0, min=0.001, help="ILP time limit (s)"),
     pin: str = typer.Option("", help="layers fixed to --pin-bits: first,last or names"),
     pin_bits: str = typer.Option("w8a8", help="bit pair for --pin layers"),
     pareto: Path | None = typer.Option(None, help="also sweep a budget and save the frontier PNG (+ .csv)"),
-    pareto_points: int = typer.Option(10, help="frontier points"),
+    pareto_points: int = typer.Option(10, min=2, help="frontier points"),
     input_size: str | None = typer.Option(None, help="e.g. 1x3x224x224 (default: the model's)"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Minimise total sensitivity Ω under every budget given; write the policy."""
-    from lcpaq.cli.foundation import parse_input_size
-    from lcpaq.graph import trace_named
+    from lcpaq.cli._checks import bits_text, out_path, positive, stdout_to_stderr
+    from lcpaq.cli.foundation import trace_model
     from lcpaq.policy import format_bits, parse_bits, parse_bits_list
     from lcpaq.search import Budgets, build_problem, pareto_frontier
     from lcpaq.search import search as run_search
     from lcpaq.search.problem import resolve_pins
 
-    _, inv = trace_named(model, input_shape=parse_input_size(input_size))
-    omega, cands = load_omega(sensitivity, parse_bits_list(bits) if bits else None)
+    for value, option in ((max_latency_ms, "--max-latency-ms"), (max_size_mb, "--max-size-mb"),
+                          (max_gbops, "--max-gbops")):
+        positive(value, option)
+    out_path(out)
+    if pareto is not None:
+        out_path(pareto, "--pareto", suffixes=(".png", ".svg", ".pdf"))
+    _, inv = trace_model(model, input_size)
+    omega, cands = load_omega(sensitivity, parse_bits_list(bits_text(bits)) if bits is not None else None)
     latency = None
     if table is not None:
         from lcpaq.profiler.predict import latency_model
@@ -83,12 +93,14 @@ def search(
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
     pins = resolve_pins(inv.names, pin, parse_bits(pin_bits))
     problem = build_problem(inv, omega, candidates=cands, budgets=budgets, latency=latency, pinned=pins)
-    res = run_search(problem, solver=solver, ilp_solver=ilp_solver, time_limit_s=time_limit)
+    with stdout_to_stderr():  # the HiGHS banner is printed from C++ on stdout; keep --json clean
+        res = run_search(problem, solver=solver, ilp_solver=ilp_solver, time_limit_s=time_limit)
     frontier_info = None
     if pareto is not None:
         sweep = ("max_latency_ms" if latency is not None else
                  next((k for k, _ in budgets.items()), "max_gbops"))
-        fr = pareto_frontier(problem, sweep, points=pareto_points, solver=ilp_solver)
+        with stdout_to_stderr():
+            fr = pareto_frontier(problem, sweep, points=pareto_points, solver=ilp_solver)
         fr.plot(pareto, chosen=res)
         csv = fr.to_csv(pareto.with_suffix(".csv"))
         knee = fr.knee()
@@ -115,6 +127,9 @@ def search(
                   "-" if lim is None else f"{100 * value / lim:.1f} %")
     console.print(u)
     console.print(f"total Ω {res.objective:.5g}; {pol.summary()}; policy written to {out}")
+    if not any(lim is not None for _, _, lim in res.usage()):
+        console.print("no budget given (--max-latency-ms, --max-size-mb, --max-gbops): every layer "
+                      "took its lowest-Ω candidate")
     if frontier_info:
         console.print(f"Pareto frontier ({frontier_info['points']} points over {frontier_info['sweep']}) "
                       f"-> {frontier_info['png']}, {frontier_info['csv']}; knee at "

@@ -19,24 +19,28 @@ def sensitivity(
     out: Path = typer.Option(..., help="where to write the report (lcpaq.sensitivity/1 JSON)"),
     weights: Path | None = typer.Option(None, help="state_dict to load into the model"),
     bits: str = typer.Option(DEFAULT_BITS, help="candidate bit pairs, e.g. w4a8,w8a8,fp32"),
-    probes: int = typer.Option(200, help="maximum Hutchinson probes"),
+    probes: int = typer.Option(200, min=2, help="maximum Hutchinson probes"),
     tol: float = typer.Option(0.05, help="stop when every layer's |stderr/mean| < tol"),
     seed: int = typer.Option(0, help="seed of the Rademacher probes"),
-    batch_size: int = typer.Option(32, help="calibration batch size"),
-    batches: int = typer.Option(2, help="calibration batches (loss = mean over all their samples)"),
+    batch_size: int = typer.Option(32, min=1, help="calibration batch size"),
+    batches: int = typer.Option(2, min=1, help="calibration batches (loss = mean over all their samples)"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Per-layer Hessian traces (Hutchinson, weights and inputs) and Ω for every candidate."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lcpaq.cli._checks import data_fits, out_path, positive
     from lcpaq.data import get_loader
     from lcpaq.models import get_model
     from lcpaq.policy import format_bits, parse_bits_list
     from lcpaq.sensitivity import SensitivityConfig, estimate_sensitivity
 
     cands = parse_bits_list(bits)
-    m = get_model(model, weights=weights)
+    positive(tol, "--tol")
+    out_path(out)
     loader = get_loader(data, "train", batch_size=batch_size)
+    data_fits(model, data, loader.dataset)  # before building the model: a mismatch fails fast
+    m = get_model(model, weights=weights)
     cfg = SensitivityConfig(batches=batches, model_name=model, data_name=data)
     with Progress(TextColumn("[bold]Hessian traces"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("probes  max rel. stderr {task.fields[rse]} (target {task.fields[tol]})"),

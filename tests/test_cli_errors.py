@@ -1,0 +1,190 @@
+"""The CLI as a user gets it wrong: every mistake is exit code 2 with one line saying what to change,
+found before any long work, and no table is touched; Ctrl-C in `lcpaq profile` says how to resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcpaq.cli import main
+from lcpaq.policy import Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+HW = ROOT / "hw_profiles" / "host-cpu-ort.toml"
+EMB = ["conv1", "layer1.conv1", "layer1.conv2", "layer2.downsample.0", "layer2.conv1", "layer2.conv2",
+       "layer3.downsample.0", "layer3.conv1", "layer3.conv2", "fc"]
+ROW = {"workload": "conv:x", "layer_example": "conv1", "w_bits": 8, "a_bits": 8, "unit_class": "int8",
+       "in_class": "fp32", "median_ms": 0.02, "p10_ms": 0.019, "p90_ms": 0.021, "n": 15, "kernel": "k",
+       "error": None}
+
+
+def _table(path: Path, profile: str = "host-cpu-ort", **row_over) -> Path:
+    head = {"schema": "lcpaq.latency_table/1", "profile": profile, "backend": "ort", "threads": 1}
+    rows = [dict(ROW, key="conv:x|w8a8|in=fp32"), dict(ROW, key="conv:x|w8a8|in=int8", **row_over)]
+    path.write_text("\n".join(json.dumps(r) for r in [head, *rows]) + "\n")
+    return path
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    omega = d / "omega.json"
+    omega.write_text(json.dumps({n: {"w4a8": 0.2 * (i + 1), "w8a8": 0.01} for i, n in enumerate(EMB)}))
+    pol = Policy.uniform(EMB, 8, 8).save(d / "p.json")
+    afile = d / "afile"
+    afile.write_text("x")
+    return {"omega": omega, "policy": pol, "dir": d, "afile": afile}
+
+
+def test_usage_error_is_one_line_naming_the_help(capsys):
+    assert main(["profile", "--model", "mnist_resnet"]) == 2
+    _one_line_error(capsys, "Missing option '--hw'", "lcpaq profile --help")
+
+
+@pytest.mark.parametrize("case", ["folder", "under-a-file", "read-only-fs"])
+@pytest.mark.parametrize("cmd", ["search", "profile", "sensitivity", "export"])
+def test_unwritable_out_fails_before_any_work(files, capsys, cmd, case):
+    out = {"folder": files["dir"], "under-a-file": files["afile"] / "o.json",
+           "read-only-fs": Path("/proc/lcpaq-test.json")}[case]
+    if case == "read-only-fs" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    args = {"search": ["search", "--model", "mnist_resnet", "--sensitivity", str(files["omega"]),
+                       "--max-size-mb", "0.05"],
+            "profile": ["profile", "--hw", str(HW), "--model", "mnist_resnet"],
+            "sensitivity": ["sensitivity", "--model", "mnist_resnet", "--data", "mnist5k", "--probes", "2"],
+            "export": ["export", "--model", "mnist_resnet", "--policy", str(files["policy"])]}[cmd]
+    assert main([*args, "--out", str(out)]) == 2
+    _one_line_error(capsys, "--out")
+    assert files["afile"].read_text() == "x"
+
+
+def test_a_folder_given_as_a_file_is_exit_2(files, capsys):
+    table = _table(files["dir"] / "t.jsonl")
+    assert main(["predict", "--table", str(table), "--model", "mnist_resnet", "--policy", str(files["dir"])]) == 2
+    _one_line_error(capsys, str(files["dir"]), "check the path")
+
+
+@pytest.mark.parametrize("bad", [{"median_ms": "fast"}, {"median_ms": None}, {"p90_ms": float("nan")}],
+                         ids=["str", "null", "nan"])
+def test_damaged_table_row_is_named_and_the_table_kept(tmp_path, capsys, bad):
+    good, broken = _table(tmp_path / "good.jsonl"), _table(tmp_path / "bad.jsonl", **bad)
+    before = broken.read_bytes()
+    assert main(["tables", "show", str(broken)]) == 2
+    _one_line_error(capsys, "conv:x|w8a8|in=int8", "re-run `lcpaq profile`")
+    assert main(["tables", "diff", str(good), str(broken)]) == 2
+    _one_line_error(capsys, "conv:x|w8a8|in=int8")
+    assert broken.read_bytes() == before
+
+
+def test_tables_diff_band_must_be_a_fraction(tmp_path, capsys):
+    t = _table(tmp_path / "t.jsonl")
+    assert main(["tables", "diff", str(t), str(t), "--band", "-1"]) == 2
+    _one_line_error(capsys, "--band")
+    assert main(["tables", "diff", str(t), str(t), "--band", "0.05", "--json"]) == 0
+    assert [r["flag"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["", ""]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bits", ""], "--bits is empty"),
+    (["--max-latency-ms", "nan"], "--max-latency-ms nan"),
+    (["--max-size-mb", "inf"], "--max-size-mb inf"),
+    (["--max-size-mb", "0.05", "--pareto", "front.txt"], ".png"),
+    (["--max-size-mb", "0.05", "--pareto", "front.png", "--pareto-points", "0"], "--pareto-points"),
+    (["--time-limit", "0"], "--time-limit"),
+], ids=["empty-bits", "nan-budget", "inf-budget", "pareto-suffix", "pareto-points", "time-limit"])
+def test_search_options_checked_before_solving(files, tmp_path, capsys, args, needle):
+    out = tmp_path / "p.json"
+    rc = main(["search", "--model", "mnist_resnet", "--sensitivity", str(files["omega"]), "--out", str(out),
+               *[str(tmp_path / a) if a.startswith("front") else a for a in args]])
+    assert rc == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_search_refuses_a_policy_as_its_sensitivity_report(files, tmp_path, capsys):
+    assert main(["search", "--model", "mnist_resnet", "--sensitivity", str(files["policy"]),
+                 "--out", str(tmp_path / "p.json")]) == 2
+    _one_line_error(capsys, "lcpaq.policy/1", "not a sensitivity report")
+
+
+def test_profile_empty_bits_is_exit_2(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    assert main(["profile", "--hw", str(HW), "--model", "mnist_resnet", "--bits", "", "--out", str(out)]) == 2
+    _one_line_error(capsys, "--bits is empty")
+    assert not out.exists()
+
+
+def test_input_size_that_does_not_fit_is_exit_2(capfd):
+    assert main(["inspect", "--model", "mnist_resnet", "--input-size", "1x3x28x28"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "--input-size 1x3x28x28 does not fit mnist_resnet" in err and "1x1x28x28" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sensitivity", "--model", "resnet18", "--data", "digits", "--probes", "2"], "1-channel"),
+    (["sensitivity", "--model", "mnist_resnet", "--data", "mnist5k", "--batch-size", "0"], "--batch-size"),
+    (["sensitivity", "--model", "mnist_resnet", "--data", "mnist5k", "--tol", "-1"], "--tol"),
+], ids=["data-channels", "batch-size", "tol"])
+def test_sensitivity_bad_input_exit_2(tmp_path, capsys, args, needle):
+    out = tmp_path / "s.json"
+    assert main([*args, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_validate_refuses_a_table_from_another_profile(files, tmp_path, capsys):
+    table = _table(tmp_path / "t.jsonl", profile="host-cpu-tvm")
+    assert main(["validate", "--model", "mnist_resnet", "--policy", str(files["policy"]), "--hw", str(HW),
+                 "--table", str(table), "--out", str(tmp_path / "v")]) == 2
+    _one_line_error(capsys, "'host-cpu-tvm', not 'host-cpu-ort'")
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["demo", "--backend", "foo", "--quick"], "--backend foo"),
+    (["tune", "--model", "mnist_resnet", "--data", "digits", "--w-bits", "x"], "--w-bits"),
+], ids=["demo-backend", "tune-w-bits"])
+def test_other_bad_options_exit_2(files, tmp_path, capsys, args, needle):
+    extra = ["--sensitivity", str(files["omega"])] if args[0] == "tune" else []
+    assert main([*args, *extra, "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_profile_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import lcpaq.profiler.run as run
+
+    out = tmp_path / "t.jsonl"
+
+    def interrupted(inv, hw, path, **kw):
+        _table(Path(path))  # two rows written, then the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "profile", interrupted)
+    assert main(["profile", "--hw", str(HW), "--model", "mnist_resnet", "--out", str(out)]) == 130
+    text = " ".join(capsys.readouterr().out.split())
+    assert "interrupted: 2 rows are in" in text and "run the same command again to resume" in text
+
+
+def test_search_json_stays_parseable_with_the_highs_banner(files, tmp_path):
+    pytest.importorskip("highspy")
+    out = tmp_path / "p.json"
+    res = subprocess.run([sys.executable, "-c", "from lcpaq.cli import entry; entry()", "search", "--model",
+                          "mnist_resnet", "--sensitivity", str(files["omega"]), "--max-size-mb", "0.05",
+                          "--ilp-solver", "highs", "--out", str(out), "--json"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["policy_path"] == str(out)
