@@ -79,12 +79,14 @@ def test_a_folder_given_as_a_file_is_exit_2(files, capsys):
 
 @pytest.mark.parametrize("bad", [{"median_ms": "fast"}, {"median_ms": None}, {"p90_ms": float("nan")}],
                          ids=["str", "null", "nan"])
-def test_damaged_table_row_is_named_and_the_table_kept(tmp_path, capsys, bad):
+def test_damaged_table_row_is_named_and_the_table_kept(files, tmp_path, capsys, bad):
     good, broken = _table(tmp_path / "good.jsonl"), _table(tmp_path / "bad.jsonl", **bad)
     before = broken.read_bytes()
     assert main(["tables", "show", str(broken)]) == 2
     _one_line_error(capsys, "conv:x|w8a8|in=int8", "re-run `lcpaq profile`")
     assert main(["tables", "diff", str(good), str(broken)]) == 2
+    _one_line_error(capsys, "conv:x|w8a8|in=int8")
+    assert main(["predict", "--table", str(broken), "--model", "mnist_resnet", "--policy", str(files["policy"])]) == 2
     _one_line_error(capsys, "conv:x|w8a8|in=int8")
     assert broken.read_bytes() == before
 

@@ -59,7 +59,11 @@ def validate(
     m = get_model(model, weights=weights)
     pol = Policy_load(policy, m)
     if table.suffix != ".json":  # a block table (.json) names no profile
-        made_on = read_table(table).header.get("profile")
+        from lcpaq.cli.profiler import checked_rows
+
+        t = read_table(table)
+        checked_rows(t)
+        made_on = t.header.get("profile")
         if made_on and made_on != hwp.name:
             raise ConfigError(f"--table {table} was measured with profile '{made_on}', not '{hwp.name}' "
                               f"(--hw {hw}); pass the table profiled with --hw {hw}, or make one with "

@@ -92,6 +92,17 @@ def checked_rows(t) -> list[dict]:
     return rows
 
 
+def load_latency(table: Path):
+    """A latency table for prediction, its rows checked (a block table, .json, passes through)."""
+    if table.suffix == ".json":
+        return table
+    from lcpaq.profiler.table import read_table
+
+    t = read_table(table)
+    checked_rows(t)
+    return t
+
+
 @tables_app.command("show")
 def tables_show(path: Path, json_out: bool = typer.Option(False, "--json")) -> None:
     """Summary of a latency table."""
@@ -106,8 +117,10 @@ def tables_show(path: Path, json_out: bool = typer.Option(False, "--json")) -> N
     from rich.table import Table
 
     h = t.header
+    versions = h.get("versions") or (rows[0].get("runtime") if rows else None) or {}
+    runtime = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else versions
     console.print(f"[bold]{path}[/]: profile {h.get('profile')} ({h.get('backend')}, {h.get('threads')} thread(s)), "
-                  f"{h.get('host_cpu')}, {h.get('date')}, runtime {h.get('versions') or rows[0].get('runtime') if rows else ''}")
+                  f"{h.get('host_cpu')}, {h.get('date')}, {runtime or 'runtime unknown'}")
     tab = Table("workload", "bits", "input", "median ms", "p10-p90 ms", "n", "kernel")
     for r in rows:
         bits = "fp32" if (r["w_bits"], r["a_bits"]) == (32, 32) else f"w{r['w_bits']}a{r['a_bits']}"
@@ -175,7 +188,7 @@ def predict(
 
     _, inv = trace_named(model)
     pol = Policy.load(policy, layer_names=inv.names)
-    lm = latency_model(table, inv, sorted(set(pol.bits.values())))
+    lm = latency_model(load_latency(table), inv, sorted(set(pol.bits.values())))
     br = lm.breakdown(pol)
     total = lm.predict(pol)
     if json_out:

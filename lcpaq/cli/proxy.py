@@ -133,7 +133,9 @@ def tune(
         from lcpaq.profiler.predict import latency_model
 
         a_all = sorted({a for s in a_sets for a in s})
-        latency = latency_model(table, inv, [(w, a) for w in wb for a in a_all])
+        from lcpaq.cli.profiler import load_latency
+
+        latency = latency_model(load_latency(table), inv, [(w, a) for w in wb for a in a_all])
     elif max_latency_ms is not None:
         raise ConfigError("--max-latency-ms needs a measured latency table: pass --table PATH")
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)

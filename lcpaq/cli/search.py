@@ -87,9 +87,10 @@ def search(
     omega, cands = load_omega(sensitivity, parse_bits_list(bits_text(bits)) if bits is not None else None)
     latency = None
     if table is not None:
+        from lcpaq.cli.profiler import load_latency
         from lcpaq.profiler.predict import latency_model
 
-        latency = latency_model(table, inv, cands)
+        latency = latency_model(load_latency(table), inv, cands)
     budgets = Budgets(max_size_mb=max_size_mb, max_gbops=max_gbops, max_latency_ms=max_latency_ms)
     pins = resolve_pins(inv.names, pin, parse_bits(pin_bits))
     problem = build_problem(inv, omega, candidates=cands, budgets=budgets, latency=latency, pinned=pins)
