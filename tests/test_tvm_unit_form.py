@@ -78,3 +78,27 @@ def test_other_units_and_the_layer_form_are_left_alone(tmp_path):
     assert "tvm_unit_form" in _backend(tmp_path).versions() and "tvm_unit_form" not in _backend(tmp_path, "layer").versions()
     with pytest.raises(ProfileError, match="unit_form"):
         _backend(tmp_path, "pooled")
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (32, 32)])
+def test_residual_layer_unit_takes_its_add_and_relu(tmp_path, bits):
+    """A conv that feeds a residual Add (fused = bn, add, relu) carries the Add, with the shortcut as
+    a second input in the unit's class, and the ReLU after it; TVM's output equals ORT's."""
+    layer = dataclasses.replace(conv_layer(c=8, o=8, hw=8, act=False), fused=("bn", "add", "relu"))
+    be = _backend(tmp_path)
+    unit = be.unit_in_form(_table_unit(layer, bits, "int8"))
+    ops = [n.op_type for n in onnx.load_from_string(unit.onnx).graph.node]
+    assert ops.count("Add") == 1 and ops[ops.index("Add") + 1] == "Relu"
+    assert list(unit.inputs) == ["x", "r"] and unit.inputs["r"].shape == (1, 8, 8, 8)
+    assert unit.inputs["r"].dtype == (np.uint8 if bits == (8, 8) else np.float32)
+    ref = session(unit.onnx, 1).run(None, dict(unit.inputs))[0]
+    import tvm
+    from tvm import relax
+
+    ex, _, params, _ = be.compile(unit)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*be._args(unit, params, tvm.cpu())).numpy()
+    if bits == (32, 32):
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    else:
+        assert np.abs(out.astype(np.int32) - ref.astype(np.int32)).max() <= 1
+    assert be.measure(_table_unit(layer, bits, "int8"), MeasureSettings(warmup=1, number=2, repeat=3, min_repeat_ms=0)).ok

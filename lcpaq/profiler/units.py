@@ -17,7 +17,8 @@ on the edge from its producer.
 ``build_unit(..., context=True)`` is the form a whole-model build runs around the layer, for
 backends whose tables predict whole builds that do not fuse the way ORT does (TVM): a max-pool that
 follows the layer is part of its unit (``layer.fused`` has "maxpool"; pooling is never a unit of
-its own), and a layer fed by the model's image (:func:`feeds_image`) takes the image's quantization
+its own), so is the residual Add (and the activation after it) that a conv feeds (``layer.fused``
+has "add"; the shortcut is a second input in the unit's class), and a layer fed by the model's image (:func:`feeds_image`) takes the image's quantization
 (a non-zero zero point, where a ReLU-fed input has 0) in both input variants, since no producer
 ever hands it uint8. ORT's and the kernels' tables keep the plain form (``context=False``). Weights of w < 8 bits are stored in int8 restricted to the w-bit
 grid; 8-bit weights use a 7-bit range (full-range int8 weights overflow ORT's fused AVX2 int8 conv,
@@ -187,25 +188,59 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0,
         nodes.append(helper.make_node("Clip", [y, "c0", "c6"], ["y1"]))
         y = "y1"
     pool = context and "maxpool" in layer.fused
-    if pool:  # a whole QDQ model pools the dequantized output and quantizes again (the next input)
+    res = context and layer.kind == "conv" and "add" in layer.fused
+    after = list(layer.fused[layer.fused.index("add") + 1:]) if res else []
+    res_act = after[0] if after and after[0] in ("relu", "relu6") else None
+    if pool:
         n_, c_, h_, w_ = out_shape
         out_shape = [n_, c_, (h_ + 2 - 3) // 2 + 1, (w_ + 2 - 3) // 2 + 1]
+    extra_in = []
+    if res:  # the block's shortcut, in this unit's class (uint8 from an int8 block, else float)
+        r_int8 = own == "int8"
+        feeds["r"] = (rng.integers(0, 256, size=list(layer.out_shape), dtype=np.uint8) if r_int8
+                      else rng.standard_normal(list(layer.out_shape)).astype(np.float32))
+        extra_in.append(helper.make_tensor_value_info(
+            "r", TensorProto.UINT8 if r_int8 else TensorProto.FLOAT, list(layer.out_shape)))
+
+    def tail(t: str) -> str:  # what a whole model runs on the layer's float output: add, act, pool
+        if res:
+            r = "r"
+            if own == "int8":
+                const("rs", np.array(0.05, np.float32))
+                const("rz", np.array(0, np.uint8))
+                nodes.append(helper.make_node("DequantizeLinear", ["r", "rs", "rz"], ["rd"]))
+                r = "rd"
+            nodes.append(helper.make_node("Add", [t, r], ["ya"]))
+            t = "ya"
+            if res_act == "relu":
+                nodes.append(helper.make_node("Relu", [t], ["yr"]))
+                t = "yr"
+            elif res_act == "relu6":
+                const("c0", np.array(0, np.float32))
+                const("c6", np.array(6, np.float32))
+                nodes.append(helper.make_node("Clip", [t, "c0", "c6"], ["yr"]))
+                t = "yr"
+        if pool:
+            nodes.append(helper.make_node("MaxPool", [t], ["yp"], **MAXPOOL))
+            t = "yp"
+        return t
+
     if own == "int8":
         const("ys", np.array(0.05, np.float32))
         const("yz", np.array(0 if act else 128, np.uint8))
-        nodes.append(helper.make_node("QuantizeLinear", [y, "ys", "yz"], ["yq" if pool else "y"]))
-        if pool:
+        if pool or res:  # a whole QDQ model runs them on the dequantized output, then quantizes again
+            nodes.append(helper.make_node("QuantizeLinear", [y, "ys", "yz"], ["yq"]))
             nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["yd"]))
-            nodes.append(helper.make_node("MaxPool", ["yd"], ["yp"], **MAXPOOL))
-            nodes.append(helper.make_node("QuantizeLinear", ["yp", "ys", "yz"], ["y"]))
+            const("ys2", np.array(0.05, np.float32))
+            const("yz2", np.array(0 if (act if not res else res_act) else 128, np.uint8))
+            nodes.append(helper.make_node("QuantizeLinear", [tail("yd"), "ys2", "yz2"], ["y"]))
+        else:
+            nodes.append(helper.make_node("QuantizeLinear", [y, "ys", "yz"], ["y"]))
         y_out = helper.make_tensor_value_info("y", TensorProto.UINT8, out_shape)
     else:
-        if pool:
-            nodes.append(helper.make_node("MaxPool", [y], ["yp"], **MAXPOOL))
-            y = "yp"
-        nodes.append(helper.make_node("Identity", [y], ["y"]))
+        nodes.append(helper.make_node("Identity", [tail(y)], ["y"]))
         y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
-    graph = helper.make_graph(nodes, "unit", [x_in], [y_out], inits)
+    graph = helper.make_graph(nodes, "unit", [x_in, *extra_in], [y_out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     return model.SerializeToString(), feeds

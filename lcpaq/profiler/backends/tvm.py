@@ -178,7 +178,7 @@ class TvmBackend:
             return unit
         names = {f.name for f in dataclasses.fields(LayerInfo)}
         layer = LayerInfo.from_dict({k: v for k, v in unit.layer.items() if k in names})
-        if not (feeds_image(layer) or "maxpool" in layer.fused):
+        if not (feeds_image(layer) or "maxpool" in layer.fused or "add" in layer.fused):
             return unit
         onnx_bytes, feeds = build_unit(layer, unit.bits, unit.key.rsplit("|in=", 1)[1], context=True)
         return dataclasses.replace(unit, onnx=onnx_bytes, inputs=feeds)
