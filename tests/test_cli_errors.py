@@ -190,3 +190,16 @@ def test_search_json_stays_parseable_with_the_highs_banner(files, tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["policy_path"] == str(out)
+
+
+def test_profile_without_an_rpc_tracker_fails_fast(tmp_path, capsys):
+    """TVM would tune every task and then retry the tracker forever; the CLI asks it first."""
+    from lcpaq.profiler.rpc import free_port
+
+    text = (ROOT / "hw_profiles" / "rpi4-tvm-rpc.toml").read_text().replace("port = 9190", f"port = {free_port()}")
+    hw = tmp_path / "board.toml"
+    hw.write_text(text)
+    out = tmp_path / "t.jsonl"
+    assert main(["profile", "--hw", str(hw), "--model", "mnist_resnet", "--out", str(out)]) == 2
+    _one_line_error(capsys, "no TVM RPC tracker answers at 127.0.0.1:", "--key rpi4")
+    assert not out.exists()

@@ -46,7 +46,7 @@ def validate(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Deploy a policy on the profile's runtime; measured vs predicted latency (and output check)."""
-    from lcpaq.cli._checks import out_path
+    from lcpaq.cli._checks import out_path, tracker_reachable
     from lcpaq.deploy.validate import calibrated_latency_model
     from lcpaq.deploy.validate import validate as run_validate
     from lcpaq.errors import ConfigError
@@ -68,6 +68,7 @@ def validate(
             raise ConfigError(f"--table {table} was measured with profile '{made_on}', not '{hwp.name}' "
                               f"(--hw {hw}); pass the table profiled with --hw {hw}, or make one with "
                               f"`lcpaq profile --hw {hw} --model {model}`")
+    tracker_reachable(hwp, hw)
     cal, xs, ys = _calib_and_check(model)
     lm = table
     if calibrate:

@@ -37,7 +37,7 @@ def profile(
         TimeRemainingColumn,
     )
 
-    from lcpaq.cli._checks import bits_text, out_path
+    from lcpaq.cli._checks import bits_text, out_path, tracker_reachable
     from lcpaq.graph import trace_named
     from lcpaq.policy import parse_bits_list
     from lcpaq.profiler.hwprofile import load_profile
@@ -48,6 +48,7 @@ def profile(
     _, inv = trace_named(model)
     cands = parse_bits_list(bits_text(bits)) if bits is not None else prof.candidates
     path = out_path(out or Path("latency_tables") / prof.name / f"{model}.jsonl")
+    tracker_reachable(prof, hw)
     if fresh and path.exists():
         console.print(f"kept the previous table as {keep_previous(path)}")
     before = len(read_table(path, repair=repair)) if path.exists() else 0
