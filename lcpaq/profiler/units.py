@@ -18,7 +18,9 @@ on the edge from its producer.
 backends whose tables predict whole builds that do not fuse the way ORT does (TVM): a max-pool that
 follows the layer is part of its unit (``layer.fused`` has "maxpool"; pooling is never a unit of
 its own), so is the residual Add (and the activation after it) that a conv feeds (``layer.fused``
-has "add"; the shortcut is a second input in the unit's class), and a layer fed by the model's image (:func:`feeds_image`) takes the image's quantization
+has "add"; the shortcut is a second input in the unit's class; an int8 unit then also outputs the
+float result, which a whole model writes for the next block's shortcut besides quantizing it), and
+a layer fed by the model's image (:func:`feeds_image`) takes the image's quantization
 (a non-zero zero point, where a ReLU-fed input has 0) in both input variants, since no producer
 ever hands it uint8. ORT's and the kernels' tables keep the plain form (``context=False``). Weights of w < 8 bits are stored in int8 restricted to the w-bit
 grid; 8-bit weights use a 7-bit range (full-range int8 weights overflow ORT's fused AVX2 int8 conv,
@@ -194,7 +196,7 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0,
     if pool:
         n_, c_, h_, w_ = out_shape
         out_shape = [n_, c_, (h_ + 2 - 3) // 2 + 1, (w_ + 2 - 3) // 2 + 1]
-    extra_in = []
+    extra_in, extra_out = [], []
     if res:  # the block's shortcut, in this unit's class (uint8 from an int8 block, else float)
         r_int8 = own == "int8"
         feeds["r"] = (rng.integers(0, 256, size=list(layer.out_shape), dtype=np.uint8) if r_int8
@@ -233,14 +235,19 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0,
             nodes.append(helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["yd"]))
             const("ys2", np.array(0.05, np.float32))
             const("yz2", np.array(0 if (act if not res else res_act) else 128, np.uint8))
-            nodes.append(helper.make_node("QuantizeLinear", [tail("yd"), "ys2", "yz2"], ["y"]))
+            t = tail("yd")
+            nodes.append(helper.make_node("QuantizeLinear", [t, "ys2", "yz2"], ["y"]))
+            # the float result also feeds the next block's shortcut (a ResNet stem's max-pool, a block's
+            # output): a second output, so that it is written once more as in the whole model
+            nodes.append(helper.make_node("Identity", [t], ["y_f"]))
+            extra_out.append(helper.make_tensor_value_info("y_f", TensorProto.FLOAT, out_shape))
         else:
             nodes.append(helper.make_node("QuantizeLinear", [y, "ys", "yz"], ["y"]))
         y_out = helper.make_tensor_value_info("y", TensorProto.UINT8, out_shape)
     else:
         nodes.append(helper.make_node("Identity", [tail(y)], ["y"]))
         y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
-    graph = helper.make_graph(nodes, "unit", [x_in, *extra_in], [y_out], inits)
+    graph = helper.make_graph(nodes, "unit", [x_in, *extra_in], [y_out, *extra_out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     return model.SerializeToString(), feeds
