@@ -53,7 +53,7 @@ def profile(
         console.print(f"kept the previous table as {keep_previous(path)}")
     before = len(read_table(path, repair=repair)) if path.exists() else 0
     with Progress(TextColumn("profiling {task.fields[layer]}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as prog:
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=make_console(stderr=True)) as prog:
         task = prog.add_task("p", total=None, layer="")
         try:
             run_profile(inv, prof, path, candidates=cands, repair=repair,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import typer
@@ -50,7 +49,7 @@ def finetune(
     val = get_loader(data, "val", batch_size=256)
     with Progress(TextColumn("epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]} train {task.fields[acc]} val {task.fields[val]}"),
-                  TimeElapsedColumn(), console=console, transient=json_out) as prog:
+                  TimeElapsedColumn(), console=make_console(stderr=True), transient=json_out) as prog:
         task = prog.add_task("kd", total=None, ep="-", loss="-", acc="-", val="-")
 
         def on(ev: dict) -> None:
@@ -142,9 +141,9 @@ def tune(
     sub = proxy_subset(train_ds, fraction=proxy_fraction, seed=seed)
     ev = ProxyEvaluator(m, *sub.tensors(), calibration=proxy_calibration, weights=proxy_weights, inventory=inv)
     with Progress(TextColumn("proxy trials"), BarColumn(), TextColumn("{task.completed} evaluated"),
-                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console, transient=json_out) as prog:
+                  TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=make_console(stderr=True), transient=json_out) as prog:
         task = prog.add_task("tune", total=None, last="")
-        with stdout_to_stderr() if json_out else contextlib.nullcontext():  # the C++ HiGHS banner
+        with stdout_to_stderr():  # progress and the C++ HiGHS banner go to stderr, results to stdout
             res = run(m, inv, rep, ev, budgets=budgets, latency=latency, trials=trials, metric=metric, eta=eta,
                       space=space, seed=seed, w_bits=wb, progress=lambda t: prog.update(
                           task, advance=1, last=f"{t.knobs.label()} n={t.n} {metric}={t.scores[metric]:.4f}"))
