@@ -106,7 +106,7 @@ def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
     return lm, raw, w8_ms, {"fp32_ref_ms": fp_ms, "w8a8_ref_ms": w8_ms}
 
 
-def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int) -> dict:
+def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0) -> dict:
     import torch
 
     from lcpaq.models import get_model
@@ -122,6 +122,8 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int) ->
     model = get_model(name).eval()
     shape = shape_of(name)
     st = settings_for(name)
+    if repeat:
+        st = dataclasses.replace(st, repeat=repeat)
     cl = variant == "segments"
     tests = random_policies(quantizable_names(model), CANDIDATES, n_pol)
     load0 = os.getloadavg()
@@ -191,14 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="A B rounds per test policy (fastest kept)")
     ap.add_argument("--extra", type=int, default=12, help="random policies profiled beyond the designed ones")
+    ap.add_argument("--repeat", type=int, default=0, help="samples per timing (default: 15 mnist_resnet, 11 resnet18)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--rescore", action="store_true", help="no timing: refit saved tables, re-score saved rows")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
-    if bad or args.policies < 1 or args.rounds < 1:
-        print(f"error: unknown variant(s) {bad} (use {', '.join(VARIANTS)}); --policies and --rounds must be >= 1",
-              file=sys.stderr)
+    problems = [f"unknown variant(s) {', '.join(bad)} (use {', '.join(VARIANTS)})"] if bad else []
+    problems += ["--policies and --rounds must be >= 1"] if args.policies < 1 or args.rounds < 1 else []
+    problems += ["--repeat must be >= 0 (0: the model's default)"] if args.repeat < 0 else []
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     if args.rescore:
         return rescore([m for m in args.models.split(",") if m], variants, args.tag)
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         for v in variants:
             print(f"{name} / {v} ...", flush=True)
-            res = run_variant(name, v, args.policies, args.rounds, args.extra)
+            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat)
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]
