@@ -203,3 +203,14 @@ def test_profile_without_an_rpc_tracker_fails_fast(tmp_path, capsys):
     assert main(["profile", "--hw", str(hw), "--model", "mnist_resnet", "--out", str(out)]) == 2
     _one_line_error(capsys, "no TVM RPC tracker answers at 127.0.0.1:", "--key rpi4")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["tables-show", "cost-policy", "profile-hw"])
+def test_a_binary_file_is_exit_2(tmp_path, capsys, cmd):
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x00\xff\xfe garbage\n")
+    args = {"tables-show": ["tables", "show", str(junk)],
+            "cost-policy": ["cost", "--model", "mnist_resnet", "--policy", str(junk)],
+            "profile-hw": ["profile", "--hw", str(junk), "--model", "mnist_resnet", "--out", str(tmp_path / "t.jsonl")]}
+    assert main(args[cmd]) == 2
+    _one_line_error(capsys, "not UTF-8 text")

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return _usage_error(e)
     except KeyboardInterrupt:
         rv = 130
+    except UnicodeDecodeError as e:  # a binary file given where text (JSON, TOML, a table) is read
+        typer.echo(f"error: a file given is not UTF-8 text ({e.reason} at byte {e.start}); check the "
+                   "paths passed to this command", err=True)
+        return 2
     except OSError as e:  # a path the user gave: missing, a folder, read-only, ...
         if e.filename is None:
             raise

@@ -36,7 +36,7 @@ def validate(
     hw: Path = typer.Option(..., help="device profile, e.g. hw_profiles/host-cpu-ort.toml"),
     table: Path = typer.Option(..., help="latency table made by `lcpaq profile` for this model"),
     weights: Path | None = typer.Option(None, help="state_dict to load"),
-    threads: int | None = typer.Option(None, help="intra-op threads (default: the profile's)"),
+    threads: int | None = typer.Option(None, min=1, help="intra-op threads (default: the profile's)"),
     strict: bool = typer.Option(False, help="exit 1 when |error| exceeds --threshold-pct"),
     threshold_pct: float = typer.Option(5.0, min=0.0, help="flag threshold, %"),
     rounds: int = typer.Option(3, min=1, help="interleaved measurement rounds"),
