@@ -214,3 +214,15 @@ def test_a_binary_file_is_exit_2(tmp_path, capsys, cmd):
             "profile-hw": ["profile", "--hw", str(junk), "--model", "mnist_resnet", "--out", str(tmp_path / "t.jsonl")]}
     assert main(args[cmd]) == 2
     _one_line_error(capsys, "not UTF-8 text")
+
+
+def test_torn_table_names_the_command_that_repairs_it(files, tmp_path, capsys):
+    torn = _table(tmp_path / "t.jsonl")
+    with torn.open("a") as f:
+        f.write('{"key": "conv:y|w8a8|in=fp32", "work')  # a kill -9 in the middle of a write
+    before = torn.read_bytes()
+    for args in (["tables", "show", str(torn)],
+                 ["predict", "--table", str(torn), "--model", "mnist_resnet", "--policy", str(files["policy"])]):
+        assert main(args) == 2
+        _one_line_error(capsys, "torn", f"lcpaq profile --hw PROFILE --model MODEL --out {torn} --repair")
+    assert torn.read_bytes() == before

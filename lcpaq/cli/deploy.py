@@ -52,17 +52,15 @@ def validate(
     from lcpaq.errors import ConfigError
     from lcpaq.models import default_input_shape, get_model
     from lcpaq.profiler.hwprofile import load_profile
-    from lcpaq.profiler.table import read_table
 
     hwp = load_profile(hw)  # bad profile -> ProfileError (exit 2) before any heavy work
     out_path(out, folder=True)
     m = get_model(model, weights=weights)
     pol = Policy_load(policy, m)
     if table.suffix != ".json":  # a block table (.json) names no profile
-        from lcpaq.cli.profiler import checked_rows
+        from lcpaq.cli.profiler import read_checked
 
-        t = read_table(table)
-        checked_rows(t)
+        t = read_checked(table)
         made_on = t.header.get("profile")
         if made_on and made_on != hwp.name:
             raise ConfigError(f"--table {table} was measured with profile '{made_on}', not '{hwp.name}' "

@@ -93,24 +93,34 @@ def checked_rows(t) -> list[dict]:
     return rows
 
 
-def load_latency(table: Path):
-    """A latency table for prediction, its rows checked (a block table, .json, passes through)."""
-    if table.suffix == ".json":
-        return table
+def read_checked(path: Path):
+    """A latency table for a command that only reads it: rows checked; a torn last line (an
+    interrupted profiling run) says which command repairs it, since this one cannot."""
+    from lcpaq.errors import TableError
     from lcpaq.profiler.table import read_table
 
-    t = read_table(table)
+    try:
+        t = read_table(path)
+    except TableError as e:
+        if "--repair" not in str(e):
+            raise
+        raise TableError(f"latency table {path}: its last line is torn (an interrupted write); "
+                         f"`lcpaq profile --hw PROFILE --model MODEL --out {path} --repair` drops it and "
+                         "resumes, or delete that line") from None
     checked_rows(t)
     return t
+
+
+def load_latency(table: Path):
+    """A latency table for prediction, its rows checked (a block table, .json, passes through)."""
+    return table if table.suffix == ".json" else read_checked(table)
 
 
 @tables_app.command("show")
 def tables_show(path: Path, json_out: bool = typer.Option(False, "--json")) -> None:
     """Summary of a latency table."""
-    from lcpaq.profiler.table import read_table
-
-    t = read_table(path)
-    rows = checked_rows(t)
+    t = read_checked(path)
+    rows = list(t)
     errors = [r for r in rows if r.get("error")]
     if json_out:
         emit_json({"header": t.header, "records": len(rows), "errors": len(errors)})
@@ -139,13 +149,12 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
         json_out: bool = typer.Option(False, "--json")) -> None:
     """Per-workload new/old ratio; flags changes beyond the noise band (e.g. after a runtime upgrade)."""
     from lcpaq.errors import ConfigError
-    from lcpaq.profiler.table import header_changes, read_table
+    from lcpaq.profiler.table import header_changes
 
     if not (math.isfinite(band) and 0 <= band < 1):
         raise ConfigError(f"--band {band:g}: give a fraction in [0, 1), e.g. 0.05 for ±5 %, or 0 for "
                           "each row's own p10-p90 spread")
-    a, b = read_table(old), read_table(new)
-    checked_rows(a), checked_rows(b)
+    a, b = read_checked(old), read_checked(new)
     setup = header_changes(a.header, b.header)
     out = []
     for key in sorted(set(a.rows) & set(b.rows)):
