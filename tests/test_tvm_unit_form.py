@@ -26,7 +26,7 @@ STEM = dataclasses.replace(conv_layer(c=3, o=16, hw=16, k=3, stride=2), name="st
 def _backend(tmp_path, form="context"):
     prof = load_profile(PROFILE)
     return get_backend("tvm", dataclasses.replace(prof, tvm={
-        "trials": 0, "work_dir": str(tmp_path), "int8_intrin": "avx2", "unit_form": form}))
+        "trials": 0, "work_dir": str(tmp_path), "int8_intrin": "avx2", "unit_form": form, "flush_weights": True}))
 
 
 def _table_unit(layer, bits, in_class):  # as `lcpaq profile` builds it (run.profile)
@@ -81,6 +81,9 @@ def test_other_units_and_the_layer_form_are_left_alone(tmp_path):
     assert _backend(tmp_path, "layer").unit_in_form(stem) is stem
     whole = Unit("deploy:whole-model", stem.onnx, stem.inputs, {}, (8, 8))  # no layer spec: a whole model
     assert _backend(tmp_path).unit_in_form(whole) is whole
+    # only an image-fed unit is timed with its input cold too (whole-cache flush before each sample)
+    assert _backend(tmp_path)._image_fed(stem) and not _backend(tmp_path)._image_fed(inner)
+    assert not _backend(tmp_path, "layer")._image_fed(stem) and not _backend(tmp_path)._image_fed(whole)
     assert "tvm_unit_form" in _backend(tmp_path).versions() and "tvm_unit_form" not in _backend(tmp_path, "layer").versions()
     with pytest.raises(ProfileError, match="unit_form"):
         _backend(tmp_path, "pooled")
