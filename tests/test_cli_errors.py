@@ -97,6 +97,9 @@ def test_tables_diff_band_must_be_a_fraction(tmp_path, capsys):
     _one_line_error(capsys, "--band")
     assert main(["tables", "diff", str(t), str(t), "--band", "0.05", "--json"]) == 0
     assert [r["flag"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["", ""]
+    faster = _table(tmp_path / "new.jsonl", median_ms=0.01, p10_ms=0.0099, p90_ms=0.0101)  # after an upgrade
+    assert main(["tables", "diff", str(t), str(faster)]) == 0
+    assert "0 regressions, 1 improvements" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -181,6 +181,7 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
     geo = math.exp(sum(math.log(r["ratio"]) for r in out) / len(out)) if out else float("nan")
     console.print(f"{len(out)} common workloads; geometric-mean ratio {geo:.3f}; "
                   f"{sum(r['flag'] == 'regression' for r in out)} regressions, "
+                  f"{sum(r['flag'] == 'improvement' for r in out)} improvements, "
                   f"{len(set(a.rows) ^ set(b.rows))} keys only in one table")
 
 
