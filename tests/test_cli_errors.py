@@ -100,6 +100,9 @@ def test_tables_diff_band_must_be_a_fraction(tmp_path, capsys):
     faster = _table(tmp_path / "new.jsonl", median_ms=0.01, p10_ms=0.0099, p90_ms=0.0101)  # after an upgrade
     assert main(["tables", "diff", str(t), str(faster)]) == 0
     assert "0 regressions, 1 improvements" in " ".join(capsys.readouterr().out.split())
+    zero = _table(tmp_path / "zero.jsonl", median_ms=0.0, p10_ms=0.0, p90_ms=0.0)  # a clock too coarse
+    assert main(["tables", "diff", str(t), str(zero)]) == 0
+    assert "1 common workloads" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("args,needle", [

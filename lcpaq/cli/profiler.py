@@ -159,7 +159,7 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
     out = []
     for key in sorted(set(a.rows) & set(b.rows)):
         ra, rb = a.rows[key], b.rows[key]
-        if ra.get("error") or rb.get("error") or not ra["median_ms"]:
+        if ra.get("error") or rb.get("error") or ra["median_ms"] <= 0 or rb["median_ms"] <= 0:
             continue
         ratio = rb["median_ms"] / ra["median_ms"]
         noise = band or max((ra["p90_ms"] - ra["p10_ms"]) / ra["median_ms"], (rb["p90_ms"] - rb["p10_ms"]) / rb["median_ms"], 0.02)
