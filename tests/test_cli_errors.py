@@ -232,3 +232,18 @@ def test_torn_table_names_the_command_that_repairs_it(files, tmp_path, capsys):
         assert main(args) == 2
         _one_line_error(capsys, "torn", f"lcpaq profile --hw PROFILE --model MODEL --out {torn} --repair")
     assert torn.read_bytes() == before
+
+
+def test_finetune_ctrl_c_says_how_to_resume(files, tmp_path, capsys, monkeypatch):
+    import lcpaq.finetune as ft
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "finetune", interrupted)
+    out = tmp_path / "q.pt"
+    assert main(["finetune", "--model", "mnist_resnet", "--policy", str(files["policy"]), "--data", "digits",
+                 "--out", str(out)]) == 130
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"checkpointed in {out}.ckpt" in text and "run the same command again" in text
+    assert not out.exists()

@@ -58,8 +58,14 @@ def finetune(
                             loss=f"{ev['loss']:.4f}", acc=f"{ev['train_acc']:.2f}%")
             else:
                 prog.update(task, val=f"{ev['val_acc']:.2f}%")
-        res = run(m, pol, train, val, epochs=epochs, kd_temp=kd_temp, kd_alpha=kd_alpha, lr=lr,
-                  checkpoint_dir=ckpt, resume=resume, calib_method=calib, seed=seed, progress=on)
+        try:
+            res = run(m, pol, train, val, epochs=epochs, kd_temp=kd_temp, kd_alpha=kd_alpha, lr=lr,
+                      checkpoint_dir=ckpt, resume=resume, calib_method=calib, seed=seed, progress=on)
+        except KeyboardInterrupt:
+            prog.stop()
+            console.print(f"interrupted: finished epochs are checkpointed in {ckpt}; run the same command "
+                          "again to continue from the last one")
+            raise typer.Exit(130) from None
     save_quantized(m, pol, out, meta={"model": model, "data": data} | res.to_dict())
     if json_out:
         emit_json(res.to_dict() | {"out": str(out)})
