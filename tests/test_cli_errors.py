@@ -247,3 +247,13 @@ def test_finetune_ctrl_c_says_how_to_resume(files, tmp_path, capsys, monkeypatch
     text = " ".join(capsys.readouterr().out.split())
     assert f"checkpointed in {out}.ckpt" in text and "run the same command again" in text
     assert not out.exists()
+
+
+def test_imagefolder_with_a_non_image_is_exit_2(tmp_path, capsys):
+    (tmp_path / "imgs" / "cls").mkdir(parents=True)
+    (tmp_path / "imgs" / "cls" / "x.png").write_text("not an image")
+    out = tmp_path / "s.json"
+    assert main(["sensitivity", "--model", "mnist_resnet", "--data", f"imagefolder:{tmp_path / 'imgs'}",
+                 "--probes", "2", "--out", str(out)]) == 2
+    _one_line_error(capsys, "first sample cannot be read", "x.png")
+    assert not out.exists()

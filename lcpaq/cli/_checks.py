@@ -67,6 +67,9 @@ def data_fits(model: str, data: str, dataset) -> None:
         got = int(dataset[0][0].shape[0])
     except (IndexError, AttributeError, TypeError):
         return  # an empty or unusual data set: the library reports it
+    except (OSError, ValueError) as e:  # e.g. PIL's UnidentifiedImageError on a non-image file
+        raise ConfigError(f"--data {data}: its first sample cannot be read ({type(e).__name__}: {e}); "
+                          "check the files") from None
     if got != want:
         raise ConfigError(f"--data {data} has {got}-channel images but {model} takes {want}-channel "
                           "inputs; use a model made for this data (see `lcpaq models`) or data with "
