@@ -106,7 +106,7 @@ def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
     return lm, raw, w8_ms, {"fp32_ref_ms": fp_ms, "w8a8_ref_ms": w8_ms}
 
 
-def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0) -> dict:
+def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0, tag: str = "") -> dict:
     import torch
 
     from lcpaq.models import get_model
@@ -132,12 +132,13 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
     with bench_lock():
         load0 = os.getloadavg()
         if variant == "table":
-            lm, raw, ref_ms, info = table_model(model, name, shape, st, RESULTS / f"bench_predict_kernels_table_{name}.jsonl",
+            lm, raw, ref_ms, info = table_model(model, name, shape, st,
+                                                RESULTS / f"bench_predict_kernels_table_{name}{tag}.jsonl",
                                                 channels_last=False)
             info["raw_predict"] = True
         else:
             table, lm = profile_segments(model, shape, CANDIDATES, settings=st, extra=extra, channels_last=cl)
-            table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}.json")
+            table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}{tag}.json")
             ref_ms = float(np.median([r["ref_ms"] for r in table.rows]))
             raw = None
             info = {"fit": dict(lm.meta), "profiled_policies": len(table.rows)}
@@ -168,7 +169,7 @@ def rescore(models: list[str], variants: list[str], tag: str) -> int:
     for name in models:
         for v in [v for v in variants if v != "table"]:
             res = RESULTS / f"bench_predict_kernels_{name}_{v}{tag}.json"
-            tab = RESULTS / f"bench_predict_kernels_segments_{name}{'' if v == 'segments' else '_nchw'}.json"
+            tab = RESULTS / f"bench_predict_kernels_segments_{name}{'' if v == 'segments' else '_nchw'}{tag}.json"
             if not (res.exists() and tab.exists()):
                 continue
             rows, t = json.loads(res.read_text())["rows"], SegmentTable.load(tab)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         for v in variants:
             print(f"{name} / {v} ...", flush=True)
-            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat)
+            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat, args.tag)
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]
