@@ -45,8 +45,8 @@ class SegmentPlan:
     def edges(self) -> list[tuple[str, str]]:
         """Fusable (producer, consumer) edges in model order."""
         pos = {n: i for i, n in enumerate(self.layers)}
-        out = {tuple(sorted((n, p), key=pos.__getitem__)) for n in self.layers for p in self.partners[n]}
-        return sorted(out, key=lambda e: (pos[e[0]], pos[e[1]]))  # type: ignore[return-value]
+        out = {(n, p) if pos[n] < pos[p] else (p, n) for n in self.layers for p in self.partners[n]}
+        return sorted(out, key=lambda e: (pos[e[0]], pos[e[1]]))
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "partners": {k: list(v) for k, v in self.partners.items()}}

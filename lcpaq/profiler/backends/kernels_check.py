@@ -57,6 +57,10 @@ __all__ = [
 SEGMENT_SCHEMA = "lcpaq.kernel_segments/1"
 
 
+def _pair(c: Sequence[int]) -> tuple[int, int]:
+    return int(c[0]), int(c[1])
+
+
 def clock_overhead_ns(clock: Callable[[], int], n: int = 2000) -> float:
     """Median ticks between two consecutive clock reads (what each segment's interval includes once)."""
     import statistics
@@ -93,7 +97,7 @@ def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, i
 
     from lcpaq.policy import Policy
 
-    cands = [tuple(int(v) for v in c) for c in candidates]
+    cands = [_pair(c) for c in candidates]
     by_class: dict[str, list[tuple[int, int]]] = {}
     for c in cands:
         by_class.setdefault(fuse_class(c), []).append(c)
@@ -181,6 +185,7 @@ class SegmentTable:
 CORRECTIONS = ("const", "scale", "split")
 
 
+
 def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
                 ) -> tuple[dict[str, dict[tuple[int, int], float]], dict[tuple[str, str], dict[Any, float]]]:
     """Additive form of the unit table: per (layer, bits) a base cost (all partners float) plus one
@@ -198,7 +203,7 @@ def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
     for n in plan.layers:
         parts = plan.partners[n]
         for c in candidates:
-            c = tuple(int(v) for v in c)
+            c = _pair(c)
             if fuse_class(c) == "f":
                 k = segment_key(n, c, "")
                 if k not in ms:
@@ -218,7 +223,7 @@ def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
                 p = parts[j]
                 edge = (n, p) if pos[n] < pos[p] else (p, n)
                 for pc in candidates:
-                    pc = tuple(int(u) for u in pc)
+                    pc = _pair(pc)
                     if fuse_class(pc) == cl:
                         pair = (c, pc) if edge[0] == n else (pc, c)
                         pairwise[edge][pair] = pairwise[edge].get(pair, 0.0) + float(v)
@@ -385,7 +390,7 @@ def profile_segments(
     cal = list(calib) if calib is not None else [
         np.random.default_rng(1).standard_normal((4, *shape[1:])).astype(np.float32)]
     rng = np.random.default_rng(seed)
-    cands = [tuple(int(v) for v in c) for c in candidates]
+    cands = [_pair(c) for c in candidates]
     old = torch.get_num_threads()
     torch.set_num_threads(st.threads)
     try:
@@ -424,7 +429,7 @@ def random_policies(layers: Sequence[str], candidates: Sequence[tuple[int, int]]
     else one of the integer candidates at random."""
     from lcpaq.policy import Policy
 
-    ints = [tuple(c) for c in candidates if 32 not in tuple(c)]
+    ints = [_pair(c) for c in candidates if 32 not in tuple(c)]
     out = []
     for s in range(first_seed, first_seed + n):
         rng = np.random.default_rng(s)
@@ -454,16 +459,16 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
     layers = quantizable_names(model)
     old = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
         for i, pol in enumerate(policies):
             dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
-            (ms, wall), (r, _) = time_whole([dep.call, ref.call], settings, rounds)
+            (ms, wall), (ref_now, _) = time_whole([dep.call, ref.call], settings, rounds)
             pred = float(predict(pol))
             rows.append({"policy": {n: list(p) for n, p in pol.items()}, "predicted_ms": pred, "measured_ms": ms,
-                         "measured_wall_ms": wall, "ref_ms": r, "error_raw_pct": (pred - ms) / ms * 100.0,
-                         "error_row_pct": (pred * r / ref_ms - ms) / ms * 100.0,
+                         "measured_wall_ms": wall, "ref_ms": ref_now, "error_raw_pct": (pred - ms) / ms * 100.0,
+                         "error_row_pct": (pred * ref_now / ref_ms - ms) / ms * 100.0,
                          "fp32_layers": sum(32 in tuple(p) for _, p in pol.items())})
             if progress:
                 progress(i + 1, len(policies))
