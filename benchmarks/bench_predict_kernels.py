@@ -106,7 +106,8 @@ def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
     return lm, raw, w8_ms, {"fp32_ref_ms": fp_ms, "w8a8_ref_ms": w8_ms}
 
 
-def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0, tag: str = "") -> dict:
+def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0, tag: str = "",
+                cover: int = 1) -> dict:
     import torch
 
     from lcpaq.models import get_model
@@ -137,7 +138,8 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
                                                 channels_last=False)
             info["raw_predict"] = True
         else:
-            table, lm = profile_segments(model, shape, CANDIDATES, settings=st, extra=extra, channels_last=cl)
+            table, lm = profile_segments(model, shape, CANDIDATES, settings=st, extra=extra, cover=cover,
+                                         channels_last=cl)
             table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}{tag}.json")
             ref_ms = float(np.median([r["ref_ms"] for r in table.rows]))
             raw = None
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="A B rounds per test policy (fastest kept)")
     ap.add_argument("--extra", type=int, default=12, help="random policies profiled beyond the designed ones")
+    ap.add_argument("--cover", type=int, default=1, help="each segment key in at least this many designed policies")
     ap.add_argument("--repeat", type=int, default=0, help="samples per timing (default: 15 mnist_resnet, 11 resnet18)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--rescore", action="store_true", help="no timing: refit saved tables, re-score saved rows")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"unknown variant(s) {', '.join(bad)} (use {', '.join(VARIANTS)})"] if bad else []
     problems += ["--policies and --rounds must be >= 1"] if args.policies < 1 or args.rounds < 1 else []
     problems += ["--repeat must be >= 0 (0: the model's default)"] if args.repeat < 0 else []
+    problems += ["--cover must be >= 1"] if args.cover < 1 else []
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         for v in variants:
             print(f"{name} / {v} ...", flush=True)
-            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat, args.tag)
+            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat, args.tag, args.cover)
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]

@@ -47,6 +47,11 @@ def test_design_covers_every_key():
     # s: 4 candidates; each partnered layer: fp32 + 3 int x 2 partner classes (u, f)
     assert len(seen) == 4 + 4 * (1 + 3 * 2)
     assert len(pols) < 4 * 7  # far fewer than one sweep per key
+    from collections import Counter
+
+    twice = kc.design_segment_policies(plan, CANDS, np.random.default_rng(0), cover=2)
+    seen2 = Counter(plan.key(p, n) for p in twice for n in plan.layers)
+    assert len(seen2) == len(seen) and min(seen2.values()) >= 2
 
 
 def _synthetic_table(c0=0.02, scale=1.0, noise=0.0):

@@ -89,10 +89,11 @@ def time_segments(runner: SegmentRunner, settings: MeasureSettings) -> dict[str,
     return {k: v / 1e6 for k, v in out.items()}
 
 
-def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, int]], rng: Any) -> list[Any]:
-    """Policies in which every layer appears at every candidate with every class of its partners
-    (greedy: each policy takes as many uncovered keys as agree with it; the rest is random with a
-    per-policy fp32 share drawn from [0, 1])."""
+def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, int]], rng: Any, *,
+                            cover: int = 1) -> list[Any]:
+    """Policies in which every layer appears at every candidate with every class of its partners,
+    each key in at least ``cover`` policies (greedy: each policy takes as many keys still needed as
+    agree with it; the rest is random with a per-policy fp32 share drawn from [0, 1])."""
     from itertools import product
 
     from lcpaq.policy import Policy
@@ -104,11 +105,13 @@ def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, i
     ints = [c for c in cands if fuse_class(c) != "f"] or cands
     fp = by_class.get("f", [])
     todo = {}
+    left: dict[str, int] = {}
     for n in plan.layers:
         for c in cands:
             ctxs = [()] if fuse_class(c) == "f" else product(sorted(by_class), repeat=len(plan.partners[n]))
             for ctx in ctxs:
                 todo[segment_key(n, c, "".join(ctx))] = (n, c, ctx)
+                left[segment_key(n, c, "".join(ctx))] = max(int(cover), 1)
     out = []
     while todo:
         q = rng.random()
@@ -129,7 +132,11 @@ def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, i
                       for n in plan.layers})
         out.append(pol)
         for n in plan.layers:
-            todo.pop(plan.key(pol, n), None)
+            k = plan.key(pol, n)
+            if k in left:
+                left[k] -= 1
+                if left[k] <= 0:
+                    del left[k], todo[k]
     return out
 
 
@@ -369,6 +376,7 @@ def profile_segments(
     settings: MeasureSettings | None = None,
     calib: Sequence[Any] | None = None,
     extra: int = 12,
+    cover: int = 1,
     seed: int = 1000,
     correction: str = "const",
     channels_last: bool = True,
@@ -376,6 +384,7 @@ def profile_segments(
 ) -> tuple[SegmentTable, Any]:
     """Time the segments of the designed policies (every key) plus ``extra`` random policies and the
     uniform corners (one per candidate), each also whole, A B A B against uniform W8A8; fit.
+    ``cover``: every key in at least that many designed policies (its unit is their median).
 
     1 thread, the calling thread's CPU time by default (``settings``: the profile's). ``calib``:
     arrays or tensors for the activation ranges (random normal when None: kernel times do not
@@ -395,7 +404,7 @@ def profile_segments(
     torch.set_num_threads(st.threads)
     try:
         plan = segment_plan(model, cal)
-        pols = design_segment_policies(plan, cands, rng)
+        pols = design_segment_policies(plan, cands, rng, cover=cover)
         n_design = len(pols)
         ints = [c for c in cands if fuse_class(c) != "f"]
         for _ in range(extra):
@@ -408,7 +417,7 @@ def profile_segments(
         table = SegmentTable(plan, meta={
             "model": type(model).__name__, "input_shape": list(shape), "candidates": [list(c) for c in cands],
             "settings": dict(st.__dict__), "torch": torch.__version__, "isa": kernel_isa(),
-            "designed": n_design, "extra": extra, "channels_last": channels_last, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "designed": n_design, "extra": extra, "cover": cover, "channels_last": channels_last, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         for i, pol in enumerate(pols):
             dep = deploy_policy(model, pol, shape, cal, plan.layers, channels_last=channels_last)
             segs = time_segments(dep.runner, st)
