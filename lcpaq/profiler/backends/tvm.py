@@ -221,7 +221,7 @@ class TvmBackend:
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
         h.update(scalars)
-        h.update(f"|{sorted(self.target_dict.items())}|{self.trials}|{tvm.__version__}|lift2".encode())
+        h.update(f"|{sorted(self.target_dict.items())}|{self.trials}|{tvm.__version__}|lift3".encode())
         return mod, params, kernel, h.hexdigest()[:32]
 
     def tuner(self) -> Any:
