@@ -165,9 +165,13 @@ def test_validate_refuses_a_table_from_another_profile(files, tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["demo", "--backend", "foo", "--quick"], "--backend foo"),
     (["tune", "--model", "mnist_resnet", "--data", "digits", "--w-bits", "x"], "--w-bits"),
-], ids=["demo-backend", "tune-w-bits"])
+    (["tune", "--model", "mnist_resnet", "--data", "digits", "--w-bits", "4,9"], "2..8"),
+    (["tune", "--model", "mnist_resnet", "--data", "digits", "--metric", "f1"], "--metric f1"),
+    (["finetune", "--model", "mnist_resnet", "--data", "digits", "--kd-temp", "0"], "--kd-temp"),
+    (["finetune", "--model", "mnist_resnet", "--data", "digits", "--calib", "max"], "--calib max"),
+], ids=["demo-backend", "tune-w-bits", "tune-w-bits-range", "tune-metric", "finetune-kd-temp", "finetune-calib"])
 def test_other_bad_options_exit_2(files, tmp_path, capsys, args, needle):
-    extra = ["--sensitivity", str(files["omega"])] if args[0] == "tune" else []
+    extra = {"tune": ["--sensitivity", str(files["omega"])], "finetune": ["--policy", str(files["policy"])]}.get(args[0], [])
     assert main([*args, *extra, "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, needle)
 

@@ -17,9 +17,9 @@ def finetune(
     policy: Path = typer.Option(..., help="policy JSON (from `lcpaq search` or `lcpaq tune`)"),
     data: str = typer.Option(..., help="mnist5k | digits | imagefolder:PATH"),
     weights: Path | None = typer.Option(None, help="fp32 state_dict to start from"),
-    epochs: int = typer.Option(3),
+    epochs: int = typer.Option(3, min=0),
     kd_temp: float = typer.Option(4.0, help="distillation temperature T"),
-    kd_alpha: float = typer.Option(0.7, help="weight of the KD term (1 - alpha on cross-entropy)"),
+    kd_alpha: float = typer.Option(0.7, min=0.0, max=1.0, help="weight of the KD term (1 - alpha on cross-entropy)"),
     lr: float = typer.Option(1e-3),
     batch_size: int = typer.Option(64, min=1),
     calib: str = typer.Option("minmax", help="activation calibration: minmax | percentile | mse"),
@@ -32,14 +32,19 @@ def finetune(
     """QAT with knowledge distillation from the fp32 model; reports fp32, PTQ and QAT accuracy."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from lcpaq.cli._checks import data_fits, out_path
+    from lcpaq.cli._checks import data_fits, out_path, positive
     from lcpaq.data import get_loader
+    from lcpaq.errors import ConfigError
     from lcpaq.finetune import finetune as run
     from lcpaq.finetune import save_quantized
     from lcpaq.models import get_model
     from lcpaq.policy import Policy
-    from lcpaq.quant import quantizable_names
+    from lcpaq.quant import CALIB_METHODS, quantizable_names
 
+    positive(kd_temp, "--kd-temp")
+    positive(lr, "--lr")
+    if calib not in CALIB_METHODS:
+        raise ConfigError(f"--calib {calib}: use one of {', '.join(CALIB_METHODS)}")
     out_path(out)
     ckpt = out_path(checkpoint_dir or out.with_name(out.name + ".ckpt"), "--checkpoint-dir", folder=True)
     train = get_loader(data, "train", batch_size=batch_size, shuffle=True, seed=seed)
@@ -110,7 +115,7 @@ def tune(
     from lcpaq.data import get_dataset
     from lcpaq.errors import ConfigError
     from lcpaq.graph import trace_named
-    from lcpaq.proxy import DEFAULT_SPACE, ProxyEvaluator, proxy_subset
+    from lcpaq.proxy import DEFAULT_SPACE, PROXY_METRICS, ProxyEvaluator, proxy_subset
     from lcpaq.proxy import tune as run
     from lcpaq.search import Budgets
     from lcpaq.sensitivity import SensitivityReport
@@ -118,11 +123,15 @@ def tune(
     for value, option in ((max_latency_ms, "--max-latency-ms"), (max_size_mb, "--max-size-mb"),
                           (max_gbops, "--max-gbops")):
         positive(value, option)
+    if metric not in PROXY_METRICS:
+        raise ConfigError(f"--metric {metric}: use one of {', '.join(PROXY_METRICS)}")
     out_path(out)
     try:
         wb = tuple(int(b) for b in w_bits.split(","))
     except ValueError:
         raise ConfigError(f"--w-bits '{w_bits}': write weight bits like '2,4,8'") from None
+    if not wb or not all(2 <= b <= 8 for b in wb):
+        raise ConfigError(f"--w-bits '{w_bits}': each weight bit-width must be 2..8, e.g. '2,4,8'")
     train_ds = get_dataset(data, "train")
     data_fits(model, data, train_ds)
     m, inv = trace_named(model, weights=str(weights) if weights else None)
