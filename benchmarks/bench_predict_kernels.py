@@ -107,7 +107,7 @@ def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
 
 
 def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0, tag: str = "",
-                cover: int = 1) -> dict:
+                cover: int = 3) -> dict:
     import torch
 
     from lcpaq.models import get_model
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="A B rounds per test policy (fastest kept)")
     ap.add_argument("--extra", type=int, default=12, help="random policies profiled beyond the designed ones")
-    ap.add_argument("--cover", type=int, default=1, help="each segment key in at least this many designed policies")
+    ap.add_argument("--cover", type=int, default=3,
+                    help="each segment key in at least this many designed policies (runs 1-4 of session 7: 1)")
     ap.add_argument("--repeat", type=int, default=0, help="samples per timing (default: 15 mnist_resnet, 11 resnet18)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--rescore", action="store_true", help="no timing: refit saved tables, re-score saved rows")
