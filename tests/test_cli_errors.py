@@ -261,3 +261,12 @@ def test_imagefolder_with_a_non_image_is_exit_2(tmp_path, capsys):
                  "--probes", "2", "--out", str(out)]) == 2
     _one_line_error(capsys, "first sample cannot be read", "x.png")
     assert not out.exists()
+
+
+def test_profile_out_that_is_not_a_table_is_refused_and_kept(files, tmp_path, capsys):
+    pol = tmp_path / "policy.json"
+    pol.write_bytes(files["policy"].read_bytes())
+    for fresh in ([], ["--fresh"]):
+        assert main(["profile", "--hw", str(HW), "--model", "mnist_resnet", "--out", str(pol), *fresh]) == 2
+        _one_line_error(capsys, "is not a latency table", "choose another path")
+    assert pol.read_bytes() == files["policy"].read_bytes() and len(list(tmp_path.iterdir())) == 1

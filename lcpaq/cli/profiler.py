@@ -49,6 +49,7 @@ def profile(
     cands = parse_bits_list(bits_text(bits)) if bits is not None else prof.candidates
     path = out_path(out or Path("latency_tables") / prof.name / f"{model}.jsonl")
     tracker_reachable(prof, hw)
+    not_a_table(path)
     if fresh and path.exists():
         console.print(f"kept the previous table as {keep_previous(path)}")
     before = len(read_table(path, repair=repair)) if path.exists() else 0
@@ -70,6 +71,27 @@ def profile(
                       f"{t.header.get('date')}); pass --fresh to measure again")
     else:
         console.print(f"wrote {path} ({len(t) - before} new rows, {len(t)} in all)")
+
+
+def not_a_table(path: Path) -> None:
+    """``--out`` names an existing file that is not a latency table (a policy, a report): refuse it
+    rather than call it a damaged table (whose advice, regenerate or --fresh, would move it away)."""
+    import json
+
+    from lcpaq.errors import ConfigError
+    from lcpaq.profiler.table import TABLE_SCHEMA
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        schema = json.loads(first).get("schema")
+    except (ValueError, AttributeError):
+        schema = None
+    if schema != TABLE_SCHEMA:
+        raise ConfigError(f"--out {path} exists and is not a latency table"
+                          f"{f' (it is {schema})' if isinstance(schema, str) else ''}; choose another path")
 
 
 def checked_rows(t) -> list[dict]:
