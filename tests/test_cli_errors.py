@@ -270,3 +270,16 @@ def test_profile_out_that_is_not_a_table_is_refused_and_kept(files, tmp_path, ca
         assert main(["profile", "--hw", str(HW), "--model", "mnist_resnet", "--out", str(pol), *fresh]) == 2
         _one_line_error(capsys, "is not a latency table", "choose another path")
     assert pol.read_bytes() == files["policy"].read_bytes() and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("cmd", ["search", "sensitivity", "export"])
+def test_other_commands_never_overwrite_a_latency_table(files, tmp_path, capsys, cmd):
+    table = _table(tmp_path / "t.jsonl")
+    before = table.read_bytes()
+    args = {"search": ["search", "--model", "mnist_resnet", "--sensitivity", str(files["omega"]),
+                       "--max-size-mb", "0.05"],
+            "sensitivity": ["sensitivity", "--model", "mnist_resnet", "--data", "digits", "--probes", "2"],
+            "export": ["export", "--model", "mnist_resnet", "--policy", str(files["policy"])]}[cmd]
+    assert main([*args, "--out", str(table)]) == 2
+    _one_line_error(capsys, "is a latency table")
+    assert table.read_bytes() == before

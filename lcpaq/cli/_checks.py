@@ -18,15 +18,19 @@ from lcpaq.errors import ConfigError
 
 
 def out_path(path: Path, option: str = "--out", *, folder: bool = False,
-             suffixes: tuple[str, ...] = ()) -> Path:
+             suffixes: tuple[str, ...] = (), keep_tables: bool = True) -> Path:
     """Fail early when ``path`` (a file, or a folder with ``folder=True``) cannot be written.
 
     The nearest existing folder is probed by creating (and removing) a temporary file in it, so a
-    read-only file system or a path under a regular file is caught before the command works."""
+    read-only file system or a path under a regular file is caught before the command works. A
+    latency table is never overwritten by another command's output (``keep_tables``)."""
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is a file; give a folder path")
     if not folder and path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give a file path, e.g. {path / 'out.json'}")
+    if keep_tables and not folder and _is_latency_table(path):
+        raise ConfigError(f"{option} {path} is a latency table; writing there would replace it; "
+                          "choose another path")
     if suffixes and path.suffix.lower() not in suffixes:
         raise ConfigError(f"{option} {path}: use one of the suffixes {', '.join(suffixes)}")
     base = path if folder else path.parent
@@ -41,6 +45,18 @@ def out_path(path: Path, option: str = "--out", *, folder: bool = False,
         raise ConfigError(f"{option} {path}: cannot write in {base} ({e.strerror or e}); "
                           "choose a writable location") from None
     return path
+
+
+def _is_latency_table(path: Path) -> bool:
+    from lcpaq.profiler.table import TABLE_SCHEMA
+
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            return TABLE_SCHEMA.encode() in f.readline(4096)
+    except OSError:
+        return False
 
 
 def positive(value: float | None, option: str) -> float | None:

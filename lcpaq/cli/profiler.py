@@ -47,7 +47,7 @@ def profile(
     prof = load_profile(hw)
     _, inv = trace_named(model)
     cands = parse_bits_list(bits_text(bits)) if bits is not None else prof.candidates
-    path = out_path(out or Path("latency_tables") / prof.name / f"{model}.jsonl")
+    path = out_path(out or Path("latency_tables") / prof.name / f"{model}.jsonl", keep_tables=False)
     tracker_reachable(prof, hw)
     not_a_table(path)
     if fresh and path.exists():
