@@ -102,7 +102,12 @@ def test_tables_diff_band_must_be_a_fraction(tmp_path, capsys):
     assert "0 regressions, 1 improvements" in " ".join(capsys.readouterr().out.split())
     zero = _table(tmp_path / "zero.jsonl", median_ms=0.0, p10_ms=0.0, p90_ms=0.0)  # a clock too coarse
     assert main(["tables", "diff", str(t), str(zero)]) == 0
-    assert "1 common workloads" in " ".join(capsys.readouterr().out.split())
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1 common workloads" in text and "no layer workload in common" not in text
+    other = tmp_path / "other.jsonl"  # another model's table: only keys the first does not have
+    other.write_text(t.read_text().replace("conv:x", "conv:z"))
+    assert main(["tables", "diff", str(t), str(other)]) == 0
+    assert "no layer workload in common" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -205,6 +205,9 @@ def tables_diff(old: Path, new: Path, band: float = typer.Option(
                   f"{sum(r['flag'] == 'regression' for r in out)} regressions, "
                   f"{sum(r['flag'] == 'improvement' for r in out)} improvements, "
                   f"{len(set(a.rows) ^ set(b.rows))} keys only in one table")
+    if not any(r["key"] != "__overhead__" for r in out):
+        console.print("no layer workload in common: were the two tables profiled for the same model "
+                      "and candidates?")
 
 
 @app.command()
