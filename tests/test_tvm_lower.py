@@ -292,3 +292,45 @@ def test_fp32_unpack_is_one_vectorized_kernel_and_matches_ort(hw, act, in_class)
     assert attrs["tirx.is_scheduled"] and attrs["tirx.noalias"] and int(attrs["op_pattern"]) == 8
     ref = session(onnx_bytes, 1).run(None, feeds)[0]
     np.testing.assert_allclose(_run(low, feeds), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_task_adopts_the_fastest_schedule_of_the_same_loop_nest_with_other_constants(tmp_path):
+    """Kernels that differ only in an inline constant (a requantize scale) are separate workloads;
+    Tuner._adopt_best_similar gives one the faster record of the other (trace replayed), and keeps
+    its own when that is as fast."""
+    from types import SimpleNamespace
+
+    from tvm import s_tir, te
+    from tvm.s_tir import meta_schedule as ms
+
+    from lcpaq.profiler.tvm_tune import TuneConfig, Tuner
+
+    def kernel(scale: float):
+        x = te.placeholder((64, 64), "float32", name="x")
+        y = te.compute((64, 64), lambda i, j: x[i, j] * scale, name="y")
+        return tvm.IRModule({"main": te.create_prim_func([x, y])})
+
+    target = tvm.target.Target(HOST_TARGET)
+    tuner = Tuner(target, tmp_path, TuneConfig(trials=1))
+    a, b = kernel(0.5), kernel(0.25)
+
+    def record(mod, secs, factor):
+        sch = s_tir.Schedule(mod)
+        sch.split(sch.get_loops(sch.get_sblock("y"))[1], [None, factor])
+        tuner.db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, tuner.db.commit_workload(mod), [secs], target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        return sch.trace
+
+    fast = record(a, 1e-4, 16)
+    record(b, 1.02e-4, 8)  # within 3 %: b keeps its own
+    task = SimpleNamespace(dispatched=[b], task_name="y")
+    assert not tuner._adopt_best_similar(task)
+    tuner._by_args = None
+    record(b, 5e-4, 8)  # the database's best for b is still its 1.02e-4 record
+    assert not tuner._adopt_best_similar(task)
+    c = kernel(0.125)
+    record(c, 9e-4, 4)
+    tuner._by_args = None
+    assert tuner._adopt_best_similar(SimpleNamespace(dispatched=[c], task_name="y"))
+    rec = tuner.db.query_tuning_record(c, target, "y")
+    assert str(rec.trace) == str(fast) and tuner.adopted == 1
