@@ -15,10 +15,13 @@ and each predictor variant:
   deployment.
 
 Test policies: seeds 0..19, each layer fp32 with p = 0.5 else w2a8/w4a8/w8a8 at random. Each is
-converted and timed end to end A B A B against uniform W8A8 (``--rounds``, fastest round), 1 thread,
-the calling thread's CPU time (wall beside). Scoring: ``drift`` rescales the prediction by the
-reference's drift since the table was made (running median of 7 neighbouring policies' reference
-readings), ``row_drift`` by the policy's own reference reading, ``no_drift`` not at all.
+converted and timed end to end against uniform W8A8 (``--rounds`` x repeat interleaved chunks), 1 thread,
+the calling thread's CPU time (wall beside). Scoring: ``rel`` (primary, session 7) compares with
+the policy's measured ratio to the reference, interleaved in short chunks
+(``lcpaq.profiler.backends.ort.time_interleaved``), times the reference's time when the table was
+made; ``drift`` rescales the prediction by the reference's drift since the table was made (running
+median of 7 neighbouring policies' reference readings), ``row_drift`` by the policy's own reference
+reading, ``no_drift`` not at all.
 
 The script takes the shared bench lock (/tmp/lcpaq-bench.lock) itself, one hold per model and
 variant (profile + test policies: ~10 s for mnist_resnet, ~1-2 min for resnet18).
@@ -152,7 +155,8 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
         for r, pol in zip(rows, tests, strict=True):
             r["raw_table_ms"] = raw.predict(pol)
             r["error_raw_table_pct"] = (raw.predict(pol) - r["measured_ms"]) / r["measured_ms"] * 100
-    summ = {"model": name, "variant": variant, "drift": summarize(rows, "error_pct"),
+    summ = {"model": name, "variant": variant, "rel": summarize(rows, "error_pct"),
+            "drift": summarize(rows, "error_drift_pct"),
             "row_drift": summarize(rows, "error_row_pct"), "no_drift": summarize(rows, "error_raw_pct"), "load_start": load0, "load_end": load1,
             "profile_s": t_prof, "total_s": time.perf_counter() - t0, "settings": dataclasses.asdict(st),
             "rounds": rounds, "measured_ms_range": [min(r["measured_ms"] for r in rows),
@@ -178,9 +182,12 @@ def rescore(models: list[str], variants: list[str], tag: str) -> int:
             for corr in ("none", "const", "scale", "split", "auto"):
                 lm = fit_segment_model(t, CANDIDATES, correction=corr)
                 scored = []
+                ref0 = float(np.median([q["ref_ms"] for q in t.rows]))
                 for r in rows:
                     p = lm.predict(Policy({n: tuple(b) for n, b in r["policy"].items()}))
                     m = r["measured_ms"]
+                    if "rel" in r:  # measured against the interleaved reference: its ratio at table time
+                        m, r = r["rel"] * ref0, {**r, "drift": 1.0}
                     scored.append({"d": (p * r["drift"] - m) / m * 100, "r": (p - m) / m * 100})
                 d, n = summarize(scored, "d"), summarize(scored, "r")
                 print(f" {name:13s} {v:14s} {corr + ('=' + lm.meta['correction'] if corr == 'auto' else ''):11s} "
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mnist_resnet,resnet18")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--policies", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3, help="A B rounds per test policy (fastest kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="test policies: rounds x repeat interleaved chunks against the reference")
     ap.add_argument("--extra", type=int, default=12, help="random policies profiled beyond the designed ones")
     ap.add_argument("--cover", type=int, default=3,
                     help="each segment key in at least this many designed policies (runs 1-4 of session 7: 1)")
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]
-            for key in ("drift", "row_drift", "no_drift", "raw_table"):
+            for key in ("rel", "drift", "row_drift", "no_drift", "raw_table"):
                 if key in s:
                     d = s[key]
                     lines.append(f" {name:13s} {v:14s} {key:9s} {d['median_abs_pct']:7.2f}% {d['max_abs_pct']:7.2f}% "

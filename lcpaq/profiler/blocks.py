@@ -627,59 +627,27 @@ class OrtTimer:
 
     def whole_row(self, pol: Policy, b: bytes, ref: bytes, *, rounds: int | None = None, calls: int | None = None,
                   settle: int = 1) -> dict[str, Any]:
-        """A whole model timed against the reference, interleaved in short chunks: ``rounds``
-        (default ``3 * repeat``) rounds of (``settle`` untimed calls of the reference, ``calls``
-        (default ``number``) timed calls of it, the same for the policy), after ``warmup`` calls
-        of each. Each chunk is a warm loop, as the whole model runs when it is validated: the
-        untimed call after the switch absorbs the other model's eviction of caches (timed straight
-        after the reference, a mobilenet_v2 call ran 6 % slower; after one untimed call, as in a
-        loop). Both models see the same interference from the VM's other tenants, so their ratio
-        holds where either time alone does not (mobilenet_v2 at load 2: eight runs spread 12-14 %
-        in ms and 1.4 % in ratio; whole measurements seconds apart left 9.8 % between repeats of
-        a row). ``rel`` = median of the per-round ratios (min / min with ``stat="min"``); ``ms``
-        and ``ref_ms`` are the medians (mins) of the rounds. ``calls=1, settle=0`` interleaves
-        call by call (every call then runs just after the other model)."""
-        import time
-
+        """A whole model timed against the reference, interleaved in short chunks
+        (:func:`lcpaq.profiler.backends.ort.time_interleaved`: both see the same interference, so
+        their ratio ``rel`` holds where either time alone does not; whole measurements seconds
+        apart left 9.8 % between repeats of a mobilenet_v2 row at load 2). One reference session
+        per timer. Returns the policy, ``ms``, ``ref_ms`` and ``rel``."""
         import onnx
 
-        from lcpaq.profiler.backends.ort import session
+        from lcpaq.profiler.backends.ort import session, time_interleaved
 
         st = self.st
-        clock = {"thread_cpu": time.thread_time_ns, "process_cpu": time.process_time_ns}.get(st.metric,
-                                                                                            time.perf_counter_ns)
         spin = st.metric != "process_cpu"
-        if getattr(self, "_ref_key", None) != (ref, spin):  # one reference session per timer
+        if getattr(self, "_ref_key", None) != (ref, spin):
             self._ref_key = (ref, spin)
-            self._ref_sess = session(ref, st.threads, spin=spin)
-            self._ref_feed = {onnx.load_from_string(ref).graph.input[0].name: self.x}
+            sess = session(ref, st.threads, spin=spin)
+            feed = {onnx.load_from_string(ref).graph.input[0].name: self.x}
+            self._ref_call = lambda: sess.run(None, feed)
         pol_sess = session(b, st.threads, spin=spin)
         pol_feed = {onnx.load_from_string(b).graph.input[0].name: self.x}
-        run_r, run_p = self._ref_sess.run, pol_sess.run
-        for _ in range(st.warmup):
-            run_r(None, self._ref_feed)
-            run_p(None, pol_feed)
-        calls = max(st.number if calls is None else calls, 1)
-
-        def chunk(run, feed) -> float:
-            for _ in range(settle):  # untimed: the switch from the other model
-                run(None, feed)
-            c0 = clock()
-            for _ in range(calls):
-                run(None, feed)
-            return (clock() - c0) / calls
-
-        r, p = [], []
-        for _ in range(max(3 * st.repeat if rounds is None else rounds, 1)):
-            r.append(chunk(run_r, self._ref_feed))
-            p.append(chunk(run_p, pol_feed))
-        ra, pa = np.asarray(r, float) / 1e6, np.asarray(p, float) / 1e6
-        if self.stat == "min":
-            ms, ref_ms, rel = float(pa.min()), float(ra.min()), float(pa.min() / ra.min())
-        else:
-            ms, ref_ms = float(np.median(pa)), float(np.median(ra))
-            rel = float(np.median(pa / np.maximum(ra, 1e-9)))
-        return {"policy": {n: list(v) for n, v in pol.items()}, "ms": ms, "ref_ms": ref_ms, "rel": rel}
+        t = time_interleaved(self._ref_call, lambda: pol_sess.run(None, pol_feed), st, rounds=rounds, calls=calls,
+                             settle=settle, stat=self.stat)
+        return {"policy": {n: list(v) for n, v in pol.items()}, "ms": t["ms"], "ref_ms": t["ref_ms"], "rel": t["rel"]}
 
 
 __all__ = ["correction_features", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",

@@ -46,6 +46,7 @@ from lcpaq.kernels.segments import (
     segment_plan,
 )
 from lcpaq.profiler.backend import MeasureSettings
+from lcpaq.profiler.backends.ort import time_interleaved
 
 __all__ = [
     "SEGMENT_SCHEMA", "Deployed", "SegmentPlan", "SegmentRunner", "SegmentTable", "check_policies",
@@ -282,7 +283,10 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
     d = table.drift()
     pols = [Policy({n: tuple(p) for n, p in r["policy"].items()}) for r in table.rows]
     parts = [_additive(unary, pairwise, p) for p in pols]
-    y = np.array([r["whole_ms"] for r in table.rows]) / d
+    # rows timed against the interleaved reference carry their ratio (exact to the moment); older
+    # rows the running-median drift of the reference
+    ref_scale = float(np.median([r["ref_ms"] for r in table.rows])) if table.rows else 1.0
+    y = np.array([r["rel"] * ref_scale if "rel" in r else r["whole_ms"] / di for r, di in zip(table.rows, d, strict=True)])
     s = np.array([a + b for a, b in parts])
 
     loo: dict[str, float] = {}
@@ -423,9 +427,10 @@ def profile_segments(
         for i, pol in enumerate(pols):
             dep = deploy_policy(model, pol, shape, cal, plan.layers, channels_last=channels_last)
             segs = time_segments(dep.runner, st)
-            (whole, wall), (ref_ms, _) = time_whole([dep.call, ref.call], st)
-            table.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "whole_ms": whole, "wall_ms": wall,
-                               "ref_ms": ref_ms, "segments": {n: segs.get(n, 0.0) for n in plan.layers},
+            t = time_interleaved(ref.call, dep.call, st)
+            table.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "whole_ms": t["ms"],
+                               "wall_ms": t["wall_ms"], "ref_ms": t["ref_ms"], "rel": t["rel"],
+                               "segments": {n: segs.get(n, 0.0) for n in plan.layers},
                                "pre_ms": segs.get("(pre)", 0.0), "designed": i < n_design})
             if progress:
                 progress(i + 1, len(pols))
@@ -453,12 +458,14 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
                    *, settings: MeasureSettings, ref_ms: float, rounds: int = 3, channels_last: bool = True,
                    calib: Sequence[Any] | None = None, progress: Callable[[int, int], None] | None = None
                    ) -> list[dict[str, Any]]:
-    """Measure each policy converted end to end (``rounds`` A B A B rounds against uniform W8A8,
-    fastest round) and compare with ``predict(policy)``. ``ref_ms``: the reference's time when the
-    table was made; ``error_pct`` rescales the prediction by the reference's drift since then (the
-    running median of 7 neighbouring policies' references, as the ORT benchmark does: one reading of
-    the 0.28 ms mnist reference is a few % noisy, the drift moves over minutes), ``error_row_pct`` by
-    the policy's own reference, ``error_raw_pct`` not at all. 1 thread: thread CPU time (wall beside)."""
+    """Measure each policy converted end to end, interleaved with uniform W8A8 in short chunks
+    (:func:`lcpaq.profiler.backends.ort.time_interleaved`, ``rounds * repeat`` rounds), and compare
+    with ``predict(policy)``. ``ref_ms``: the reference's time when the table was made.
+    ``error_pct`` compares with the measured ratio to the reference times ``ref_ms`` (the machine's
+    drift since the table, exact to the moment); ``error_drift_pct`` rescales the prediction by the
+    running median of 7 neighbouring policies' reference readings instead (session 7's first runs),
+    ``error_row_pct`` by the policy's own reference reading, ``error_raw_pct`` not at all.
+    1 thread: thread CPU time (wall beside)."""
     import torch
 
     from lcpaq.policy import Policy
@@ -475,10 +482,12 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
         ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
         for i, pol in enumerate(policies):
             dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
-            (ms, wall), (ref_now, _) = time_whole([dep.call, ref.call], settings, rounds)
-            pred = float(predict(pol))
+            t = time_interleaved(ref.call, dep.call, settings, rounds=rounds * settings.repeat)
+            ms, wall, ref_now = t["ms"], t["wall_ms"], t["ref_ms"]
+            pred, norm = float(predict(pol)), t["rel"] * ref_ms  # measured, at the table's reference time
             rows.append({"policy": {n: list(p) for n, p in pol.items()}, "predicted_ms": pred, "measured_ms": ms,
-                         "measured_wall_ms": wall, "ref_ms": ref_now, "error_raw_pct": (pred - ms) / ms * 100.0,
+                         "measured_wall_ms": wall, "ref_ms": ref_now, "rel": t["rel"],
+                         "error_pct": (pred - norm) / norm * 100.0, "error_raw_pct": (pred - ms) / ms * 100.0,
                          "error_row_pct": (pred * ref_now / ref_ms - ms) / ms * 100.0,
                          "fp32_layers": sum(32 in tuple(p) for _, p in pol.items())})
             if progress:
@@ -488,7 +497,7 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
     refs = [r["ref_ms"] for r in rows]
     for i, r in enumerate(rows):
         r["drift"] = float(np.median(refs[max(0, i - 3):i + 4])) / ref_ms
-        r["error_pct"] = (r["predicted_ms"] * r["drift"] - r["measured_ms"]) / r["measured_ms"] * 100.0
+        r["error_drift_pct"] = (r["predicted_ms"] * r["drift"] - r["measured_ms"]) / r["measured_ms"] * 100.0
     return rows
 
 
