@@ -206,7 +206,7 @@ def main(argv=None) -> int:
                     help="the tensor-intrinsic int8 conv path (default: the profile's [tvm] int8_intrin)")
     ap.add_argument("--fp32-layout", choices=("nchw", "nchwc"), default=None,
                     help="float conv layout (default: the profile's [tvm] fp32_layout)")
-    ap.add_argument("--epilogue", choices=("nchw", "nchwc"), default=None,
+    ap.add_argument("--epilogue", choices=("nchw", "nchwc", "vector"), default=None,
                     help="packed convs' epilogue layout (default: the profile's [tvm] epilogue)")
     ap.add_argument("--target", default=None, help="TVM target string (default: the profile's)")
     ap.add_argument("--bits", default=None, help="ratio phase: only these units, e.g. w8a8 or fp32")

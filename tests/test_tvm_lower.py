@@ -334,3 +334,20 @@ def test_task_adopts_the_fastest_schedule_of_the_same_loop_nest_with_other_const
     assert tuner._adopt_best_similar(SimpleNamespace(dispatched=[c], task_name="y"))
     rec = tuner.db.query_tuning_record(c, target, "y")
     assert str(rec.trace) == str(fast) and tuner.adopted == 1
+
+
+@pytest.mark.parametrize("bits,in_class,act,hw", [((8, 8), "int8", True, 8), ((4, 8), "fp32", False, 7)],
+                         ids=["w8a8-in_int8-relu-64px", "w4a8-in_fp32-none-49px"])
+def test_int8_unpack_requantizes_and_transposes_in_one_kernel(bits, in_class, act, hw):
+    """int8_unpack: scale, bias, ReLU and the output quantize of a packed int8 conv run in the one
+    vectorized kernel that brings the int32 NCHWc accumulator back to NCHW; output = ORT's +-1 LSB."""
+    onnx_bytes, feeds = build_unit(conv_layer(c=8, o=16, hw=hw, act=act), bits, in_class, seed=9)
+    mod = from_onnx(onnx.load_from_string(onnx_bytes), keep_params_in_input=False)
+    low, kinds = lower_qdq(mod, int8_intrin="avx2", int8_unpack=True)
+    text = low["main"].script()
+    assert kinds == ["conv2d-int8-avx2"] and "R.permute_dims" not in text and "R.quantize" not in text.split("call_tir")[-1]
+    (name,) = [gv.name_hint for gv in low.functions if gv.name_hint.startswith("unpack_requant_nchwc8_uint8")]
+    assert ("_r_" in name) == act and low[name].attrs["tirx.is_scheduled"]
+    ref = session(onnx_bytes, 1).run(None, feeds)[0]
+    diff = np.abs(_run(low, feeds).astype(np.int32) - ref.astype(np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01

@@ -186,7 +186,8 @@ def _int_operand(x: Any, zp: np.ndarray | None, dtype: str) -> tuple[Any, str]:
 
 
 def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
-              nchwc_epilogue: bool = False, fp32_unpack: bool = False) -> tuple[Any, list[str]]:
+              nchwc_epilogue: bool = False, fp32_unpack: bool = False,
+              int8_unpack: bool = False) -> tuple[Any, list[str]]:
     """Rewrite QDQ conv2d/matmul in ``mod['main']`` to int32-accumulating integer ops.
 
     Returns the new module (dead dequantize ops removed) and the kinds of kernels lowered, e.g.
@@ -199,7 +200,8 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
     opaque transpose kernel (:func:`sink_epilogue`).
     ``fp32_unpack``: the NCHWc float conv's output goes back to NCHW through a hand-vectorized
     kernel that also adds the bias and applies the ReLU (:func:`vector_unpack`), instead of the
-    transposing loop nest FuseOps builds around them.
+    transposing loop nest FuseOps builds around them. ``int8_unpack``: the same for a packed int8
+    conv's requantize epilogue (scale, bias, ReLU, output quantize: :func:`vector_requant`).
     """
     import tvm
     from tvm import relax
@@ -342,6 +344,8 @@ def lower_qdq(mod: Any, *, int8_intrin: str | None = None, fp32_nchwc: int = 0,
     new = relax.transform.FoldConstant()(new)
     if fp32_unpack and "conv2d-fp32-nchwc" in kinds:
         new = vector_unpack(new)
+    if int8_unpack and prims:
+        new = vector_requant(new)
     if nchwc_epilogue and prims:
         # the packed convs stay kernels of their own (FuseTIR rejects fusing these TE convs with an
         # elementwise consumer in 0.27: "Inconsistent buffers ... mapped to the same relax var")
@@ -420,6 +424,95 @@ def unpack_nchwc(shape: tuple[int, ...], dtype: str, *, bias: bool, relu: bool) 
                     else:
                         yf[(i * lanes + c) * hw + s * tw + j] = xf[(i * hw + s * tw + j) * lanes + c]
     return f_plain
+
+
+def unpack_requant_nchwc(shape: tuple[int, ...], *, relu: bool, out_scale: float, out_zp: int,
+                         out_dtype: str) -> Any:
+    """Scheduled PrimFunc: the int32 accumulator x [N, C/L, H, W, L] of a packed int8 conv, its
+    per-channel scale s and bias b ([1, C, 1, 1] float32) -> y [N, C, H, W] of ``out_dtype``:
+    ``clip(round(relu(float(x) * s + b) / out_scale) + out_zp)``, the requantize epilogue and the
+    transposition back to NCHW in one vectorized pass (same loop form as :func:`unpack_nchwc`)."""
+    from tvm.script import tirx as T
+
+    n, cb, h, w, lanes = (int(d) for d in shape)
+    hw = h * w
+    tw = next(t for t in (16, 8, 4, 2, 1) if hw % t == 0)
+    lo, hi = (0.0, 255.0) if out_dtype == "uint8" else (-128.0, 127.0)
+    inv, zp, zero = 1.0 / float(out_scale), float(out_zp), 0.0
+
+    @T.prim_func(private=True)
+    def f(x: T.Buffer((n, cb, h, w, lanes), "int32"), sc: T.Buffer((1, cb * lanes, 1, 1), "float32"),
+          b: T.Buffer((1, cb * lanes, 1, 1), "float32"), y: T.Buffer((n, cb * lanes, h, w), out_dtype)) -> None:
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        xf = T.decl_buffer((n * cb * hw * lanes,), "int32", data=x.data)
+        yf = T.decl_buffer((n * cb * lanes * hw,), out_dtype, data=y.data)
+        sf = T.decl_buffer((cb * lanes,), "float32", data=sc.data)
+        bf = T.decl_buffer((cb * lanes,), "float32", data=b.data)
+        for i, s in T.grid(n * cb, hw // tw):
+            for c in T.unroll(lanes):
+                for j in T.vectorized(tw):
+                    if relu:
+                        yf[(i * lanes + c) * hw + s * tw + j] = T.Cast(out_dtype, T.max(T.min(T.round(
+                            T.max(T.Cast("float32", xf[(i * hw + s * tw + j) * lanes + c]) * sf[(i % cb) * lanes + c]
+                                  + bf[(i % cb) * lanes + c], T.float32(zero)) * T.float32(inv)) + T.float32(zp),
+                            T.float32(hi)), T.float32(lo)))
+                    else:
+                        yf[(i * lanes + c) * hw + s * tw + j] = T.Cast(out_dtype, T.max(T.min(T.round(
+                            (T.Cast("float32", xf[(i * hw + s * tw + j) * lanes + c]) * sf[(i % cb) * lanes + c]
+                             + bf[(i % cb) * lanes + c]) * T.float32(inv)) + T.float32(zp),
+                            T.float32(hi)), T.float32(lo)))
+    return f
+
+
+def vector_requant(mod: Any) -> Any:
+    """Replace ``quantize([relu](astype(reshape(permute_dims(acc)), f32) * s + b), ys, yz)`` after a
+    packed int8 conv (``acc`` int32 NCHWc, ``s`` and ``b`` [1, C, 1, 1] constants, scalar ``ys`` /
+    ``yz``) by one :func:`unpack_requant_nchwc` kernel; other chains are left as they are."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    builder = relax.BlockBuilder(mod)
+    added: dict[str, Any] = {}
+    src, sconst, bconst, ys, yz = wildcard(), is_const(), is_const(), is_const(), is_const()
+    perm = is_op("relax.permute_dims")(src)
+    back = is_op("relax.reshape")(perm, wildcard())
+    biased = is_op("relax.add")(is_op("relax.multiply")(is_op("relax.astype")(back), sconst), bconst)
+    forms = [(is_op("relax.quantize")(is_op("relax.nn.relu")(biased), ys, yz), True),
+             (is_op("relax.quantize")(biased, ys, yz), False)]
+
+    def rewrite(relu: bool) -> Any:
+        def fn(expr: Any, m: dict) -> Any:
+            x = m[src]
+            shape = [int(d) for d in x.ty.shape]
+            if (len(shape) != 5 or [int(a) for a in m[perm].attrs.axes] != [0, 1, 4, 2, 3]
+                    or str(x.ty.dtype) != "int32"):
+                return expr
+            n, cb, h, w, lanes = shape
+            sv, bv, ysv, yzv = (_const_np(m[c]) for c in (sconst, bconst, ys, yz))
+            c_ = cb * lanes
+            if (any(v is None for v in (sv, bv, ysv, yzv)) or sv.shape != (1, c_, 1, 1) or bv.shape != (1, c_, 1, 1)
+                    or ysv.size != 1 or yzv.size != 1 or str(expr.ty.dtype) not in ("uint8", "int8")):
+                return expr
+            dtype = str(expr.ty.dtype)
+            ysf, yzi = float(ysv.reshape(())), int(yzv.reshape(()))
+            name = f"unpack_requant_nchwc{lanes}_{dtype}{'_r' if relu else ''}_{n}x{cb}x{h}x{w}_{ysf:.6g}_{yzi}"
+            name = name.replace(".", "p").replace("-", "m")
+            if name not in added:
+                prim = unpack_requant_nchwc((n, cb, h, w, lanes), relu=relu, out_scale=ysf, out_zp=yzi, out_dtype=dtype)
+                added[name] = builder.add_func(prim.with_attr("global_symbol", name), name)
+            return relax.call_tir(added[name], [x, m[sconst], m[bconst]], relax.TensorType((n, c_, h, w), dtype))
+        return fn
+
+    funcs = {}
+    for gv, fn in mod.functions.items():
+        if isinstance(fn, relax.Function):
+            for pat, relu in forms:
+                fn = rewrite_call(pat, rewrite(relu), fn)
+        funcs[gv] = fn
+    for gv in added.values():
+        funcs[gv] = builder.get()[gv]
+    return relax.transform.DeadCodeElimination()(tvm.IRModule(funcs, attrs=mod.attrs))
 
 
 def vector_unpack(mod: Any, dtypes: tuple[str, ...] = ("float32",)) -> Any:

@@ -130,8 +130,10 @@ class TvmBackend:
         # the whole build vs 0.89 ms per unit)
         self.flush_weights = bool(tvm_cfg.get("flush_weights", False))
         self.epilogue = str(tvm_cfg.get("epilogue", "nchw"))
-        if self.epilogue not in ("nchw", "nchwc"):
-            raise ProfileError(f"[tvm] epilogue = '{self.epilogue}': use nchw or nchwc")
+        # "vector": the int8 requantize epilogue and the transposition back to NCHW in one
+        # hand-vectorized kernel (tvm_lower.vector_requant), every packed int8 conv
+        if self.epilogue not in ("nchw", "nchwc", "vector"):
+            raise ProfileError(f"[tvm] epilogue = '{self.epilogue}': use nchw, nchwc or vector")
         # "vector": the NCHWc float conv's output goes back to NCHW with its bias and ReLU through
         # one hand-vectorized kernel (tvm_lower.vector_unpack; resnet18's 64x56x56 fp32 unit 1.56x ->
         # 1.43x ORT, notes/tvm.md session 7); "fused": the transposing loop nest FuseOps builds (scalar)
@@ -216,7 +218,8 @@ class TvmBackend:
 
             lanes = 16 if codegen.target_has_features("avx512f", self.target()) else 8
         mod, kinds = lower_qdq(mod, int8_intrin=self._intrin, fp32_nchwc=lanes,
-                               nchwc_epilogue=self.epilogue == "nchwc", fp32_unpack=self.fp32_epilogue == "vector")
+                               nchwc_epilogue=self.epilogue == "nchwc", fp32_unpack=self.fp32_epilogue == "vector",
+                               int8_unpack=self.epilogue == "vector")
         kernel = kernel_label(kinds, mod)
         mod, params, scalars = lift_constants(mod)
         h = hashlib.sha256(mod.script(show_meta=False).encode())
