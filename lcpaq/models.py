@@ -9,6 +9,7 @@ state_dict. The embedded model is a small ResNet trained on mnist5k; its checkpo
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -130,22 +131,47 @@ def get_model(name: str, *, weights: str | Path | None = None, num_classes: int 
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state_dict from ``path`` into ``model``; ConfigError says what does not match."""
+    """Load a state_dict from ``path`` into ``model``; ConfigError says, in one line, what does
+    not match (how many keys are missing / unexpected / of another shape, the first few of each)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"weights file {p} does not exist")
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ConfigError(f"cannot read weights {p}: {e}") from None
-    if isinstance(sd, dict) and "state_dict" in sd:
+        # torch's own message runs to several lines (weights_only advice): keep its gist only
+        why = "it pickles objects other than tensors, e.g. a whole model" if "Unsupported global" in str(e) \
+            else type(e).__name__
+        raise ConfigError(f"cannot read weights {p}: not a state_dict saved with torch.save ({why}); "
+                          "save one with torch.save(model.state_dict(), PATH)") from None
+    if isinstance(sd, Mapping) and "state_dict" in sd:
         sd = sd["state_dict"]
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise ConfigError(f"weights {p} do not fit the model: {' '.join(first)}") from None
+    if not isinstance(sd, Mapping):
+        raise ConfigError(f"weights {p} hold a {type(sd).__name__}, not a state_dict; "
+                          "save one with torch.save(model.state_dict(), PATH)")
+    mismatch = _state_dict_mismatch(model, sd)
+    if mismatch:
+        raise ConfigError(f"weights {p} do not fit the model ({type(model).__name__}): {mismatch}; check that "
+                          "--model names the architecture the weights were saved from (and its number of classes)")
+    model.load_state_dict(sd)
     return model
+
+
+def _state_dict_mismatch(model: nn.Module, sd: Mapping) -> str:
+    """'' when ``sd`` fits ``model`` exactly, else counts and the first 3 keys of each kind of
+    mismatch (torch lists every key: hundreds for another architecture)."""
+    own = model.state_dict()
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(getattr(sd[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and tuple(getattr(sd[k], "shape", ())) != tuple(own[k].shape)]
+    parts = [f"{len(v)} {what} ({few(v)})" for what, v in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shape)) if v]
+    return "; ".join(parts)
 
 
 @torch.no_grad()

@@ -66,6 +66,38 @@ def _get(d: Mapping[str, Any], key: str, typ: type | tuple, where: str, default:
     return v
 
 
+# Every table and key a profile may hold: anything else is a typo (``reapeat = 3``, ``[mesure]``)
+# that would silently leave a default in place. A new option of a backend is added here too.
+KNOWN_KEYS: dict[str, tuple[str, ...]] = {
+    "device": ("name", "version", "description"),
+    "backend": ("name", "target", "threads", "execution_provider"),
+    "candidates": ("bits",),
+    "measure": ("warmup", "number", "repeat", "min_repeat_ms", "timeout_s", "metric"),
+    "rpc": ("host", "port", "key"),
+    "tvm": ("trials", "elementwise_trials", "work_dir", "int8_intrin", "fp32_layout", "epilogue",
+            "fp32_epilogue", "unit_form", "flush_weights"),
+}
+
+
+def _unknown(found: Mapping[str, Any], known: tuple[str, ...], where: str, what: str) -> None:
+    """ProfileError naming the first key of ``found`` that is not in ``known`` (with the closest
+    known one when there is one) and every accepted key."""
+    import difflib
+
+    for k in found:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ProfileError(f"{where}: unknown {what} '{k}'{hint}; accepted: {', '.join(known)}")
+
+
+def _check_keys(doc: Mapping[str, Any], w: str) -> None:
+    _unknown(doc, tuple(KNOWN_KEYS), w, "table")
+    for table, keys in KNOWN_KEYS.items():
+        if isinstance(doc.get(table), Mapping):
+            _unknown(doc[table], keys, f"{w} [{table}]", "key")
+
+
 def load_profile(path: str | Path) -> HwProfile:
     """Read and validate a device profile; ProfileError names the file and the bad field."""
     p = Path(path)
@@ -105,6 +137,7 @@ def load_profile(path: str | Path) -> HwProfile:
             raise ProfileError(f"{mw}: field '{k}' must be positive")
     if settings.metric not in METRICS:
         raise ProfileError(f"{mw}: field 'metric' = '{settings.metric}' is unknown; use one of {METRICS}")
+    _check_keys(doc, w)
     rpc = None
     if "rpc" in doc:
         r = _get(doc, "rpc", dict, w)

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lcpaq.errors import MissingLatencyError
+from lcpaq.errors import MissingLatencyError, TableError
 from lcpaq.inventory import Inventory
 from lcpaq.latency import LatencyModel
 from lcpaq.policy import BitPair, format_bits
 from lcpaq.profiler.run import OVERHEAD_KEY
-from lcpaq.profiler.table import LatencyTable, read_table
+from lcpaq.profiler.table import TABLE_SCHEMA, LatencyTable, read_table
 from lcpaq.profiler.units import precision_class, unit_key
 
 
@@ -23,10 +23,13 @@ def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candid
                   subtract_overhead: bool = True) -> LatencyModel:
     """LatencyModel of ``inventory`` over ``candidates``; MissingLatencyError lists what to profile.
 
-    A block table (JSON, schema ``lcpaq.block_table/1``, from :func:`lcpaq.profiler.blocks.profile_blocks`
-    or ``benchmarks/bench_predict.py --method blocks``) gives :func:`~lcpaq.profiler.blocks.fit_block_model`."""
+    A ``.json`` table is read by its ``schema``: a block table (``lcpaq.block_table/1``, from
+    :func:`lcpaq.profiler.blocks.profile_blocks` or ``benchmarks/bench_predict.py --method blocks``)
+    gives :func:`~lcpaq.profiler.blocks.fit_block_model`; a kernels segment table
+    (``lcpaq.kernel_segments/1``, ``latency_segments.json`` of a ``lcpaq demo`` report) gives
+    :func:`~lcpaq.profiler.backends.kernels_check.fit_segment_model`, as the demo builds it."""
     if not isinstance(table, LatencyTable) and Path(table).suffix == ".json":
-        return block_latency_model(table, inventory, candidates)
+        return json_latency_model(table, inventory, candidates)
     t = table if isinstance(table, LatencyTable) else read_table(table)
     ov_row = t.get(OVERHEAD_KEY)
     overhead = float(ov_row["median_ms"]) if (ov_row and subtract_overhead and not ov_row.get("error")) else 0.0
@@ -70,18 +73,63 @@ def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candid
                         meta={"table": str(t.path), "overhead_ms": overhead, "profile": t.header.get("profile")})
 
 
-def block_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair]) -> LatencyModel:
+BLOCK_SCHEMA = "lcpaq.block_table/1"
+
+
+def json_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair]) -> LatencyModel:
+    """The JSON table at ``path`` (block or kernels segment table, told apart by ``schema``) as a
+    LatencyModel for ``inventory``; TableError for any other file, naming what it is."""
+    import json
+
+    from lcpaq.profiler.backends.kernels_check import SEGMENT_SCHEMA
+
+    p = Path(path)
+    if not p.is_file():
+        raise TableError(f"latency table {p} does not exist; make it with `lcpaq profile`")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TableError(f"latency table {p} is not valid JSON ({e}); pass a table made by `lcpaq profile` "
+                         f"(.jsonl), a block table or a kernels segment table (.json)") from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema == BLOCK_SCHEMA:
+        return block_latency_model(p, inventory, candidates, doc=doc)
+    if schema == SEGMENT_SCHEMA:
+        return segment_latency_model(p, inventory, candidates, doc=doc)
+    what = f"a {schema} file" if isinstance(schema, str) else "a JSON file without a 'schema' field"
+    raise TableError(f"{p} is {what}, not a latency table; pass a table made by `lcpaq profile` (.jsonl, "
+                     f"'{TABLE_SCHEMA}'), a block table ('{BLOCK_SCHEMA}') or a kernels segment table "
+                     f"('{SEGMENT_SCHEMA}', latency_segments.json of a `lcpaq demo` report)")
+
+
+def _same_layers(kind: str, path: Path, inventory: Inventory, layers: Sequence[str]) -> None:
+    names = {ly.name for ly in inventory}
+    if names != set(layers):
+        differ = sorted(names ^ set(layers))
+        raise TableError(f"{kind} table {path} was measured on other layers than '{inventory.model}' "
+                         f"(differ: {', '.join(differ[:4])}); profile this model")
+
+
+def block_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair], *,
+                        doc: dict | None = None) -> LatencyModel:
     """The block table at ``path`` as a LatencyModel for ``inventory`` (same layers required)."""
-    from lcpaq.errors import TableError
     from lcpaq.profiler.blocks import BlockTable, fit_block_model
 
-    bt = BlockTable.load(path)
-    names = [ly.name for ly in inventory]
-    if set(names) != set(bt.plan.layers):
-        extra = sorted(set(names) ^ set(bt.plan.layers))
-        raise TableError(f"block table {path} was measured on other layers than '{inventory.model}' "
-                         f"(differ: {', '.join(extra[:4])}); profile this model's blocks")
+    bt = BlockTable.from_dict(doc) if doc is not None else BlockTable.load(path)
+    _same_layers("block", Path(path), inventory, bt.plan.layers)
     lm = fit_block_model(bt, candidates)
+    return LatencyModel(lm.unary, lm.pairwise, lm.constant_ms, meta={**lm.meta, "table": str(path)}, groups=lm.groups)
+
+
+def segment_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair], *,
+                          doc: dict | None = None) -> LatencyModel:
+    """The kernels segment table at ``path`` as a LatencyModel for ``inventory``: the additive
+    unit table with the default (``const``) correction, the model ``lcpaq demo`` predicts with."""
+    from lcpaq.profiler.backends.kernels_check import SegmentTable, fit_segment_model
+
+    st = SegmentTable.from_dict(doc) if doc is not None else SegmentTable.load(path)
+    _same_layers("segment", Path(path), inventory, st.plan.layers)
+    lm = fit_segment_model(st, [tuple(c) for c in candidates])
     return LatencyModel(lm.unary, lm.pairwise, lm.constant_ms, meta={**lm.meta, "table": str(path)}, groups=lm.groups)
 
 

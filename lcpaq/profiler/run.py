@@ -22,7 +22,7 @@ from lcpaq.policy import BitPair
 from lcpaq.profiler import worker
 from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, get_backend, wants_prepare
 from lcpaq.profiler.hwprofile import HwProfile
-from lcpaq.profiler.table import TableWriter, host_cpu, host_isa
+from lcpaq.profiler.table import TableWriter, host_cpu, host_isa, read_table
 from lcpaq.profiler.units import (
     build_unit,
     kernel_name,
@@ -138,8 +138,13 @@ def profile(
     """
     cands = tuple(candidates or hw.candidates)
     plan = plan_units(inventory, cands)
-    runner: Any = IsolatedRunner(hw.backend, hw) if isolate else None
-    backend = None if isolate else get_backend(hw.backend, hw)
+    # Nothing left to measure (a finished table run again): no worker, whose start costs seconds
+    # (the runtime's import in a fresh interpreter). The header still gets the runtime versions,
+    # from the backend in-process, so a table measured with another runtime is still refused.
+    done = set(read_table(out, repair=repair).rows) if Path(out).is_file() and Path(out).stat().st_size else set()
+    left = OVERHEAD_KEY not in done or any(p[0] not in done for p in plan)
+    runner: Any = IsolatedRunner(hw.backend, hw) if isolate and left else None
+    backend = None if runner is not None else get_backend(hw.backend, hw)
     if runner is not None:
         runner._start()
     header = {
@@ -154,7 +159,7 @@ def profile(
             todo = [p for p in plan if p[0] not in tw.done]
             total = len(plan) + 1
             done = total - len(todo) - (0 if OVERHEAD_KEY in tw.done else 1)
-            measure = runner.measure if isolate else backend.measure  # type: ignore[union-attr]
+            measure = runner.measure if runner is not None else backend.measure  # type: ignore[union-attr]
             if OVERHEAD_KEY not in tw.done:
                 ob, of = overhead_unit()
                 m = measure(Unit(OVERHEAD_KEY, ob, of, {"kind": "overhead"}, (32, 32)), hw.settings)
@@ -174,7 +179,7 @@ def profile(
                 if progress:
                     progress(done, total, f"preparing {len(built)} units ({hw.backend})")
                 units = list(built.values())
-                info = (runner.prepare(units, hw.settings.timeout_s * len(units)) if isolate
+                info = (runner.prepare(units, hw.settings.timeout_s * len(units)) if runner is not None
                         else backend.prepare(units))  # type: ignore[union-attr]
                 if info.get("error"):
                     log.warning("prepare step failed (%s); measuring unit by unit", info["error"])

@@ -120,7 +120,10 @@ def _parse(path: Path, *, repair: bool) -> tuple[dict[str, Any] | None, dict[str
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:  # json.loads(bytes) would raise it too, untyped
+            raise TableError(f"latency table {path}: line {i + 1} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start}); is this a latency table? (`lcpaq profile` writes them)") from None
         except json.JSONDecodeError:
             last = i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:])
             if last and repair:
@@ -132,7 +135,8 @@ def _parse(path: Path, *, repair: bool) -> tuple[dict[str, Any] | None, dict[str
             where = "trailing line (an interrupted write)" if last else f"line {i + 1}"
             raise TableError(
                 f"latency table {path}: corrupt {where}; "
-                + ("re-run with --repair to drop it and resume" if last else "the table is damaged; regenerate it")
+                + (f"`lcpaq profile --hw PROFILE --model MODEL --out {path} --repair` drops it and resumes "
+                   "(or delete that line)" if last else "the table is damaged; regenerate it")
             ) from None
         if header is None:
             if rec.get("schema") != TABLE_SCHEMA:

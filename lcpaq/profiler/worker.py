@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import sys
 from typing import Any, BinaryIO
@@ -28,9 +29,21 @@ def recv(f: BinaryIO) -> Any:
 
 
 def main() -> None:  # pragma: no cover - runs in the child
+    # Ctrl-C reaches the whole process group: the parent handles it and closes our pipe, which
+    # ends the loop below (EOF); a KeyboardInterrupt here would only print a second traceback.
+    # A no-op handler rather than SIG_IGN: processes a runtime execs (TVM's tuning pool) reset
+    # it to the default, while an ignored SIGINT would be inherited by them.
+    signal.signal(signal.SIGINT, lambda *_: None)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from runtimes must not corrupt the protocol
     inp = sys.stdin.buffer
+    try:
+        _serve(inp, out)
+    except (EOFError, BrokenPipeError):  # the parent went away (closed its pipe, or was killed)
+        pass
+
+
+def _serve(inp: BinaryIO, out: BinaryIO) -> None:  # pragma: no cover - runs in the child
     backend_name, profile = recv(inp)
     from lcpaq.profiler.backend import get_backend
 

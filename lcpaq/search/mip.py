@@ -22,7 +22,11 @@ fixing closes at its root node; measured in benchmarks/bench_search.py, notes/se
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,9 +178,19 @@ def build_arrays(problem: Problem, objective: str, budgets: Budgets) -> MipArray
 
 
 def _highs(time_limit_s: float | None, *, gap: float):
+    """A quiet HiGHS instance. ``highspy.Highs()`` prints HiGHS' banner on fd 1 (from C++, once per
+    process) while constructing itself, before any option can be set: its Python wrapper installs
+    callbacks in ``__init__``. The bare C++ class ``highspy._Highs`` (the wrapper's base, all that is
+    used here) takes ``output_flag`` first and prints nothing; where a highspy lacks it, the banner
+    goes to stderr instead, so stdout stays the caller's."""
     import highspy
 
-    h = highspy.Highs()
+    core = getattr(highspy, "_Highs", None)
+    if core is not None:
+        h = core()
+    else:  # pragma: no cover - other highspy versions
+        with _stdout_to_stderr():
+            h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
     h.setOptionValue("mip_rel_gap", gap)
@@ -184,6 +198,19 @@ def _highs(time_limit_s: float | None, *, gap: float):
     if time_limit_s is not None:
         h.setOptionValue("time_limit", float(time_limit_s))
     return h
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File-descriptor-level writes to stdout (C++ prints) go to stderr while the block runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @dataclass
