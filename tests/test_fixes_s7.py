@@ -229,3 +229,39 @@ def test_finished_table_starts_no_worker_and_still_checks_the_runtime(tmp_path, 
     with pytest.raises(TableSetupError, match="versions"):
         run.profile(inv, hw, out)
     assert len(read_table(out)) == len(lines) - 1
+
+
+# 7. the Hutchinson stop rule: a near-zero trace no longer keeps every run at max_probes
+
+def test_floored_stop_rule_stops_early_and_agrees_with_the_full_run():
+    from lcpaq.sensitivity import hutchinson_traces
+    from lcpaq.sensitivity.stats import TRACE_FLOOR
+    from lcpaq.testing.models import TinyMLP
+
+    torch.manual_seed(0)
+    m = TinyMLP().eval()
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+
+    def run(**kw):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny ops: threads only contend with the other tests' processes
+        try:
+            w, a, _ = hutchinson_traces(m, x, y, ["fc1", "fc2"], max_probes=400, seed=0, **kw)
+        finally:
+            torch.set_num_threads(threads)
+        return {**{f"w:{k}": v for k, v in w.items()}, **{f"a:{k}": v for k, v in a.items()}}
+
+    early = run(tol=0.3)
+    n = early["w:fc1"].probes
+    assert 10 <= n < 300  # stopped on the rule, well before max_probes
+    assert run(tol=0.3) == early  # seeded: the same probes, the same stop
+    # the input of fc1 has a trace near 0: |stderr / mean| alone never gets below tol
+    assert abs(early["a:fc1"].mean) < 0.05 * abs(early["a:fc2"].mean)
+    assert run(tol=0.3, floor=0.0)["w:fc1"].probes == 400
+    big = {g: max(abs(e.mean) for k, e in early.items() if k[0] == g) for g in "wa"}
+    for k, e in early.items():  # what the rule promised at the stop
+        assert e.stderr < 0.3 * max(abs(e.mean), TRACE_FLOOR * big[k[0]])
+    full = run(tol=1e-9)
+    assert full["w:fc1"].probes == 400
+    for k, e in early.items():  # the early traces are the full run's within their standard errors
+        assert abs(e.mean - full[k].mean) <= 2 * e.stderr, k

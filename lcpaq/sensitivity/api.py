@@ -20,6 +20,7 @@ from lcpaq.sensitivity.fisher import (
 from lcpaq.sensitivity.hutchinson import Progress, hutchinson_traces
 from lcpaq.sensitivity.perturbation import perturbations
 from lcpaq.sensitivity.report import SensitivityReport
+from lcpaq.sensitivity.stats import TRACE_FLOOR
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class SensitivityConfig:
     ``activations``: also estimate input-activation traces (needed to choose a_bits).
     ``fisher_labels``/``fisher_samples``: the fallback's labels ("model" or "data") and sample cap.
     ``act_method``: activation calibration for the perturbation (minmax | percentile | mse).
+    ``tol_floor``: the stop rule's floor, a fraction of the largest |trace| of the same kind
+    (weights or inputs): a block stops at stderr < tol x max(|trace|, tol_floor x that largest).
     """
 
     batches: int = 2
@@ -40,6 +43,7 @@ class SensitivityConfig:
     fisher_labels: str = "model"
     fisher_samples: int = 64
     act_method: str = "minmax"
+    tol_floor: float = TRACE_FLOOR
     model_name: str = ""
     data_name: str = ""
 
@@ -59,10 +63,12 @@ def estimate_sensitivity(
     """Per-layer Hessian traces (weights and inputs) and Ω for every candidate bit pair.
 
     ``data``: a DataLoader or list of (x, y) batches (the first ``config.batches`` are used), or
-    one (x, y) pair. Hutchinson runs until every block's |stderr/mean| < ``tol`` (at least
-    ``config.min_probes`` probes) or ``probes`` probes. If an op of the model has no double
+    one (x, y) pair. Hutchinson runs until every block's stderr < ``tol`` x max(|trace|,
+    ``config.tol_floor`` x the largest |trace| of its kind) (at least ``config.min_probes`` probes)
+    or ``probes`` probes: a near-zero trace is estimated to a fraction of the largest, not of itself. If an op of the model has no double
     backward (e.g. hardsigmoid), it warns naming the op and its modules and falls back to a
-    Fisher estimate. ``progress(i, max_rel_stderr)`` is called after every probe. The model is
+    Fisher estimate. ``progress(i, r)`` is called after every probe, ``r`` the largest
+    stderr / max(|trace|, floor) (what the rule compares with ``tol``). The model is
     evaluated in eval mode and restored to its previous mode afterwards.
 
     >>> from lcpaq.testing.models import TinyMLP
@@ -78,6 +84,8 @@ def estimate_sensitivity(
         raise SensitivityError("no candidate bit pairs; pass e.g. candidates=[(4, 8), (8, 8), (32, 32)]")
     if not 0 < tol:
         raise SensitivityError(f"tol={tol}; use a positive relative standard error such as 0.05")
+    if not 0 <= cfg.tol_floor <= 1:
+        raise SensitivityError(f"tol_floor={cfg.tol_floor}; use a fraction in [0, 1] such as {TRACE_FLOOR}")
     was_training = model.training
     model.eval()
     try:
@@ -90,7 +98,7 @@ def estimate_sensitivity(
         try:
             wt, at, _ = hutchinson_traces(
                 model, x, y, layers, activations=cfg.activations, max_probes=probes,
-                min_probes=cfg.min_probes, tol=tol, generator=gen, progress=progress)
+                min_probes=cfg.min_probes, tol=tol, floor=cfg.tol_floor, generator=gen, progress=progress)
             method = "hutchinson"
         except RuntimeError as e:
             op = double_backward_failure(e)
@@ -100,7 +108,8 @@ def estimate_sensitivity(
             warn_fallback(fallback)
             wt, at = fisher_traces(
                 model, x, y, layers, activations=cfg.activations, max_samples=cfg.fisher_samples,
-                min_samples=min(cfg.min_probes, cfg.fisher_samples), tol=tol, labels=cfg.fisher_labels,
+                min_samples=min(cfg.min_probes, cfg.fisher_samples), tol=tol, floor=cfg.tol_floor,
+                labels=cfg.fisher_labels,
                 generator=gen, progress=progress)
             method = "fisher"
         wb = [p[0] for p in candidates if p[0] != FLOAT_BITS]
@@ -113,7 +122,8 @@ def estimate_sensitivity(
         model=cfg.model_name, data=cfg.data_name, seed=seed, probes=taken, method=method,
         weight_trace=wt, act_trace=at, numel=pert.numel, w_pert=pert.w, a_pert=pert.a,
         candidates=tuple(candidates),
-        meta={"samples": int(x.shape[0]), "batches": cfg.batches, "tol": tol, "max_probes": probes,
+        meta={"samples": int(x.shape[0]), "batches": cfg.batches, "tol": tol, "tol_floor": cfg.tol_floor,
+              "max_probes": probes,
               "loss": "mean cross-entropy over the concatenated calibration samples (eval mode)",
               "act_method": cfg.act_method, "fallback": fallback,
               "probes_from": "seed" if generator is None else "caller generator",

@@ -31,7 +31,7 @@ from torch import nn
 from lcpaq.errors import SensitivityError
 from lcpaq.sensitivity.blocks import capture_inputs, only_grads_for, weight_of
 from lcpaq.sensitivity.hutchinson import LossFn, Progress
-from lcpaq.sensitivity.stats import RunningStats, TraceEstimate
+from lcpaq.sensitivity.stats import TRACE_FLOOR, RunningStats, TraceEstimate
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def fisher_traces(
     max_samples: int = 64,
     min_samples: int = 8,
     tol: float = 0.05,
+    floor: float = TRACE_FLOOR,
     labels: str = "model",
     generator: torch.Generator | None = None,
     seed: int = 0,
@@ -96,8 +97,9 @@ def fisher_traces(
 ) -> tuple[dict[str, TraceEstimate], dict[str, TraceEstimate]]:
     """Fisher trace per layer weight (and input activation), one sample per backward pass.
 
-    Stops when every block's |stderr / mean| < ``tol`` after ``min_samples`` samples, or after
-    ``max_samples`` (at most the number of calibration samples).
+    Stops when every block's stderr < ``tol`` x max(|mean|, ``floor`` x the largest mean of its
+    kind) after ``min_samples`` samples (the rule of :func:`~lcpaq.sensitivity.hutchinson.hutchinson_blocks`),
+    or after ``max_samples`` (at most the number of calibration samples).
     """
     if labels not in FISHER_LABELS:
         raise SensitivityError(f"unknown Fisher labels '{labels}'; use one of {FISHER_LABELS}")
@@ -121,7 +123,7 @@ def fisher_traces(
             tensors = weights + ([acts[ly] for ly in layers] if activations else [])
             g = torch.autograd.grad(loss, tensors, allow_unused=True)
             run.add({k: 0.0 if t is None else float(t.pow(2).sum()) for k, t in zip(keys, g, strict=True)})
-            mrs = run.max_rel_stderr()
+            mrs = run.max_floored_rel_stderr(floor)
             if progress is not None:
                 progress(i + 1, mrs)
             if i + 1 >= max(min_samples, 2) and mrs < tol:

@@ -28,7 +28,7 @@ from torch import nn
 
 from lcpaq.errors import SensitivityError
 from lcpaq.sensitivity.blocks import capture_inputs, only_grads_for, weight_of
-from lcpaq.sensitivity.stats import RunningStats, TraceEstimate, rademacher
+from lcpaq.sensitivity.stats import TRACE_FLOOR, RunningStats, TraceEstimate, rademacher
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, float], None]
@@ -42,14 +42,18 @@ def hutchinson_blocks(
     max_probes: int = 200,
     min_probes: int = 10,
     tol: float = 0.05,
+    floor: float = TRACE_FLOOR,
     progress: Progress | None = None,
     max_seconds: float | None = None,
 ) -> tuple[dict[str, TraceEstimate], list[dict[str, float]]]:
     """Hutchinson trace of every block of ∇²loss from shared probes (the estimator's core).
 
     ``blocks``: (key, tensor) pairs that ``loss`` depends on. Stops once every block's
-    |stderr / mean| < ``tol`` after at least ``min_probes`` probes, or at ``max_probes``, or
-    once ``max_seconds`` have passed (wall clock, checked after each probe).
+    stderr < ``tol`` x max(|mean|, ``floor`` x the largest |mean| of its kind, "w:" or "a:")
+    (:meth:`~lcpaq.sensitivity.stats.RunningStats.max_floored_rel_stderr`) after at least
+    ``min_probes`` probes, or at ``max_probes``, or once ``max_seconds`` have passed (wall
+    clock, checked after each probe). ``floor=0``: the plain |stderr / mean| < tol, which a
+    near-zero trace never meets.
     Returns the estimates and the raw per-probe values (key -> v_l . (Hv)_l).
     """
     if max_probes < 2:
@@ -75,7 +79,7 @@ def hutchinson_blocks(
                 vals[keys[j]] = float(torch.dot(vs[j].reshape(-1), h.reshape(-1)))
         run.add(vals)
         samples.append(vals)
-        mrs = run.max_rel_stderr()
+        mrs = run.max_floored_rel_stderr(floor)
         if progress is not None:
             progress(i + 1, mrs)
         if i + 1 >= max(min_probes, 2) and mrs < tol:
@@ -95,6 +99,7 @@ def hutchinson_traces(
     max_probes: int = 200,
     min_probes: int = 10,
     tol: float = 0.05,
+    floor: float = TRACE_FLOOR,
     generator: torch.Generator | None = None,
     seed: int = 0,
     loss_fn: LossFn | None = None,
@@ -104,7 +109,8 @@ def hutchinson_traces(
     """Per-layer weight (and input-activation) Hessian traces of ``loss_fn(model(x), y)``.
 
     Returns (weight traces, activation traces, raw per-probe values keyed "w:<layer>" /
-    "a:<layer>"). The generator is ``generator`` if given, else ``torch.Generator().manual_seed(seed)``.
+    "a:<layer>"). Stop rule (``tol``, ``floor``): see :func:`hutchinson_blocks`. The generator
+    is ``generator`` if given, else ``torch.Generator().manual_seed(seed)``.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     loss_fn = loss_fn or nn.functional.cross_entropy
@@ -118,7 +124,7 @@ def hutchinson_traces(
         if activations:
             blocks += [(f"a:{n}", acts[n]) for n in layers]
         est, samples = hutchinson_blocks(loss, blocks, generator=gen, max_probes=max_probes,
-                                         min_probes=min_probes, tol=tol, progress=progress,
+                                         min_probes=min_probes, tol=tol, floor=floor, progress=progress,
                                          max_seconds=max_seconds)
     w = {n: est[f"w:{n}"] for n in layers}
     a = {n: est[f"a:{n}"] for n in layers} if activations else {}
