@@ -129,7 +129,7 @@ def segment_latency_model(path: str | Path, inventory: Inventory, candidates: Se
 
     st = SegmentTable.from_dict(doc) if doc is not None else SegmentTable.load(path)
     _same_layers("segment", Path(path), inventory, st.plan.layers)
-    lm = fit_segment_model(st, [tuple(c) for c in candidates])
+    lm = fit_segment_model(st, list(candidates))
     return LatencyModel(lm.unary, lm.pairwise, lm.constant_ms, meta={**lm.meta, "table": str(path)}, groups=lm.groups)
 
 

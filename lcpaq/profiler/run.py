@@ -141,8 +141,8 @@ def profile(
     # Nothing left to measure (a finished table run again): no worker, whose start costs seconds
     # (the runtime's import in a fresh interpreter). The header still gets the runtime versions,
     # from the backend in-process, so a table measured with another runtime is still refused.
-    done = set(read_table(out, repair=repair).rows) if Path(out).is_file() and Path(out).stat().st_size else set()
-    left = OVERHEAD_KEY not in done or any(p[0] not in done for p in plan)
+    finished = set(read_table(out, repair=repair).rows) if Path(out).is_file() and Path(out).stat().st_size else set()
+    left = OVERHEAD_KEY not in finished or any(p[0] not in finished for p in plan)
     runner: Any = IsolatedRunner(hw.backend, hw) if isolate and left else None
     backend = None if runner is not None else get_backend(hw.backend, hw)
     if runner is not None:
