@@ -6,6 +6,8 @@ import dataclasses
 import os
 import socket
 
+import pytest
+
 from _tvm_util import conv_layer, linear_layer, require_tvm
 
 require_tvm()
@@ -37,3 +39,22 @@ def test_profiles_workloads_through_loopback_tracker(tmp_path):
     # the tracker is stopped: nothing listens on its port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", rpc.port)) != 0
+
+
+def test_library_refuses_a_missing_tracker_before_tuning(tmp_path):
+    """TVM retries a missing tracker forever (after tuning every task): the backend asks first."""
+    import pathlib
+
+    from lcpaq.errors import BackendUnavailableError
+    from lcpaq.profiler.backends.tvm import TvmBackend
+    from lcpaq.profiler.hwprofile import load_profile
+    from lcpaq.profiler.rpc import free_port
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    port = free_port()
+    text = (root / "hw_profiles" / "rpi4-tvm-rpc.toml").read_text().replace("port = 9190", f"port = {port}")
+    (tmp_path / "p.toml").write_text(text)
+    be = TvmBackend(load_profile(tmp_path / "p.toml"), work_dir=tmp_path / "db")
+    with pytest.raises(BackendUnavailableError, match=f"no TVM RPC tracker answers at 127.0.0.1:{port}"):
+        be.tune([])
+    assert not (tmp_path / "db").exists() or not any((tmp_path / "db").iterdir())

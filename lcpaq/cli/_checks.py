@@ -95,20 +95,11 @@ def data_fits(model: str, data: str, dataset) -> None:
 def tracker_reachable(profile, hw: Path, timeout_s: float = 5.0) -> None:
     """A profile that measures through a TVM RPC tracker: the tracker must accept a connection
     now (TVM itself would retry it forever, after tuning every task)."""
-    import socket
-
-    from lcpaq.errors import BackendUnavailableError
+    from lcpaq.profiler.rpc import check_tracker
 
     rpc = getattr(profile, "rpc", None)
-    if rpc is None:
-        return
-    try:
-        socket.create_connection((rpc.host, rpc.port), timeout=timeout_s).close()
-    except OSError as e:
-        raise BackendUnavailableError(
-            f"no TVM RPC tracker answers at {rpc.host}:{rpc.port} ([rpc] in {hw}: {e.strerror or e}); start "
-            f"one (python -m tvm.exec.rpc_tracker --port {rpc.port}) with the board's server registered "
-            f"as --key {rpc.key}, or fix [rpc] host/port") from None
+    if rpc is not None:
+        check_tracker(rpc, timeout_s, where=str(hw))
 
 
 @contextlib.contextmanager

@@ -26,6 +26,19 @@ from lcpaq.errors import BackendUnavailableError
 from lcpaq.profiler.hwprofile import RpcConfig
 
 
+def check_tracker(rpc: RpcConfig, timeout_s: float = 5.0, where: str = "the device profile") -> None:
+    """The TVM RPC tracker named by ``rpc`` must accept a connection now: TVM itself retries a
+    missing tracker forever (and MetaSchedule's RPC runner only after tuning every task).
+    Raises BackendUnavailableError saying how to start one."""
+    try:
+        socket.create_connection((rpc.host, rpc.port), timeout=timeout_s).close()
+    except OSError as e:
+        raise BackendUnavailableError(
+            f"no TVM RPC tracker answers at {rpc.host}:{rpc.port} ([rpc] in {where}: {e.strerror or e}); start "
+            f"one (python -m tvm.exec.rpc_tracker --port {rpc.port}) with the board's server registered "
+            f"as --key {rpc.key}, or fix [rpc] host/port") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now on ``host``."""
     with socket.socket() as s:

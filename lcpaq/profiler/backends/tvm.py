@@ -246,6 +246,10 @@ class TvmBackend:
         over all tasks shares the cost model from the start); ``measure`` then only compiles.
         Returns {"tasks": unique tasks, "tuned_now": tuned in this call, "tune_s": seconds}.
         """
+        if self.rpc is not None:  # before any tuning: a missing tracker is retried forever
+            from lcpaq.profiler.rpc import check_tracker
+
+            check_tracker(self.rpc)
         tuner = self.tuner()
         mods = [self.lower(self.unit_in_form(u))[0] for u in units]
         miss, n = tuner.missing(mods)
@@ -353,6 +357,9 @@ class TvmBackend:
                     lib: str | None = None, *, flush_input: bool = False) -> list[float]:
         from tvm import relax, rpc
 
+        from lcpaq.profiler.rpc import check_tracker
+
+        check_tracker(self.rpc)
         tracker = rpc.connect_tracker(self.rpc.host, self.rpc.port)
         remote = tracker.request(self.rpc.key, priority=1, session_timeout=int(settings.timeout_s))
         with tempfile.TemporaryDirectory() as d:
