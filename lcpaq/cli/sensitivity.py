@@ -20,7 +20,7 @@ def sensitivity(
     weights: Path | None = typer.Option(None, help="state_dict to load into the model"),
     bits: str = typer.Option(DEFAULT_BITS, help="candidate bit pairs, e.g. w4a8,w8a8,fp32"),
     probes: int = typer.Option(200, min=2, help="maximum Hutchinson probes"),
-    tol: float = typer.Option(0.05, help="stop when every layer's |stderr/mean| < tol"),
+    tol: float = typer.Option(0.05, help="stop when every layer's stderr < tol x max(|trace|, 0.25 x the largest |trace| of its kind)"),
     seed: int = typer.Option(0, help="seed of the Rademacher probes"),
     batch_size: int = typer.Option(32, min=1, help="calibration batch size"),
     batches: int = typer.Option(2, min=1, help="calibration batches (loss = mean over all their samples)"),
@@ -43,7 +43,7 @@ def sensitivity(
     m = get_model(model, weights=weights)
     cfg = SensitivityConfig(batches=batches, model_name=model, data_name=data)
     with Progress(TextColumn("[bold]Hessian traces"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("probes  max rel. stderr {task.fields[rse]} (target {task.fields[tol]})"),
+                  TextColumn("probes  stop value {task.fields[rse]} (target {task.fields[tol]})"),
                   TimeElapsedColumn(), console=make_console(stderr=True), transient=json_out) as prog:
         task = prog.add_task("probes", total=probes, rse="-", tol=f"{tol:g}")
         rep = estimate_sensitivity(
