@@ -311,22 +311,10 @@ def bench_whole(args: argparse.Namespace) -> int:
 
 
 def _bench_lock():
-    """The shared timing lock (same file and flock(2) as `flock /tmp/lcpaq-bench.lock CMD`)."""
-    import contextlib
-    import fcntl
+    """The shared timing lock (benchmarks/_lock.py)."""
+    from _lock import bench_lock
 
-    @contextlib.contextmanager
-    def held():
-        with open("/tmp/lcpaq-bench.lock", "a") as f:
-            t0 = time.perf_counter()
-            fcntl.flock(f, fcntl.LOCK_EX)
-            print(f"bench lock taken after {time.perf_counter() - t0:.0f} s; load {os.getloadavg()}", flush=True)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    return held()
+    return bench_lock()
 
 
 def bench_blocks(args: argparse.Namespace) -> int:

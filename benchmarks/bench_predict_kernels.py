@@ -35,7 +35,6 @@ variant (profile + test policies: ~10 s for mnist_resnet, ~1-2 min for resnet18)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -51,19 +50,11 @@ CANDIDATES = ((2, 8), (4, 8), (8, 8), (32, 32))
 VARIANTS = ("segments", "segments-nchw", "table")
 
 
-@contextlib.contextmanager
 def bench_lock():
-    """The shared timing lock (same file and flock(2) as `flock /tmp/lcpaq-bench.lock CMD`)."""
-    import fcntl
+    """The shared timing lock (benchmarks/_lock.py)."""
+    from _lock import bench_lock as lock
 
-    with open("/tmp/lcpaq-bench.lock", "a") as f:
-        t0 = time.perf_counter()
-        fcntl.flock(f, fcntl.LOCK_EX)
-        print(f"  bench lock taken after {time.perf_counter() - t0:.0f} s; load {os.getloadavg()}", flush=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return lock(indent="  ")
 
 
 def settings_for(model_name: str):

@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _profiles import FAKE_PROFILE
 
 from lcpaq.errors import ConfigError, ProfileError, TableError, TableSetupError
 from lcpaq.policy import Policy
@@ -23,19 +23,7 @@ from lcpaq.policy import Policy
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-PROFILE = textwrap.dedent("""
-    [device]
-    name = "t"
-    [backend]
-    name = "fake"
-    threads = 1
-    [candidates]
-    bits = ["w8a8", "fp32"]
-    [measure]
-    warmup = 1
-    number = 1
-    repeat = 2
-""")
+PROFILE = FAKE_PROFILE
 
 
 # 1. the profiling worker: Ctrl-C is the parent's; a closed pipe ends it without a word

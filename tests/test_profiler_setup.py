@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 
 import pytest
+from _profiles import FAKE_PROFILE
 
 from lcpaq.errors import TableSetupError
 from lcpaq.profiler.table import TableWriter, header_changes, host_isa, keep_previous, read_table
@@ -103,19 +103,7 @@ def test_tables_diff_reports_setup_and_flags(tmp_path, cli):
     assert r.returncode == 2
 
 
-PROFILE = textwrap.dedent("""
-    [device]
-    name = "t"
-    [backend]
-    name = "fake"
-    threads = 1
-    [candidates]
-    bits = ["w8a8", "fp32"]
-    [measure]
-    warmup = 1
-    number = 1
-    repeat = 2
-""")
+PROFILE = FAKE_PROFILE
 
 
 def test_profile_cli_refuses_other_setup_then_fresh_keeps_old(tmp_path, cli):

@@ -179,16 +179,20 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0,
             inits[-2] = numpy_helper.from_array(wf.T.copy(), "w")
         nodes.append(helper.make_node("MatMul", [xin, "wt" if own == "int8" else win], ["mm"]))
         nodes.append(helper.make_node("Add", ["mm", bin_], ["y0"]))
+    def activation(kind: str | None, src: str, dst: str) -> str:
+        """ReLU or ReLU6 (Clip) from ``src`` to ``dst``; ``src`` when there is none."""
+        if kind == "relu":
+            nodes.append(helper.make_node("Relu", [src], [dst]))
+        elif kind == "relu6":
+            const("c0", np.array(0, np.float32))
+            const("c6", np.array(6, np.float32))
+            nodes.append(helper.make_node("Clip", [src, "c0", "c6"], [dst]))
+        else:
+            return src
+        return dst
+
     act = post_act(layer)
-    y = "y0"
-    if act == "relu":
-        nodes.append(helper.make_node("Relu", [y], ["y1"]))
-        y = "y1"
-    elif act == "relu6":
-        const("c0", np.array(0, np.float32))
-        const("c6", np.array(6, np.float32))
-        nodes.append(helper.make_node("Clip", [y, "c0", "c6"], ["y1"]))
-        y = "y1"
+    y = activation(act, "y0", "y1")
     pool = context and "maxpool" in layer.fused
     res = context and layer.kind == "conv" and "add" in layer.fused
     after = list(layer.fused[layer.fused.index("add") + 1:]) if res else []
@@ -213,15 +217,7 @@ def build_unit(layer: LayerInfo, pair: BitPair, in_class: str, *, seed: int = 0,
                 nodes.append(helper.make_node("DequantizeLinear", ["r", "rs", "rz"], ["rd"]))
                 r = "rd"
             nodes.append(helper.make_node("Add", [t, r], ["ya"]))
-            t = "ya"
-            if res_act == "relu":
-                nodes.append(helper.make_node("Relu", [t], ["yr"]))
-                t = "yr"
-            elif res_act == "relu6":
-                const("c0", np.array(0, np.float32))
-                const("c6", np.array(6, np.float32))
-                nodes.append(helper.make_node("Clip", [t, "c0", "c6"], ["yr"]))
-                t = "yr"
+            t = activation(res_act, "ya", "yr")
         if pool:
             nodes.append(helper.make_node("MaxPool", [t], ["yp"], **MAXPOOL))
             t = "yp"
