@@ -337,18 +337,23 @@ def smooth_drift(refs: Sequence[float], window: int = 7) -> np.ndarray:
     return run / float(np.median(v))
 
 
+def drift_free_ms(rows: Sequence[Mapping[str, Any]], ms_key: str = "ms") -> np.ndarray:
+    """Whole-model times of ``rows`` (each with ``ref_ms``) at the reference's median time: rows
+    timed against the interleaved reference carry their ratio ``rel``, exact to the moment; older
+    rows are divided by the running-median drift of the reference (:func:`smooth_drift`)."""
+    refs = [r["ref_ms"] for r in rows]
+    drift = smooth_drift(refs)
+    scale = float(np.median(refs)) if refs else 1.0
+    return np.array([r["rel"] * scale if "rel" in r else r[ms_key] / d for r, d in zip(rows, drift, strict=True)])
+
+
 def _correction_data(table: BlockTable, sel: Sequence[int], extra: Sequence[GroupCost] = ()
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows (1, features), targets (whole - sum of blocks - sum of ``extra`` groups, ms, drift-free)
     and whole ms."""
-    drift = smooth_drift([r["ref_ms"] for r in table.whole])
-    ref_scale = float(np.median([r["ref_ms"] for r in table.whole])) if table.whole else 1.0
     X, y, tot = [], [], []
-    for row, d in zip(table.whole, drift, strict=True):
+    for row, whole in zip(table.whole, drift_free_ms(table.whole).tolist(), strict=True):
         pol = Policy({n: tuple(p) for n, p in row["policy"].items()})
-        # the machine's drift since the table was built: rows timed call by call against the
-        # reference carry their ratio ("rel"), exact to the moment; older rows the running median
-        whole = row["rel"] * ref_scale if "rel" in row else row["ms"] / d
         X.append(np.r_[1.0, correction_features(table.plan, pol)[list(sel)]])
         y.append(whole - sum(table.block_ms(pol).values()) - sum(g.cost(pol) for g in extra))
         tot.append(whole)

@@ -47,6 +47,7 @@ from lcpaq.kernels.segments import (
 )
 from lcpaq.profiler.backend import MeasureSettings
 from lcpaq.profiler.backends.ort import time_interleaved
+from lcpaq.profiler.blocks import drift_free_ms, smooth_drift
 
 __all__ = [
     "SEGMENT_SCHEMA", "Deployed", "SegmentPlan", "SegmentRunner", "SegmentTable", "check_policies",
@@ -151,8 +152,6 @@ class SegmentTable:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def drift(self) -> np.ndarray:
-        from lcpaq.profiler.blocks import smooth_drift
-
         return smooth_drift([r["ref_ms"] for r in self.rows])
 
     def samples(self) -> dict[str, list[float]]:
@@ -280,13 +279,9 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
     if correction not in ("auto", "none", *CORRECTIONS):
         raise ConfigError(f"unknown correction {correction!r}; use auto, none or one of {', '.join(CORRECTIONS)}")
     unary, pairwise = _projection(table, candidates)
-    d = table.drift()
     pols = [Policy({n: tuple(p) for n, p in r["policy"].items()}) for r in table.rows]
     parts = [_additive(unary, pairwise, p) for p in pols]
-    # rows timed against the interleaved reference carry their ratio (exact to the moment); older
-    # rows the running-median drift of the reference
-    ref_scale = float(np.median([r["ref_ms"] for r in table.rows])) if table.rows else 1.0
-    y = np.array([r["rel"] * ref_scale if "rel" in r else r["whole_ms"] / di for r, di in zip(table.rows, d, strict=True)])
+    y = drift_free_ms(table.rows, "whole_ms")
     s = np.array([a + b for a, b in parts])
 
     loo: dict[str, float] = {}
