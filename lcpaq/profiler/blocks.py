@@ -37,6 +37,8 @@ from lcpaq.policy import BitPair, Policy
 from lcpaq.profiler.fidelity import cut_groups, pattern
 from lcpaq.profiler.onnx_export import precision_class
 
+BLOCK_SCHEMA = "lcpaq.block_table/1"
+
 _CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
 
 
@@ -226,13 +228,13 @@ class BlockTable:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": "lcpaq.block_table/1", "plan": self.plan.to_dict(), "ms": self.ms, "keys": self.keys,
+        return {"schema": BLOCK_SCHEMA, "plan": self.plan.to_dict(), "ms": self.ms, "keys": self.keys,
                 "whole": self.whole, "pairs": self.pairs}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> BlockTable:
-        if d.get("schema") != "lcpaq.block_table/1":
-            raise TableError(f"block table schema is {d.get('schema')!r}, expected 'lcpaq.block_table/1'")
+        if d.get("schema") != BLOCK_SCHEMA:
+            raise TableError(f"block table schema is {d.get('schema')!r}, expected {BLOCK_SCHEMA!r}")
         return BlockTable(BlockPlan.from_dict(d["plan"]), dict(d["ms"]),
                           {b: dict(v) for b, v in d["keys"].items()}, list(d.get("whole", [])),
                           {g: [list(o) for o in v] for g, v in d.get("pairs", {}).items()})
@@ -655,5 +657,5 @@ class OrtTimer:
         return {"policy": {n: list(v) for n, v in pol.items()}, "ms": t["ms"], "ref_ms": t["ref_ms"], "rel": t["rel"]}
 
 
-__all__ = ["correction_features", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
+__all__ = ["BLOCK_SCHEMA", "correction_features", "drift_free_ms", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
            "fit_correction", "fit_block_model", "profile_blocks", "profiler_export", "OrtTimer", "process_cpu_ms"]

@@ -73,15 +73,13 @@ def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candid
                         meta={"table": str(t.path), "overhead_ms": overhead, "profile": t.header.get("profile")})
 
 
-BLOCK_SCHEMA = "lcpaq.block_table/1"
-
-
 def json_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair]) -> LatencyModel:
     """The JSON table at ``path`` (block or kernels segment table, told apart by ``schema``) as a
     LatencyModel for ``inventory``; TableError for any other file, naming what it is."""
     import json
 
     from lcpaq.profiler.backends.kernels_check import SEGMENT_SCHEMA
+    from lcpaq.profiler.blocks import BLOCK_SCHEMA
 
     p = Path(path)
     if not p.is_file():
