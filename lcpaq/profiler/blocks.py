@@ -600,6 +600,7 @@ class OrtTimer:
             raise ConfigError(f"OrtTimer: flush_bytes must be an int >= 0 (0 = warm caches), got {flush_bytes!r}")
         self.st, self.x, self.be, self.stat = settings, x, OrtBackend(), stat
         self.flush_bytes = int(flush_bytes)
+        self._ref_key: tuple[bytes, bool] | None = None  # whole_row's reference session, made once
         self._buf = np.ones(max(self.flush_bytes // 8, 1), np.float64) if self.flush_bytes else None
         if self._buf is not None:
             empty, self._empty_feeds = overhead_unit()
@@ -645,7 +646,7 @@ class OrtTimer:
 
         st = self.st
         spin = st.metric != "process_cpu"
-        if getattr(self, "_ref_key", None) != (ref, spin):
+        if self._ref_key != (ref, spin):
             self._ref_key = (ref, spin)
             sess = session(ref, st.threads, spin=spin)
             feed = {onnx.load_from_string(ref).graph.input[0].name: self.x}
