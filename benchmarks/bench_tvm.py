@@ -24,13 +24,17 @@ w2a8/w4a8/w6a8/w8a8, seeds 0..N-1), each exported whole (lcpaq.deploy.qdq) and b
 through lcpaq's lowering (``lcpaq.deploy.runtime.deploy_tvm_onnx``, the path of ``lcpaq validate``),
 tuned from the kept database (tasks it lacks are tuned first: conv/matmul at the profile's
 trials, elementwise epilogues at ``--elementwise-trials``), then measured end to end at 1 thread
-(thread CPU time primary, wall beside it), each policy interleaved with the uniform W8A8 reference
-(ref pol ref pol, fastest of the rounds), vs the prediction from the TVM table (``--table``,
-``lcpaq.profiler.predict.latency_model``, the path of ``lcpaq predict``). Errors per policy: raw
-(the table as is), and calibrated (the table rescaled per class on the uniform fp32 / W8A8 whole
-models measured in the same run, ``calibrate_to_references``, with the reference drift of each
-policy's rounds divided out). ``--kernels K`` adds TVM's per-kernel profile of the first K
-policies and the references (what the whole build runs vs what the units charge).
+(thread CPU time primary, wall beside it), each policy timed against the uniform W8A8 build in
+short interleaved chunks (``time_interleaved``; ``--whole-chunk CALLS,SETTLE``, ``--whole-rounds``),
+vs the prediction from the TVM table (``--table``, ``lcpaq.profiler.predict.latency_model``, the
+path of ``lcpaq predict``). Errors per policy (``lcpaq.profiler.backends.tvm_check``): "table" =
+the prediction vs rel x the table's own W8A8 whole-model time (primary where the table has its
+``__whole__`` reference rows), "run" = vs rel x this run's median W8A8, "raw" = vs the chunk time
+now, and "calibrated" (the table rescaled per class on the uniform fp32 / W8A8 whole models of this
+run). ``--reprofile OUT`` first profiles a fresh table into OUT (``lcpaq.profiler.run.profile``, the
+path of ``lcpaq profile``) bracketed by the whole-model references, in the same lock hold, and
+predicts from it. ``--kernels K`` adds TVM's per-kernel profile of the first K policies and the
+references (what the whole build runs vs what the units charge).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 
+from lcpaq.policy import Policy  # noqa: E402
 from lcpaq.profiler.backend import MeasureSettings, Unit, get_backend  # noqa: E402
 from lcpaq.profiler.units import build_unit, workload_key  # noqa: E402
 
@@ -157,14 +162,36 @@ def ratios(inv, hw, n_layers: int | None, rounds: int, only: str | None = None) 
 CANDIDATES = [(32, 32), (2, 8), (4, 8), (6, 8), (8, 8)]  # bench_predict.py's
 
 
-def predict_bench(hw, model_name: str, table: Path, n_policies: int, rounds: int = 2,
-                  kernels: int = 0) -> dict:
+def whole_chunk(text: str | None) -> tuple[int | None, int]:
+    """``--whole-chunk CALLS,SETTLE`` -> (calls, settle); ConfigError names the form."""
+    from lcpaq.errors import ConfigError
+
+    if text is None:
+        return None, 1
+    try:
+        calls, settle = (int(v) for v in text.split(","))
+    except ValueError:
+        calls = settle = -1
+    if calls < 1 or settle < 0:
+        raise ConfigError(f"--whole-chunk {text!r}: give CALLS,SETTLE with CALLS >= 1 and SETTLE >= 0, e.g. 3,1 or 1,0")
+    return calls, settle
+
+
+def predict_bench(hw, model_name: str, table: Path, n_policies: int, kernels: int = 0, *,
+                  reprofile: Path | None = None, whole_rounds: int | None = None, calls: int | None = None,
+                  settle: int = 1) -> dict:
     """Predicted (TVM table) vs measured (whole TVM build) on random mixed policies (module doc)."""
     import numpy as np
     import torch
 
     from lcpaq.models import default_input_shape, get_model
-    from lcpaq.profiler.backends.tvm_check import kernel_profile, whole_vs_table
+    from lcpaq.profiler.backends.tvm_check import (
+        REFERENCES,
+        build_whole,
+        kernel_profile,
+        profile_with_references,
+        whole_vs_table,
+    )
     from lcpaq.profiler.fidelity import random_class_policy
     from lcpaq.quant import quantizable_names
 
@@ -178,9 +205,21 @@ def predict_bench(hw, model_name: str, table: Path, n_policies: int, rounds: int
     st = MeasureSettings(warmup=3, number=40 if small else 3, repeat=9 if small else 5, threads=1,
                          metric="thread_cpu")
     be = get_backend("tvm", hw)
-    out = whole_vs_table(model, shape, hw, table, pols, rounds=rounds, settings=st, backend=be,
-                         model_name=model_name, log=lambda s: print(s, flush=True))
-    deps = out.pop("deployments")
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    every = {**{k: Policy.uniform(names, *p) for k, p in REFERENCES.items()}, **pols}
+    t0 = time.perf_counter()
+    deps, build = build_whole(model, shape, hw, every, backend=be, log=say)
+    out: dict = {"build_all_s": round(time.perf_counter() - t0, 1)}
+    if reprofile is not None:
+        reprofile.unlink(missing_ok=True)
+        out["reprofile"] = profile_with_references(inventory(model_name), model, shape, hw, reprofile, deps=deps,
+                                                   model_name=model_name, settings=st, log=say)
+        table = reprofile
+    res = whole_vs_table(model, shape, hw, table, pols, settings=st, backend=be, model_name=model_name, deps=deps,
+                         rounds=whole_rounds, calls=calls, settle=settle, log=say)
+    res["build"] = build
+    deps = res.pop("deployments")
+    out.update(res)
     out.update(model=model_name, table=str(table), policies=n_policies, elementwise_trials=be.elementwise_trials,
                tuned_tasks=getattr(be._tuner, "tasks_tuned", 0), tune_s=round(getattr(be._tuner, "tune_s", 0.0), 1))
     if kernels:
@@ -217,8 +256,22 @@ def main(argv=None) -> int:
     ap.add_argument("--elementwise-trials", type=int, default=None,
                     help="trials per elementwise task tuned for the whole builds (profile's, else = trials)")
     ap.add_argument("--kernels", type=int, default=0, help="--predict: per-kernel profile of the first K policies")
+    ap.add_argument("--reprofile", default=None, metavar="OUT",
+                    help="--predict: first profile a fresh table into OUT, bracketed by whole-model references, "
+                    "and predict from it")
+    ap.add_argument("--whole-chunk", default=None, metavar="CALLS,SETTLE",
+                    help="--predict: timed calls per chunk and untimed calls after each switch (default number,1; "
+                    "1,0 = call by call)")
+    ap.add_argument("--whole-rounds", type=int, default=None, help="--predict: interleaved rounds (3 x repeat)")
     args = ap.parse_args(argv)
     import dataclasses
+
+    from lcpaq.errors import ConfigError
+
+    try:
+        calls, settle = whole_chunk(args.whole_chunk)
+    except ConfigError as e:
+        ap.error(str(e))  # exit code 2
 
     from lcpaq.profiler.hwprofile import load_profile
 
@@ -244,13 +297,16 @@ def main(argv=None) -> int:
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count()}
     if args.predict:
         table = Path(args.table) if args.table else ROOT / "latency_tables" / "host-cpu-tvm" / f"{args.model}.jsonl"
-        res["predict"] = p = predict_bench(hw, args.model, table, args.predict, args.rounds, args.kernels)
+        res["predict"] = p = predict_bench(hw, args.model, table, args.predict, args.kernels,
+                                           reprofile=Path(args.reprofile) if args.reprofile else None,
+                                           whole_rounds=args.whole_rounds, calls=calls, settle=settle)
         res["load_end"] = load()
-        print(f"{args.model} on TVM, {args.predict} policies, 1 thread (thread CPU): median |err| "
-              f"{p['raw']['median_abs']:.2f} %, max {p['raw']['max_abs']:.2f} %, within 5 %: "
-              f"{p['raw']['within_5pct']}/{args.predict}; calibrated on the uniform references: median "
-              f"{p['calibrated']['median_abs']:.2f} %, max {p['calibrated']['max_abs']:.2f} % "
-              f"({p['calibrated']['within_5pct']}/{args.predict}); load {p['load_timing_start']}-{p['load_timing_end']}")
+        print(f"{args.model} on TVM, {args.predict} policies, 1 thread (thread CPU), load "
+              f"{p['load_timing_start']:.2f}-{p['load_timing_end']:.2f}; primary = {p['primary']}")
+        for col in ("table", "run", "raw", "calibrated", "wall"):
+            if col in p:
+                print(f"  {col:10s} median |err| {p[col]['median_abs']:5.2f} %, max {p[col]['max_abs']:5.2f} %, "
+                      f"within 5 %: {p[col]['within_5pct']}/{args.predict}, mean {p[col]['mean']:+.2f} %")
         name = f"bench_tvm_predict_{args.model}{args.tag}.json"
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / name).write_text(json.dumps(res, indent=1, default=str))

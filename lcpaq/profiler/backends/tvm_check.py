@@ -3,23 +3,38 @@
 ``whole_vs_table(model, input_shape, hw, table, policies)`` exports each policy's whole model to
 ONNX QDQ (:mod:`lcpaq.deploy.qdq`), builds it with TVM through lcpaq's lowering
 (:func:`lcpaq.deploy.runtime.deploy_tvm_onnx`, the path of ``lcpaq validate``; tuned from the
-profile's database, missing tasks tuned first) and times it at 1 thread: the calling thread's CPU
-time (at 1 TVM thread the calling thread computes) with wall time beside it, each policy
-interleaved with the uniform W8A8 whole model (reference, policy, reference, policy; fastest
-round). The prediction is the table's :class:`~lcpaq.latency.LatencyModel`
-(:func:`lcpaq.profiler.predict.latency_model`, the path of ``lcpaq predict``), raw, and calibrated
-per class on the uniform fp32 / W8A8 whole models measured in the same run
-(:func:`lcpaq.profiler.fidelity.calibrate_to_references`) with each policy's reference drift
-divided out. ``benchmarks/bench_tvm.py --predict`` runs it on resnet18.
+profile's database, missing tasks tuned first) and times it at 1 thread (the calling thread's CPU
+time: at 1 TVM thread the calling thread computes; wall time beside it) against the uniform W8A8
+whole model, interleaved in short chunks (:func:`lcpaq.profiler.backends.ort.time_interleaved`,
+as ORT's whole rows): each row carries ``rel`` = policy / W8A8, which holds where either time alone
+drifts with this VM. The prediction is the table's :class:`~lcpaq.latency.LatencyModel`
+(:func:`lcpaq.profiler.predict.latency_model`, the path of ``lcpaq predict``). Errors per policy:
+
+- ``error_table_pct`` (primary where the table has whole-model references): the prediction vs
+  ``rel x`` the table's own W8A8 whole-model time (its ``__whole__|w8a8`` row, timed when the table
+  was profiled): both sides in the table's time, the machine's drift since then divided out;
+- ``error_run_pct``: vs ``rel x median(W8A8 of this run)`` (:func:`lcpaq.profiler.blocks.drift_free_ms`):
+  the drift within the run divided out, not the drift since the table;
+- ``error_pct`` (raw): vs the policy's own chunk time now; ``error_wall_pct`` the same in wall time;
+- ``error_calibrated_pct``: the table rescaled per class on the uniform fp32 / W8A8 whole models of
+  this run (:func:`lcpaq.profiler.fidelity.calibrate_to_references`), vs ``rel x median(W8A8)``.
+
+Whole-model reference rows (``record_references``): ``__whole__|w8a8`` and ``__whole__|fp32``, the
+uniform builds of the table's model timed against each other (``time_interleaved``) just before and
+just after the units are profiled; ``median_ms`` is the mean of the two, ``start_ms`` / ``end_ms``
+each, ``p10_ms`` / ``p90_ms`` the lower / higher. They are ordinary rows (a later one supersedes an
+earlier), so tables without them stay readable and such tables are scored on ``error_run_pct``.
+``benchmarks/bench_tvm.py --predict N [--reprofile OUT]`` runs it on resnet18.
 
 >>> # res = whole_vs_table(get_model("resnet18"), (1, 3, 224, 224), hw, "latency_tables/host-cpu-tvm/resnet18.jsonl",
 >>> #                      {k: random_class_policy(names, np.random.default_rng(k), cands) for k in range(20)})
->>> # res["raw"]["median_abs"], res["calibrated"]["max_abs"]
+>>> # res["primary"], res[res["primary"]]["median_abs"], res["raw"]["max_abs"]
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +46,25 @@ from lcpaq.policy import Policy
 from lcpaq.profiler.backend import MeasureSettings, Unit
 
 REFERENCES = {"fp32": (32, 32), "w8a8": (8, 8)}
+WHOLE_KEY = "__whole__"  # reference rows: "__whole__|w8a8", "__whole__|fp32"
+DEFAULT_SETTINGS = MeasureSettings(warmup=3, number=3, repeat=5, threads=1, metric="thread_cpu")
+
+
+def reference_key(name: str) -> str:
+    return f"{WHOLE_KEY}|{name}"
+
+
+def table_references(table: Any) -> dict[str, float]:
+    """{"w8a8": ms, "fp32": ms} from a table's whole-model reference rows ({} for a table without)."""
+    from lcpaq.profiler.table import LatencyTable, read_table
+
+    t = table if isinstance(table, LatencyTable) else read_table(table)
+    out = {}
+    for name in REFERENCES:
+        row = t.get(reference_key(name))
+        if row and not row.get("error") and row.get("median_ms"):
+            out[name] = float(row["median_ms"])
+    return out
 
 
 def _stats(rows: Sequence[Mapping[str, Any]], col: str) -> dict[str, float]:
@@ -39,41 +73,26 @@ def _stats(rows: Sequence[Mapping[str, Any]], col: str) -> dict[str, float]:
             "mean": float(np.mean([float(r[col]) for r in rows]))}
 
 
-def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str | Path, policies: Mapping[Any, Policy],
-                   *, rounds: int = 2, settings: MeasureSettings | None = None, backend: Any = None,
-                   model_name: str = "", calib: np.ndarray | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Per policy: measured (whole TVM build) and predicted (``table``) ms and % errors (module doc).
-
-    ``model``: a float nn.Module; ``policies``: id -> Policy over its quantizable layers.
-    Returns {"rows", "uniform", "raw", "wall", "calibrated", "build", timing and load figures}.
-    """
-    import os
-
+def build_whole(model: Any, input_shape: Sequence[int], hw: Any, policies: Mapping[Any, Policy], *,
+                backend: Any = None, calib: np.ndarray | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[dict[Any, Any], dict[str, Any]]:
+    """Each policy's whole model exported to QDQ, lowered, tuned where the database lacks a task and
+    compiled (or its kept build loaded), its outputs checked against the fake-quant model.
+    Returns (deployments by policy id, build figures by str(id))."""
     import torch
 
     from lcpaq.deploy.qdq import export_qdq
     from lcpaq.deploy.runtime import check_outputs, deploy_tvm_onnx
-    from lcpaq.graph import trace
     from lcpaq.profiler.backend import get_backend
-    from lcpaq.profiler.backends.ort import time_callable
-    from lcpaq.profiler.fidelity import calibrate_to_references
-    from lcpaq.profiler.predict import latency_model
-    from lcpaq.quant import apply_policy, quantizable_names
+    from lcpaq.quant import apply_policy
 
     say = log or (lambda _s: None)
     shape = (1, *tuple(input_shape)[1:])
     model = model.eval()
-    names = quantizable_names(model)
-    pairs = list(dict.fromkeys([*REFERENCES.values(), *(tuple(p[n]) for p in policies.values() for n in names)]))
-    lm = latency_model(table, trace(model, shape, name=model_name), pairs)
     x = calib if calib is not None else np.random.default_rng(1).standard_normal((8, *shape[1:])).astype(np.float32)
     be = backend if backend is not None else get_backend("tvm", hw)
-    pols: dict[Any, Policy] = {k: Policy.uniform(names, *p) for k, p in REFERENCES.items()}
-    pols.update(policies)
     deps, build = {}, {}
-    t_start = time.perf_counter()
-    for k, pol in pols.items():  # export, lower, tune what the database lacks, compile (or load the kept build)
+    for k, pol in policies.items():
         t0 = time.perf_counter()
         fq = apply_policy(copy.deepcopy(model), pol, calib_loader=[torch.from_numpy(x)], calib_batches=1).eval()
         dep = deploy_tvm_onnx(export_qdq(fq, shape, calib_inputs=[x], dynamic_batch=False), x[:1], hw, backend=be)
@@ -84,54 +103,186 @@ def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str |
                          "notes": list(dep.notes), "load": os.getloadavg()[0]}
         say(f"built {k}: {build[str(k)]['s']} s, |out - fake-quant| {chk['max_abs_err']:.3g} "
             f"(of {chk['ref_abs_max']:.3g}), load {os.getloadavg()[0]:.2f}")
-    t_build = time.perf_counter() - t_start
-    st = settings or MeasureSettings(warmup=3, number=3, repeat=5, threads=1, metric="thread_cpu")
+    return deps, build
+
+
+def reference_builds(model: Any, input_shape: Sequence[int], hw: Any, **kw: Any) -> tuple[dict[Any, Any], dict]:
+    """The uniform fp32 and W8A8 whole builds of ``model`` (:func:`build_whole`)."""
+    from lcpaq.quant import quantizable_names
+
+    names = quantizable_names(model)
+    return build_whole(model, input_shape, hw, {k: Policy.uniform(names, *p) for k, p in REFERENCES.items()}, **kw)
+
+
+def time_references(deps: Mapping[Any, Any], settings: MeasureSettings = DEFAULT_SETTINGS,
+                    **interleave: Any) -> dict[str, float]:
+    """The uniform fp32 build timed against the W8A8 one (``time_interleaved``, 1 thread):
+    {"w8a8", "fp32", "w8a8_wall", "fp32_wall" (ms), "rel_fp32" (fp32 / W8A8, median per round)}."""
+    import torch
+
+    from lcpaq.profiler.backends.ort import time_interleaved
+
     old = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        t = time_interleaved(deps["w8a8"].call, deps["fp32"].call, settings, **interleave)
+    finally:
+        torch.set_num_threads(old)
+    return {"w8a8": t["ref_ms"], "fp32": t["ms"], "w8a8_wall": t["ref_wall_ms"], "fp32_wall": t["wall_ms"],
+            "rel_fp32": t["rel"], "load": os.getloadavg()[0]}
 
-    def timed(k: Any) -> tuple[float, float]:
-        cpu, wall = time_callable(deps[k].call, st)
-        return float(np.median(cpu)), float(np.median(wall))
 
+def reference_rows(start: Mapping[str, float], end: Mapping[str, float], *, model_name: str,
+                   versions: Mapping[str, str], settings: MeasureSettings = DEFAULT_SETTINGS) -> list[dict[str, Any]]:
+    """Table rows for the whole-model references timed at the start and the end of a profile (module
+    doc): ``median_ms`` = their mean, ``p10_ms`` / ``p90_ms`` = the lower / higher of the two."""
+    rows = []
+    for name, pair in REFERENCES.items():
+        a, b = float(start[name]), float(end[name])
+        rows.append({
+            "key": reference_key(name), "workload": f"{WHOLE_KEY}:{model_name}", "layer_example": None,
+            "w_bits": pair[0], "a_bits": pair[1], "unit_class": "fp32" if pair == (32, 32) else "int8",
+            "in_class": "fp32", "median_ms": (a + b) / 2, "p10_ms": min(a, b), "p90_ms": max(a, b), "n": 2,
+            "wall_median_ms": (float(start[f"{name}_wall"]) + float(end[f"{name}_wall"])) / 2,
+            "kernel": "tvm:whole-model", "error": None, "runtime": dict(versions),
+            "model": model_name, "start_ms": a, "end_ms": b,
+            "timing": {"method": "time_interleaved(w8a8, fp32)", "warmup": settings.warmup,
+                       "number": settings.number, "repeat": settings.repeat, "metric": settings.metric},
+        })
+    return rows
+
+
+def record_references(table: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append reference rows to an existing table (its own header: never a setup change)."""
+    from lcpaq.profiler.table import TableWriter, read_table
+
+    with TableWriter(table, read_table(table).header) as tw:
+        for r in rows:
+            tw.append(r)
+
+
+def profile_with_references(inventory: Any, model: Any, input_shape: Sequence[int], hw: Any, out: str | Path, *,
+                            deps: Mapping[Any, Any] | None = None, model_name: str = "",
+                            settings: MeasureSettings = DEFAULT_SETTINGS, log: Callable[[str], None] | None = None,
+                            **kw: Any) -> dict[str, Any]:
+    """``lcpaq.profiler.run.profile`` into ``out`` bracketed by the whole-model references (timed
+    just before and just after, appended as ``__whole__`` rows). ``deps``: the reference builds
+    when already built (else built here; ``kw`` goes to :func:`build_whole`)."""
+    from lcpaq.profiler.run import profile
+    from lcpaq.profiler.table import read_table
+
+    say = log or (lambda _s: None)
+    if deps is None or not all(k in deps for k in REFERENCES):
+        deps, _ = reference_builds(model, input_shape, hw, log=log, **kw)
+    start = time_references(deps, settings)
+    say(f"references before profiling: W8A8 {start['w8a8']:.3f} ms, fp32 {start['fp32']:.3f} ms, "
+        f"load {start['load']:.2f}")
+    t0 = time.perf_counter()
+    profile(inventory, hw, out)
+    t_profile = time.perf_counter() - t0
+    end = time_references(deps, settings)
+    say(f"profiled {out} in {t_profile:.1f} s; references after: W8A8 {end['w8a8']:.3f} ms, "
+        f"fp32 {end['fp32']:.3f} ms, load {end['load']:.2f}")
+    rows = reference_rows(start, end, model_name=model_name, versions=read_table(out).header.get("versions", {}),
+                          settings=settings)
+    record_references(out, rows)
+    return {"start": start, "end": end, "profile_s": round(t_profile, 1), "table": str(out)}
+
+
+def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str | Path, policies: Mapping[Any, Policy],
+                   *, settings: MeasureSettings | None = None, backend: Any = None, model_name: str = "",
+                   calib: np.ndarray | None = None, deps: Mapping[Any, Any] | None = None,
+                   rounds: int | None = None, calls: int | None = None, settle: int = 1,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Per policy: measured (whole TVM build, ``rel`` to the W8A8 build) and predicted (``table``)
+    ms and % errors (module doc).
+
+    ``model``: a float nn.Module; ``policies``: id -> Policy over its quantizable layers; ``deps``:
+    builds already made (:func:`build_whole`, by the same ids and "fp32" / "w8a8"); ``rounds``,
+    ``calls``, ``settle``: ``time_interleaved``'s (default ``3 * repeat`` rounds of ``number`` calls
+    after 1 untimed call). Returns {"rows", "uniform", "primary", "table_refs", and per error column
+    its stats: "table" (where the table has references), "run", "raw", "wall", "calibrated"; build,
+    timing and load figures, "deployments"}.
+    """
+    import torch
+
+    from lcpaq.graph import trace
+    from lcpaq.profiler.backends.ort import time_interleaved
+    from lcpaq.profiler.blocks import drift_free_ms
+    from lcpaq.profiler.fidelity import calibrate_to_references
+    from lcpaq.profiler.predict import latency_model
+    from lcpaq.profiler.table import read_table
+    from lcpaq.quant import quantizable_names
+
+    say = log or (lambda _s: None)
+    shape = (1, *tuple(input_shape)[1:])
+    model = model.eval()
+    names = quantizable_names(model)
+    pairs = list(dict.fromkeys([*REFERENCES.values(), *(tuple(p[n]) for p in policies.values() for n in names)]))
+    tab = read_table(table)
+    lm = latency_model(tab, trace(model, shape, name=model_name), pairs)
+    table_refs = table_references(tab)
+    pols: dict[Any, Policy] = {k: Policy.uniform(names, *p) for k, p in REFERENCES.items()}
+    pols.update(policies)
+    t_start = time.perf_counter()
+    have = dict(deps or {})
+    built, build = build_whole(model, shape, hw, {k: p for k, p in pols.items() if k not in have},
+                               backend=backend, calib=calib, log=log)
+    have.update(built)
+    t_build = time.perf_counter() - t_start
+    st = settings or DEFAULT_SETTINGS
+    inter = {"rounds": rounds, "calls": calls, "settle": settle}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         load0, t1 = os.getloadavg()[0], time.perf_counter()
-        ref: dict[str, list[tuple[float, float]]] = {k: [] for k in REFERENCES}
-        for _ in range(rounds):  # fp32 w8a8 fp32 w8a8
-            for k in REFERENCES:
-                ref[k].append(timed(k))
+        ref_start = time_references(have, st, **inter)
         rows = []
         for k in policies:
-            pol_ms, ref_ms = [], []
-            for _ in range(rounds):  # ref pol ref pol
-                ref_ms.append(timed("w8a8"))
-                pol_ms.append(timed(k))
-            meas, wall = min(pol_ms)
-            rows.append({"policy": k, "measured_ms": meas, "measured_wall_ms": wall, "ref_ms": min(ref_ms)[0],
-                         "fp32_layers": sum(1 for n in names if tuple(policies[k][n]) == (32, 32)),
+            t = time_interleaved(have["w8a8"].call, have[k].call, st, **inter)
+            rows.append({"policy": k, "measured_ms": t["ms"], "measured_wall_ms": t["wall_ms"], "ref_ms": t["ref_ms"],
+                         "rel": t["rel"], "fp32_layers": sum(1 for n in names if tuple(policies[k][n]) == (32, 32)),
                          "layers": len(names)})
-        ref_end = {k: min(timed(k) for _ in range(rounds)) for k in REFERENCES}
+        ref_end = time_references(have, st, **inter)
         load1, t_time = os.getloadavg()[0], time.perf_counter() - t1
     finally:
         torch.set_num_threads(old)
-    ref0 = {REFERENCES[k]: min(v)[0] for k, v in ref.items()}
-    cal = calibrate_to_references(lm, ref0)
-    for r in rows:
+    ref_run = float(np.median([r["ref_ms"] for r in rows]))
+    in_ref = drift_free_ms([{"ref_ms": r["ref_ms"], "rel": r["rel"]} for r in rows]).tolist()  # rel x ref_run
+    rel_fp32 = (ref_start["rel_fp32"] + ref_end["rel_fp32"]) / 2
+    cal = calibrate_to_references(lm, {(8, 8): ref_run, (32, 32): rel_fp32 * ref_run})
+    for r, meas in zip(rows, in_ref, strict=True):
         pol = policies[r["policy"]]
-        drift = r["ref_ms"] / ref0[(8, 8)]
-        pred, pred_cal = lm.predict(pol), cal.predict(pol) * drift
-        r.update(predicted_ms=pred, error_pct=100 * (pred / r["measured_ms"] - 1),
-                 error_wall_pct=100 * (pred / r["measured_wall_ms"] - 1), drift=drift,
-                 predicted_calibrated_ms=pred_cal, error_calibrated_pct=100 * (pred_cal / r["measured_ms"] - 1))
-        say(f"#{r['policy']} fp32 {r['fp32_layers']}/{r['layers']} meas {r['measured_ms']:.3f} "
-            f"(wall {r['measured_wall_ms']:.3f}) pred {pred:.3f} err {r['error_pct']:+.1f}% "
-            f"calibrated {r['error_calibrated_pct']:+.1f}% drift {drift:.3f}")
-    uniform = {k: {"measured_ms": min(ref[k])[0], "measured_wall_ms": min(ref[k])[1], "end_ms": ref_end[k][0],
-                   "predicted_ms": lm.predict(pols[k])} for k in REFERENCES}
-    return {"rows": rows, "uniform": uniform, "raw": _stats(rows, "error_pct"), "wall": _stats(rows, "error_wall_pct"),
-            "calibrated": _stats(rows, "error_calibrated_pct"), "build": build, "build_s": round(t_build, 1),
-            "timing_s": round(t_time, 1), "load_timing_start": load0, "load_timing_end": load1, "rounds": rounds,
-            "settings": {"warmup": st.warmup, "number": st.number, "repeat": st.repeat, "metric": st.metric},
-            "deployments": deps}
+        pred, pred_cal = lm.predict(pol), cal.predict(pol)
+        r.update(predicted_ms=pred, measured_run_ms=meas, error_pct=100 * (pred / r["measured_ms"] - 1),
+                 error_run_pct=100 * (pred / meas - 1), error_wall_pct=100 * (pred / r["measured_wall_ms"] - 1),
+                 drift=r["ref_ms"] / ref_run, predicted_calibrated_ms=pred_cal,
+                 error_calibrated_pct=100 * (pred_cal / meas - 1))
+        if "w8a8" in table_refs:
+            r["measured_table_ms"] = r["rel"] * table_refs["w8a8"]
+            r["error_table_pct"] = 100 * (pred / r["measured_table_ms"] - 1)
+        say(f"#{r['policy']} fp32 {r['fp32_layers']}/{r['layers']} rel {r['rel']:.4f} meas {r['measured_ms']:.3f} "
+            f"(wall {r['measured_wall_ms']:.3f}) pred {pred:.3f} err raw {r['error_pct']:+.1f}% run "
+            f"{r['error_run_pct']:+.1f}%" + (f" table {r['error_table_pct']:+.1f}%" if "w8a8" in table_refs else "")
+            + f" calibrated {r['error_calibrated_pct']:+.1f}% drift {r['drift']:.3f}")
+    uniform = {k: {"measured_ms": ref_start[k], "measured_wall_ms": ref_start[f"{k}_wall"], "end_ms": ref_end[k],
+                   "run_ms": ref_run * (1.0 if k == "w8a8" else rel_fp32), "predicted_ms": lm.predict(pols[k]),
+                   **({"table_ms": table_refs[k]} if k in table_refs else {})} for k in REFERENCES}
+    if "w8a8" in table_refs:  # the uniform fp32 build in table time (rel_fp32 x table W8A8) vs its own row
+        uniform["fp32"]["in_table_time_ms"] = rel_fp32 * table_refs["w8a8"]
+    out = {"rows": rows, "uniform": uniform, "table_refs": table_refs,
+           "primary": "table" if "w8a8" in table_refs else "run",
+           "raw": _stats(rows, "error_pct"), "run": _stats(rows, "error_run_pct"),
+           "wall": _stats(rows, "error_wall_pct"), "calibrated": _stats(rows, "error_calibrated_pct"),
+           "references": {"start": ref_start, "end": ref_end, "run_w8a8_ms": ref_run, "rel_fp32": rel_fp32},
+           "build": build, "build_s": round(t_build, 1), "timing_s": round(t_time, 1), "load_timing_start": load0,
+           "load_timing_end": load1, "interleave": {"rounds": rounds or 3 * st.repeat, "calls": calls or st.number,
+                                                     "settle": settle},
+           "settings": {"warmup": st.warmup, "number": st.number, "repeat": st.repeat, "metric": st.metric},
+           "deployments": have}
+    if "w8a8" in table_refs:
+        out["table"] = _stats(rows, "error_table_pct")
+    return out
 
 
 def kernel_profile(be: Any, onnx_bytes: bytes, x1: np.ndarray, runs: int = 5) -> dict[str, float]:
@@ -166,4 +317,6 @@ def kernel_profile(be: Any, onnx_bytes: bytes, x1: np.ndarray, runs: int = 5) ->
     return dict(sorted(med.items(), key=lambda kv: -kv[1]))
 
 
-__all__ = ["whole_vs_table", "kernel_profile", "REFERENCES"]
+__all__ = ["whole_vs_table", "build_whole", "reference_builds", "time_references", "reference_rows",
+           "record_references", "profile_with_references", "table_references", "reference_key",
+           "kernel_profile", "REFERENCES", "WHOLE_KEY"]
