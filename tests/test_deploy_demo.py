@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from lcpaq.cli import main
@@ -28,6 +29,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
               "model_qdq.onnx", "validation_mixed.json", "summary.md"):
         assert (out / f).is_file(), f
     assert "mixed" in capsys.readouterr().out
+    # both tables were fitted against uniform W8A8: validate timed every row against it and rescaled
+    val = json.loads((out / "validation_mixed.json").read_text())
+    assert val["reference"] == "w8a8" and val["table_reference_ms"] > 0
+    assert val["measured_table_ms"] == pytest.approx(val["relative"] * val["table_reference_ms"])
+    for r in s["rows"]:
+        assert np.isfinite(r["error_drift_free_pct"])
     if kernels:  # segment units: every key of the embedded model timed, the model additive (the ILP sees it all)
         from lcpaq.latency import LatencyModel
         from lcpaq.policy import Policy

@@ -6,9 +6,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lcpaq.cli import main
+from lcpaq.errors import ConfigError
 from lcpaq.graph import trace
 from lcpaq.models import get_model
 from lcpaq.policy import Policy, parse_bits_list
@@ -45,14 +47,17 @@ def test_validate_reports_predicted_measured_and_error(table, mixed_policy, tmp_
 
     pol, _ = mixed_policy
     rep = validate("mnist_resnet", pol, HW, table, rounds=2, strict_threshold_pct=5.0)
-    assert rep.predicted_ms > 0 and rep.measured_ms > 0 and rep.reference_fp32_ms > 0
+    assert rep.predicted_ms > 0 and rep.measured_ms > 0 and rep.reference_ms > 0
+    assert rep.reference == "fp32" and rep.whole_mode == "warm"  # a per-layer table names no reference
+    assert rep.relative == pytest.approx(rep.measured_ms / rep.reference_ms, rel=0.25)
+    assert np.isnan(rep.table_reference_ms) and np.isnan(rep.error_drift_free_pct)
     assert rep.error_pct == pytest.approx((rep.predicted_ms - rep.measured_ms) / rep.measured_ms * 100)
     assert rep.flagged == (abs(rep.error_pct) > 5.0)
     assert len(rep.round_medians_ms) == 2 and rep.metric == "thread_cpu"
     assert any("measured_ms" in v for k, v in rep.layers.items() if k in pol)  # per-layer breakdown
     assert rep.output_check["top1_agreement"] >= 0.9
     d = json.loads(rep.save(tmp_path / "v.json").read_text())
-    assert d["schema"] == "lcpaq.validation/1" and d["predicted_ms"] == rep.predicted_ms
+    assert d["schema"] == "lcpaq.validation/2" and d["predicted_ms"] == rep.predicted_ms
     png = rep.plot(tmp_path / "v.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -66,6 +71,42 @@ def test_cli_validate_strict_exit_code(table, mixed_policy, tmp_path, strict, th
     assert main(args + (["--strict"] if strict else [])) == code
     assert (tmp_path / "o" / "validation.json").is_file()
     assert (tmp_path / "o" / "predicted_vs_measured.png").is_file()
+
+
+def test_validate_times_against_the_tables_reference_and_divides_the_drift_out(table):
+    """A table that names its reference (block / segment tables: uniform W8A8, its time then, its
+    timing mode): validate times the policy against that model, in that mode, and reports the
+    measurement in the table's time (ratio x the reference's time then)."""
+    from lcpaq.deploy.validate import validate
+    from lcpaq.profiler.fidelity import calibrate_to_references
+    from lcpaq.profiler.predict import latency_model
+
+    m = get_model("mnist_resnet")
+    names = quantizable_names(m)
+    lm = latency_model(table, trace(m, (1, 1, 28, 28), name="mnist_resnet"), [(8, 8), (32, 32)])
+    then = 0.05
+    lm_ref = dataclasses.replace(lm, meta={**lm.meta, "reference": {"bits": [8, 8], "ms": then, "whole": "stream"}})
+    w8 = Policy.uniform(names, 8, 8)
+    rep = validate("mnist_resnet", w8, HW, lm_ref, rounds=2)
+    assert rep.reference == "w8a8" and rep.whole_mode == "stream" and rep.table_reference_ms == then
+    # the policy is the reference model itself: their interleaved ratio is ~1 (fp32 would not be)
+    assert rep.relative == pytest.approx(1.0, abs=0.1)
+    assert rep.measured_table_ms == pytest.approx(rep.relative * then)
+    assert rep.error_drift_free_pct == pytest.approx((rep.predicted_ms / rep.measured_table_ms - 1) * 100)
+    assert any("table was made" in n for n in rep.notes)
+    assert validate("mnist_resnet", w8, HW, lm_ref, rounds=1, whole="warm").whole_mode == "warm"
+    with pytest.raises(ConfigError, match="stream"):
+        validate("mnist_resnet", w8, HW, lm_ref, rounds=1, whole="cold")
+    # calibrated to references measured now: nothing left to rescale, so no table reference
+    cal = calibrate_to_references(lm_ref, {(32, 32): 0.1, (8, 8): 0.08})
+    assert "reference" not in cal.meta
+
+
+def test_cli_validate_bad_whole_mode_exit_2(table, mixed_policy, tmp_path, capsys):
+    _, path = mixed_policy
+    rc = main(["validate", "--model", "mnist_resnet", "--policy", str(path), "--hw", str(HW), "--table", str(table),
+               "--whole", "cold", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "warm, stream" in capsys.readouterr().err
 
 
 def test_cli_validate_missing_table_entries_exit_2(table, tmp_path, capsys):

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lcpaq.errors import MissingLatencyError, TableError
+from lcpaq.errors import ConfigError, MissingLatencyError, TableError
 from lcpaq.latency import GroupCost, LatencyModel
 from lcpaq.policy import Policy
 from lcpaq.profiler.blocks import (
@@ -221,7 +221,13 @@ def test_profile_blocks_covers_every_context_on_ort(blocknet):
     from lcpaq.profiler.blocks import profile_blocks
 
     st = MeasureSettings(warmup=1, number=1, repeat=3)
-    table, lm = profile_blocks(blocknet, _BlockNet.input_shape, CANDS, settings=st, n_whole=6)
+    table, lm = profile_blocks(blocknet, _BlockNet.input_shape, CANDS, settings=st, n_whole=6, whole="stream")
+    # the whole rows' timing mode and reference travel with the table and its model (validate reads them)
+    assert table.whole_mode == "stream" and BlockTable.from_dict(table.to_dict()).whole_mode == "stream"
+    assert lm.meta["reference"] == {"bits": [8, 8], "ms": pytest.approx(np.median([r["ref_ms"] for r in table.whole])),
+                                    "whole": "stream"}
+    with pytest.raises(ConfigError, match="warm, stream"):
+        profile_blocks(blocknet, _BlockNet.input_shape, CANDS, settings=st, whole="cold")
     for b, ctx in table.plan.context.items():
         assert len(table.keys[b]) == 2 ** len(ctx)
     assert all(np.isfinite(v) for v in table.ms.values())
@@ -321,7 +327,6 @@ def test_cold_cache_units_run_and_are_not_faster_than_warm(blocknet):
 
 def _matmul_chain(depth: int) -> bytes:
     """x (1, 3, 8, 8) -> flatten -> ``depth`` chained 192x192 MatMuls: work proportional to depth."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.full((192, 192), 1e-3, np.float32), "w")

@@ -40,6 +40,9 @@ def validate(
     strict: bool = typer.Option(False, help="exit 1 when |error| exceeds --threshold-pct"),
     threshold_pct: float = typer.Option(5.0, min=0.0, help="flag threshold, %"),
     rounds: int = typer.Option(3, min=1, help="interleaved measurement rounds"),
+    whole: str | None = typer.Option(None, help="how the policy is timed against the reference: warm "
+                                     "(chunks after one untimed call: a model served alone) or stream (call "
+                                     "by call after the reference); default the table's, else warm"),
     calibrate: bool = typer.Option(False, help="first measure uniform fp32/W8A8 whole models now and "
                                    "calibrate the table to them (absorbs drift and inter-layer ops)"),
     out: Path = typer.Option(Path("lcpaq-validate"), help="folder for validation.json and PNG"),
@@ -51,9 +54,12 @@ def validate(
     from lcpaq.deploy.validate import validate as run_validate
     from lcpaq.errors import ConfigError
     from lcpaq.models import default_input_shape, get_model
+    from lcpaq.profiler.backends.ort import WHOLE_MODES
     from lcpaq.profiler.hwprofile import load_profile
 
     hwp = load_profile(hw)  # bad profile -> ProfileError (exit 2) before any heavy work
+    if whole is not None and whole not in WHOLE_MODES:
+        raise ConfigError(f"--whole {whole}: use one of {', '.join(WHOLE_MODES)}")
     out_path(out, folder=True)
     m = get_model(model, weights=weights)
     pol = Policy_load(policy, m)
@@ -76,7 +82,7 @@ def validate(
     with console.status(f"deploying on {hwp.backend} and measuring ({rounds} rounds)..."):
         rep = run_validate(m, pol, hwp, lm, threads=threads, strict_threshold_pct=threshold_pct,
                            calib=cal, check_inputs=xs, check_labels=ys, rounds=rounds, model_name=model,
-                           input_shape=default_input_shape(model))
+                           input_shape=default_input_shape(model), whole=whole)
     out.mkdir(parents=True, exist_ok=True)
     rep.save(out / "validation.json")
     rep.plot(out / "predicted_vs_measured.png")
@@ -103,8 +109,13 @@ def print_report(rep) -> None:
     console.print(
         f"whole model: predicted {rep.predicted_ms:.4f} ms, measured {rep.measured_ms:.4f} ms "
         f"(wall {rep.measured_wall_ms:.4f}, spread {rep.spread_pct:.1f} % over {len(rep.round_medians_ms)} "
-        f"rounds, fp32 reference {rep.reference_fp32_ms:.4f} ms): error {rep.error_pct:+.2f} % "
-        f"(threshold ±{rep.threshold_pct:g} %) {flag}")
+        f"rounds, {rep.whole_mode}, {rep.reference} reference {rep.reference_ms:.4f} ms, ratio "
+        f"{rep.relative:.4f}): error {rep.error_pct:+.2f} % (threshold ±{rep.threshold_pct:g} %) {flag}")
+    if rep.table_reference_ms == rep.table_reference_ms:  # the table carries its reference's time
+        console.print(
+            f"in the table's time (reference {rep.table_reference_ms:.4f} ms then, {rep.reference_ms:.4f} ms now): "
+            f"measured {rep.measured_table_ms:.4f} ms, error {rep.error_drift_free_pct:+.2f} % with the drift "
+            f"divided out")
     if oc:
         console.print(f"outputs vs fake-quant: max abs err {oc['max_abs_err']:.4g} (|logit| max "
                       f"{oc['ref_abs_max']:.3g}), top-1 agreement {100 * oc['top1_agreement']:.2f} % on {oc['n']}")

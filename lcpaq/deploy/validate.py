@@ -1,11 +1,20 @@
 """``validate(...)``: deploy a policy on a device profile's runtime and check the latency prediction.
 
 Measured latency follows the profile's :class:`~lcpaq.profiler.backend.MeasureSettings` (calling
-thread CPU time at 1 thread as the primary figure, wall time beside it) in ``rounds`` interleaved
-rounds with an fp32 whole-model reference (policy, reference, policy, reference, ...): the VM
-drifts 10-25 % within an hour, so the fastest round's median is reported with the spread across
-rounds, and the reference lets a reader rescale. The prediction is
-:meth:`lcpaq.latency.LatencyModel.predict` from the profiler's table.
+thread CPU time at 1 thread as the primary figure, wall time beside it). In each of ``rounds``
+rounds the deployed policy is timed against a whole-model reference, interleaved in short chunks
+(:func:`lcpaq.profiler.backends.ort.time_interleaved`): the fastest round's median is reported with
+the spread across rounds, and ``relative`` = policy / reference. The VM drifts 10-25 % within an
+hour, and a ratio to a model timed alongside holds where either time alone does not.
+
+The reference is the one the table was fitted against when the table says so (block and kernels
+segment tables: uniform W8A8, its median time when the table was made, and how the table's whole
+rows were timed, ``meta["reference"]``); then the report also gives the measurement in the table's
+time (``relative x`` that time) and the error against it, with the machine's drift since profiling
+divided out. Otherwise the reference is the fp32 model. ``whole``: "warm" (chunks of ``number``
+calls after one untimed call: the warm-loop latency of a model served alone) or "stream" (call by
+call, each right after the reference: a stream of alternating models), default the table's.
+The prediction is :meth:`lcpaq.latency.LatencyModel.predict` from the profiler's table.
 """
 
 from __future__ import annotations
@@ -21,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from lcpaq.errors import ConfigError
-from lcpaq.policy import Policy, atomic_write_text
+from lcpaq.policy import Policy, atomic_write_text, format_bits
 
 log = logging.getLogger(__name__)
-REPORT_SCHEMA = "lcpaq.validation/1"
+REPORT_SCHEMA = "lcpaq.validation/2"  # /2: reference_fp32_ms -> reference, reference_ms; relative, drift-free
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,16 @@ class ValidationReport:
     measured_wall_ms: float
     round_medians_ms: tuple[float, ...]
     spread_pct: float  # (max - min) / min over rounds
-    reference_fp32_ms: float  # whole-model fp32 reference measured in the same rounds
+    reference: str  # the whole model timed interleaved with the policy: "fp32" or the table's ("w8a8")
+    reference_ms: float  # its time in the same rounds (fastest round's median)
+    relative: float  # policy / reference: median over the rounds of the median per-chunk ratio
     error_pct: float  # (predicted - measured) / measured * 100
     threshold_pct: float
-    flagged: bool
+    flagged: bool  # |error_pct| > threshold_pct
+    whole_mode: str = "warm"  # how the two were interleaved (lcpaq.profiler.backends.ort.WHOLE_MODES)
+    table_reference_ms: float = float("nan")  # the reference's time when the table was made
+    measured_table_ms: float = float("nan")  # relative x table_reference_ms: measured, in the table's time
+    error_drift_free_pct: float = float("nan")  # (predicted - measured_table_ms) / measured_table_ms * 100
     layers: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> predicted/measured ms
     output_check: dict[str, float] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
@@ -59,21 +74,34 @@ class ValidationReport:
         return plot_validation([self], path)
 
 
-def _timed_rounds(deps: Sequence[Any], settings: Any, rounds: int) -> list[list[tuple[float, float]]]:
-    """[deployment][round] -> (median primary ms, median wall ms), interleaved within each round."""
+def _timed_rounds(dep: Any, ref: Any, settings: Any, rounds: int, whole: str) -> list[dict[str, float]]:
+    """Per round: the policy (``dep``) timed against the reference (``ref``), {ms, wall_ms, ref_ms,
+    ref_wall_ms, rel}. Interleaved in chunks (``time_interleaved``, ``repeat`` chunks per round,
+    ``whole`` mode) where both are timed through ``call``; a runtime's own timer (TVM's
+    time_evaluator, wall) times whole loops, reference then policy."""
+    from lcpaq.profiler.backends.ort import time_interleaved, whole_mode_kwargs
+
+    chunk = whole_mode_kwargs(whole)
+    out = []
+    for _ in range(rounds):
+        if dep.timer is None and ref.timer is None:
+            out.append(time_interleaved(ref.call, dep.call, settings, rounds=settings.repeat, **chunk))
+            continue
+        r, q = (_own_timer(d, settings) for d in (ref, dep))
+        out.append({"ms": q[0], "wall_ms": q[1], "ref_ms": r[0], "ref_wall_ms": r[1], "rel": q[0] / r[0]})
+    return out
+
+
+def _own_timer(dep: Any, settings: Any) -> tuple[float, float]:
+    """(median primary ms, median wall ms): the runtime's own timer, else ``call`` in a loop."""
     from lcpaq.profiler.backends.ort import time_callable
 
-    out: list[list[tuple[float, float]]] = [[] for _ in deps]
-    for _ in range(rounds):
-        for i, dep in enumerate(deps):
-            if dep.timer is not None:  # the runtime's own timer (TVM time_evaluator, wall)
-                primary, wall = dep.timer(settings)
-                out[i].append((float(np.median(primary)), float(np.median(wall))))
-                continue
-            cpu, wall = time_callable(dep.call, settings)
-            primary = cpu if settings.metric == "thread_cpu" else wall
-            out[i].append((float(np.median(primary)), float(np.median(wall))))
-    return out
+    if dep.timer is not None:
+        primary, wall = dep.timer(settings)
+    else:
+        cpu, wall = time_callable(dep.call, settings)
+        primary = cpu if settings.metric == "thread_cpu" else wall
+    return float(np.median(primary)), float(np.median(wall))
 
 
 def _is_deployed(model: Any, policy: Policy) -> bool:
@@ -101,12 +129,14 @@ def validate(
     rounds: int = 3,
     per_layer: bool = True,
     model_name: str = "",
+    whole: str | None = None,
 ) -> ValidationReport:
     """Deploy ``model`` under ``policy`` on ``hw_profile``'s backend; predicted vs measured latency.
 
     ``model``: a registered name or an nn.Module (fp32, or already quantized at ``policy`` and
     calibrated, e.g. after fine-tuning). ``table``: latency table path, LatencyTable, or a ready
-    LatencyModel (e.g. one calibrated to whole-model references).
+    LatencyModel (e.g. one calibrated to whole-model references). ``whole``: "warm" or "stream" (module
+    doc; default the table's, else "warm").
 
     >>> # rep = validate("mnist_resnet", pol, "hw_profiles/host-cpu-ort.toml", "latency_tables/t.jsonl")
     >>> # rep.predicted_ms, rep.measured_ms, rep.error_pct
@@ -155,23 +185,41 @@ def validate(
     lm = table if isinstance(table, LatencyModel) else latency_model(table, inventory, pairs)
     predicted = lm.predict(policy)
     breakdown = lm.breakdown(policy)
+    table_ref = dict(lm.meta.get("reference") or {})  # {"bits", "ms", "whole"}: block / segment tables
+    whole = whole or str(table_ref.get("whole", "warm"))
+    from lcpaq.profiler.backends.ort import whole_mode_kwargs
+
+    whole_mode_kwargs(whole)  # an unknown mode fails before anything is deployed
 
     dep = deploy(fq, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw)
-    ref = deploy(fp32, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw) \
-        if hw.backend != "lcpaq-kernels" else _torch_fp32(fp32, input_shape, threads)
+    if table_ref:
+        ref_bits = (int(table_ref["bits"][0]), int(table_ref["bits"][1]))
+        ref_label = format_bits(ref_bits)
+        ref_fq = apply_policy(copy.deepcopy(fp32), Policy.uniform(names, *ref_bits),
+                              calib_loader=[torch.from_numpy(c) for c in calib], calib_batches=len(calib)).eval()
+        ref = deploy(ref_fq, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw)
+    else:
+        ref_label = "fp32"
+        ref = deploy(fp32, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw) \
+            if hw.backend != "lcpaq-kernels" else _torch_fp32(fp32, input_shape, threads)
     xs = check_inputs if check_inputs is not None else calib[0]
     out_check = check_outputs(dep, fq, xs, check_labels)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        timed = _timed_rounds([dep, ref], settings, rounds)
+        timed = _timed_rounds(dep, ref, settings, rounds, whole)
     finally:
         torch.set_num_threads(old)
-    med = [t[0] for t in timed[0]]
+    med = [t["ms"] for t in timed]
     best = int(np.argmin(med))
-    measured, wall = timed[0][best]
-    ref_ms = min(t[0] for t in timed[1])
+    measured, wall = timed[best]["ms"], timed[best]["wall_ms"]
+    ref_ms = min(t["ref_ms"] for t in timed)
+    rel = float(np.median([t["rel"] for t in timed]))
     err = (predicted - measured) / measured * 100.0
+    nan = float("nan")
+    table_ref_ms = float(table_ref["ms"]) if table_ref else nan
+    measured_table = rel * table_ref_ms
+    err_df = (predicted - measured_table) / measured_table * 100.0 if table_ref else nan
     layers: dict[str, dict[str, float]] = {
         k: {"predicted_ms": float(v)} for k, v in breakdown.items()}
     if per_layer and dep.profile_layers is not None:
@@ -183,13 +231,18 @@ def validate(
     notes = list(dep.notes)
     if threads > 1:
         notes.append("threads > 1: wall time is the primary metric")
+    if table_ref:
+        notes.append(f"reference {ref_label}: {ref_ms:.4g} ms now, {table_ref_ms:.4g} ms when the table was made "
+                     f"({100 * (ref_ms / table_ref_ms - 1):+.1f} %); measured in the table's time "
+                     f"{measured_table:.4g} ms, error {err_df:+.2f} % with that drift divided out")
     return ValidationReport(
         model=model_name or type(model).__name__, profile=hw.name, backend=hw.backend, threads=threads,
         metric=settings.metric, predicted_ms=float(predicted), measured_ms=float(measured),
         measured_wall_ms=float(wall), round_medians_ms=tuple(med),
-        spread_pct=float((max(med) - min(med)) / min(med) * 100.0), reference_fp32_ms=float(ref_ms),
-        error_pct=float(err), threshold_pct=float(strict_threshold_pct),
-        flagged=bool(abs(err) > strict_threshold_pct), layers=layers, output_check=out_check,
+        spread_pct=float((max(med) - min(med)) / min(med) * 100.0), reference=ref_label, reference_ms=float(ref_ms),
+        relative=rel, error_pct=float(err), threshold_pct=float(strict_threshold_pct),
+        flagged=bool(abs(err) > strict_threshold_pct), whole_mode=whole, table_reference_ms=table_ref_ms,
+        measured_table_ms=float(measured_table), error_drift_free_pct=float(err_df), layers=layers, output_check=out_check,
         policy=policy.to_dict(), notes=tuple(notes),
     )
 

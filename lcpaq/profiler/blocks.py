@@ -201,6 +201,8 @@ class BlockTable:
     # boundary 'a+b' -> [pair-context pattern, pair key, key of a, key of b] per designed policy
     # (lcpaq.profiler.pairs); empty when the pairs were not timed
     pairs: dict[str, list[list[str]]] = field(default_factory=dict)
+    # how the whole rows were timed against the reference (lcpaq.profiler.backends.ort.WHOLE_MODES)
+    whole_mode: str = "warm"
 
     def add(self, units: Mapping[str, Any], policy: Policy) -> list[Any]:
         """Record each block's key for its context in ``policy``; return the units not yet timed."""
@@ -229,7 +231,7 @@ class BlockTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": BLOCK_SCHEMA, "plan": self.plan.to_dict(), "ms": self.ms, "keys": self.keys,
-                "whole": self.whole, "pairs": self.pairs}
+                "whole": self.whole, "pairs": self.pairs, "whole_mode": self.whole_mode}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> BlockTable:
@@ -237,7 +239,8 @@ class BlockTable:
             raise TableError(f"block table schema is {d.get('schema')!r}, expected {BLOCK_SCHEMA!r}")
         return BlockTable(BlockPlan.from_dict(d["plan"]), dict(d["ms"]),
                           {b: dict(v) for b, v in d["keys"].items()}, list(d.get("whole", [])),
-                          {g: [list(o) for o in v] for g, v in d.get("pairs", {}).items()})
+                          {g: [list(o) for o in v] for g, v in d.get("pairs", {}).items()},
+                          str(d.get("whole_mode", "warm")))
 
     def save(self, path: str | Path) -> Path:
         from lcpaq.policy import atomic_write_text
@@ -473,7 +476,21 @@ def fit_block_model(table: BlockTable, candidates: Sequence[BitPair], *, feature
     return LatencyModel(unary, pairwise, float(coef[0]), groups=tuple(groups),  # type: ignore[arg-type]
                         meta={"source": "lcpaq.profiler.blocks.fit_block_model", "correction": coef.tolist(),
                               "correction_features": features, "fit_rms_rel": rms,
-                              "whole_rows": len(table.whole), "pair_groups": len(joint)})
+                              "whole_rows": len(table.whole), "pair_groups": len(joint),
+                              **reference_meta(table.whole, table.whole_mode)})
+
+
+def reference_meta(rows: Sequence[Mapping[str, Any]], whole_mode: str = "warm",
+                   bits: BitPair = (8, 8)) -> dict[str, Any]:
+    """``{"reference": {"bits", "ms", "whole"}}`` for a model fitted on whole rows timed against a
+    uniform ``bits`` reference: the reference's median time when the table was made, and the timing
+    mode. :func:`lcpaq.deploy.validate.validate` times the deployed policy against the same
+    reference and compares the prediction with ``rel x ms`` (the measurement in the table's time,
+    the machine's drift since the table divided out). Empty when no row carries ``ref_ms``."""
+    refs = [float(r["ref_ms"]) for r in rows if r.get("ref_ms")]
+    if not refs:
+        return {}
+    return {"reference": {"bits": [int(b) for b in bits], "ms": float(np.median(refs)), "whole": whole_mode}}
 
 
 def profile_blocks(
@@ -490,6 +507,7 @@ def profile_blocks(
     export: Any = None,
     progress: Any = None,
     flush_bytes: int = 0,
+    whole: str = "warm",
 ) -> tuple[BlockTable, LatencyModel]:
     """Export the designed policies, cut and time every new block unit (per-call overhead removed),
     time ``n_whole`` of those policies (None: all) whole against an interleaved uniform-int8
@@ -502,21 +520,25 @@ def profile_blocks(
     +8 % on the embedded model (predicted 0.0795 ms for the W8A8 graph the same run measured at
     0.0737 ms), where a deployed policy often sits. ``export``: see
     :func:`block_plan`; ``progress(done, total)`` after each designed policy. ``flush_bytes``: time
-    the units with cold caches (:class:`OrtTimer`; 0 = warm, the default).
+    the units with cold caches (:class:`OrtTimer`; 0 = warm, the default). ``whole``: how the whole
+    rows are timed against the reference ("warm" chunks or call-by-call "stream",
+    :data:`lcpaq.profiler.backends.ort.WHOLE_MODES`); recorded in the table, and validate measures
+    the same way by default.
 
     >>> # table, lm = profile_blocks(get_model("mobilenet_v2"), (1, 3, 224, 224), [(32, 32), (8, 8)])
     """
     from lcpaq.profiler.backend import MeasureSettings
+    from lcpaq.profiler.backends.ort import whole_mode_kwargs
     from lcpaq.profiler.pairs import pair_groupings, record_pairs
 
     export = export or profiler_export
-
+    chunk = whole_mode_kwargs(whole)
     st = settings or MeasureSettings(warmup=3, number=3, repeat=5)
     x = np.random.default_rng(1).standard_normal(input_shape).astype(np.float32)
     cal = calib if calib is not None else [x]
     plan = block_plan(model, input_shape, calib=cal, export=export)
     pols = design_policies(plan, candidates, np.random.default_rng(seed))
-    table = BlockTable(plan)
+    table = BlockTable(plan, whole_mode=whole)
     timer = OrtTimer(st, x, flush_bytes=flush_bytes)
     n = len(pols) if n_whole is None else min(n_whole, len(pols))
     whole_idx = set(np.linspace(0, len(pols) - 1, n).round().astype(int).tolist())
@@ -529,7 +551,7 @@ def profile_blocks(
             for u in record_pairs(table, cut_groups(b, model, pol, grouping), pol):
                 table.ms[u.key] = timer.unit(u)
         if i in whole_idx:
-            table.whole.append(timer.whole_row(pol, b, ref))
+            table.whole.append(timer.whole_row(pol, b, ref, **chunk))
         if progress:
             progress(i + 1, len(pols))
     fp = next((tuple(c) for c in candidates if precision_class(c) == "fp32"), (32, 32))
@@ -537,7 +559,7 @@ def profile_blocks(
     uniform = [(p, b if b is not None else export(model, p, input_shape, cal)) for p, b in uniform]
     for _ in range(anchors if table.whole else 0):
         for pol, b in uniform:
-            table.whole.append(timer.whole_row(pol, b, ref))
+            table.whole.append(timer.whole_row(pol, b, ref, **chunk))
     return table, fit_block_model(table, candidates)
 
 
@@ -658,5 +680,5 @@ class OrtTimer:
         return {"policy": {n: list(v) for n, v in pol.items()}, "ms": t["ms"], "ref_ms": t["ref_ms"], "rel": t["rel"]}
 
 
-__all__ = ["BLOCK_SCHEMA", "correction_features", "drift_free_ms", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
+__all__ = ["BLOCK_SCHEMA", "reference_meta", "correction_features", "drift_free_ms", "smooth_drift", "block_groups", "BlockPlan", "block_plan", "design_policies", "BlockTable", "edge_features",
            "fit_correction", "fit_block_model", "profile_blocks", "profiler_export", "OrtTimer", "process_cpu_ms"]

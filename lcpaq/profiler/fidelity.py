@@ -438,6 +438,7 @@ def calibrate_to_references(lm: LatencyModel, refs: Mapping[BitPair, float], *,
         }
     meta = dict(lm.meta)
     meta["per_unit_correction_ms"] = corr
+    meta.pop("reference", None)  # calibrated to now: no table-time reference to rescale by
     return LatencyModel(unary, pairwise, lm.constant_ms, meta=meta)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lcpaq.errors import MissingLatencyError, TableError
 from lcpaq.inventory import Inventory
@@ -17,6 +18,9 @@ from lcpaq.policy import BitPair, format_bits
 from lcpaq.profiler.run import OVERHEAD_KEY
 from lcpaq.profiler.table import TABLE_SCHEMA, LatencyTable, read_table
 from lcpaq.profiler.units import precision_class, unit_key
+
+if TYPE_CHECKING:  # torch-free at import: the kernels module is only named here
+    from lcpaq.profiler.backends.kernels_check import SegmentTable
 
 
 def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candidates: Sequence[BitPair], *,
@@ -127,8 +131,18 @@ def segment_latency_model(path: str | Path, inventory: Inventory, candidates: Se
 
     st = SegmentTable.from_dict(doc) if doc is not None else SegmentTable.load(path)
     _same_layers("segment", Path(path), inventory, st.plan.layers)
-    lm = fit_segment_model(st, list(candidates))
+    lm = with_segment_reference(fit_segment_model(st, list(candidates)), st)
     return LatencyModel(lm.unary, lm.pairwise, lm.constant_ms, meta={**lm.meta, "table": str(path)}, groups=lm.groups)
+
+
+def with_segment_reference(lm: LatencyModel, table: SegmentTable) -> LatencyModel:
+    """``lm`` (fitted on a kernels segment table) with the table's uniform-W8A8 reference in its
+    meta (:func:`lcpaq.profiler.blocks.reference_meta`), so validate can divide the drift out."""
+    import dataclasses
+
+    from lcpaq.profiler.blocks import reference_meta
+
+    return dataclasses.replace(lm, meta={**lm.meta, **reference_meta(table.rows)})
 
 
 def describe_missing(pair: BitPair) -> str:

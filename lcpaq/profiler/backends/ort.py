@@ -52,6 +52,22 @@ def time_callable(fn, settings: MeasureSettings) -> tuple[np.ndarray, np.ndarray
     return np.asarray(cpu), np.asarray(wall)
 
 
+# How a whole model is timed against its reference (``time_interleaved`` keywords): "warm" = chunks
+# of ``number`` calls after one untimed call (the warm-loop latency of a model served alone);
+# "stream" = call by call, each right after a call of the reference (the latency inside a stream
+# that alternates models; repeats to ~1 % where the warm loop repeats to 2-7 % on this busy VM).
+WHOLE_MODES: dict[str, dict[str, int]] = {"warm": {}, "stream": {"calls": 1, "settle": 0}}
+
+
+def whole_mode_kwargs(mode: str) -> dict[str, int]:
+    """``time_interleaved`` keywords of a whole-model timing mode; ConfigError names the modes."""
+    from lcpaq.errors import ConfigError
+
+    if mode not in WHOLE_MODES:
+        raise ConfigError(f"whole-model timing mode {mode!r} is unknown; use one of {', '.join(WHOLE_MODES)}")
+    return dict(WHOLE_MODES[mode])
+
+
 def time_interleaved(ref: Callable[[], Any], pol: Callable[[], Any], settings: MeasureSettings, *,
                      rounds: int | None = None, calls: int | None = None, settle: int = 1,
                      stat: str = "median") -> dict[str, float]:
