@@ -170,7 +170,7 @@ def rescore(models: list[str], variants: list[str], tag: str) -> int:
             if not (res.exists() and tab.exists()):
                 continue
             rows, t = json.loads(res.read_text())["rows"], SegmentTable.load(tab)
-            for corr in ("none", "const", "scale", "split", "auto"):
+            for corr in ("none", "const", "trans", "scale", "split", "auto"):
                 lm = fit_segment_model(t, CANDIDATES, correction=corr)
                 scored = []
                 ref0 = float(np.median([q["ref_ms"] for q in t.rows]))

@@ -119,7 +119,7 @@ def test_segment_table_gives_the_demo_latency_model_and_other_json_is_refused(tm
     for _ in range(5):
         pol = Policy({n: CANDS[int(rng.integers(3))] for n in inv.names})
         assert lm.predict(pol) == pytest.approx(ref.predict(pol), rel=1e-12)
-    assert lm.meta["table"] == str(path) and lm.meta["correction"] == "const"
+    assert lm.meta["table"] == str(path) and lm.meta["correction"] == "trans"  # fit_segment_model's default
 
     other = tmp_path / "sens.json"
     other.write_text(json.dumps({"schema": "lcpaq.sensitivity/1"}))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcpaq.errors import ConfigError, MissingLatencyError
+from lcpaq.errors import ConfigError, KernelError, MissingLatencyError
 from lcpaq.kernels import status
 from lcpaq.policy import Policy
 from lcpaq.profiler.backend import MeasureSettings
@@ -54,8 +54,9 @@ def test_design_covers_every_key():
     assert len(seen2) == len(seen) and min(seen2.values()) >= 2
 
 
-def _synthetic_table(c0=0.02, scale=1.0, noise=0.0):
-    """A table whose rows are generated from known unit costs: whole = c0 + scale * sum(units)."""
+def _synthetic_table(c0=0.02, scale=1.0, noise=0.0, tau=0.0):
+    """A table whose rows are generated from known unit costs: whole = c0 + scale * sum(units)
+    + tau * (float/integer switches between consecutive layers)."""
     plan = kc.SegmentPlan(["s", "a", "b"], {"a": ["b"], "b": ["a"]})
     rng = np.random.default_rng(3)
     cost = {}
@@ -75,7 +76,7 @@ def _synthetic_table(c0=0.02, scale=1.0, noise=0.0):
     t = kc.SegmentTable(plan)
     for pol in pols:
         segs = {n: unit(pol, n) for n in plan.layers}
-        whole = c0 + scale * sum(segs.values())
+        whole = c0 + scale * sum(segs.values()) + tau * plan.transitions(pol)
         t.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "segments": segs,
                        "whole_ms": whole * (1 + noise * rng.standard_normal()), "ref_ms": 1.0})
     return t, unit, pols
@@ -93,12 +94,45 @@ def test_fit_recovers_units_fused_edges_and_the_correction():
     # the fused edge is a pairwise term (the ILP sees it), not hidden in a group
     assert not lm.groups and lm.pairwise[("a", "b")][((4, 8), (8, 8))] == pytest.approx(-2 * 0.004 * 1.1)
     flat, _, _ = _synthetic_table(c0=0.03, scale=1.0, noise=0.0)
-    const = kc.fit_segment_model(flat, CANDS)  # the default: segments + a constant
+    const = kc.fit_segment_model(flat, CANDS, correction="const")  # segments + a constant
     assert const.meta["correction"] == "const" and const.constant_ms == pytest.approx(0.03, abs=1e-12)
+    dflt = kc.fit_segment_model(flat, CANDS)  # the default (trans) finds no switch cost here
+    assert dflt.meta["correction"] == "trans" and dflt.constant_ms == pytest.approx(0.03, abs=1e-12)
+    assert dflt.meta["coef"][1] == pytest.approx(0.0, abs=1e-12)
     none = kc.fit_segment_model(t, CANDS, correction="none")
     assert none.constant_ms == 0.0 and none.predict(pols[0]) == pytest.approx(sum(unit(pols[0], n) for n in "sab"))
     with pytest.raises(ConfigError, match="correction"):
         kc.fit_segment_model(t, CANDS, correction="magic")
+
+
+def test_transitions_follow_the_run_order_and_fit_as_pairwise_terms():
+    plan = kc.SegmentPlan(["a", "b", "c"], {}, order=["a", "c", "b"])
+    assert plan.sequence() == [("a", "c"), ("c", "b")]
+    f, i = (32, 32), (8, 8)
+    assert plan.transitions(Policy({"a": f, "b": f, "c": i})) == 2  # a|c and c|b switch
+    assert plan.transitions(Policy({"a": f, "b": i, "c": f})) == 1  # only c|b: a, b are not consecutive
+    assert plan.transitions(Policy({"a": (2, 8), "b": i, "c": (4, 8)})) == 0  # integer to integer
+    assert kc.SegmentPlan.from_dict(plan.to_dict()).order == plan.order
+    assert kc.SegmentPlan.from_dict({"layers": ["a", "b"], "partners": {}}).order == ("a", "b")  # older tables
+    with pytest.raises(KernelError, match="permutation"):
+        kc.SegmentPlan(["a", "b"], {}, order=["a", "a"])
+
+    t, unit, _ = _synthetic_table(c0=0.02, tau=0.003)
+    lm = kc.fit_segment_model(t, CANDS)
+    assert lm.meta["correction"] == "trans" and lm.meta["coef"] == pytest.approx([0.02, 0.003], abs=1e-12)
+    const = kc.fit_segment_model(t, CANDS, correction="const")
+    rng = np.random.default_rng(5)
+    worst_const = 0.0
+    for _ in range(20):  # unseen policies: exact with the switch term, not with a constant
+        pol = Policy({n: CANDS[int(rng.integers(4))] for n in t.plan.layers})
+        truth = 0.02 + sum(unit(pol, n) for n in t.plan.layers) + 0.003 * t.plan.transitions(pol)
+        assert lm.predict(pol) == pytest.approx(truth, rel=1e-9)
+        worst_const = max(worst_const, abs(const.predict(pol) - truth))
+    assert worst_const > 0.002
+    # the switch cost sits on the consecutive pairs, merged into the fused edge a-b
+    assert lm.pairwise[("s", "a")][((32, 32), (8, 8))] == pytest.approx(0.003)
+    assert lm.pairwise[("s", "a")].get(((4, 8), (8, 8)), 0.0) == 0.0
+    assert lm.pairwise[("a", "b")][((4, 8), (8, 8))] == pytest.approx(-2 * 0.004)
 
 
 def test_missing_key_is_named():
@@ -118,6 +152,7 @@ def test_segments_partition_the_converted_model_and_run_it_exactly(tmp_path):
     pol = Policy({n: CANDS[i % 4] for i, n in enumerate(plan.layers)})
     dep = kc.deploy_policy(m, pol, (1, 1, 28, 28), cal, plan.layers)
     assert sorted(dep.runner.names) == sorted(plan.layers)  # one segment per layer (in graph order)
+    assert list(plan.order) == dep.runner.names != list(plan.layers)  # the downsample runs before conv1
     with torch.inference_mode():
         assert torch.equal(dep.runner(), dep.call())
     # what fusion did is what the key says

@@ -31,11 +31,19 @@ def segment_key(layer: str, pair: tuple[int, int], ctx: str) -> str:
 
 
 class SegmentPlan:
-    """Layers (model order) and each one's fusion partners (producer first)."""
+    """Layers (model order), each one's fusion partners (producer first) and the order in which the
+    converted model runs them (``order``; the model order when not given)."""
 
-    def __init__(self, layers: Sequence[str], partners: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, layers: Sequence[str], partners: Mapping[str, Sequence[str]],
+                 order: Sequence[str] | None = None) -> None:
+        from lcpaq.errors import KernelError
+
         self.layers = tuple(layers)
         self.partners = {n: tuple(partners.get(n, ())) for n in self.layers}
+        self.order = tuple(order) if order is not None else self.layers
+        if sorted(self.order) != sorted(self.layers):
+            raise KernelError(f"segment plan: run order {list(self.order)} is not a permutation of the layers "
+                              f"{list(self.layers)}; build the plan with segment_plan()")
 
     def key(self, policy: Any, layer: str) -> str:
         """The key of ``layer``'s segment under ``policy``."""
@@ -48,12 +56,22 @@ class SegmentPlan:
         out = {(n, p) if pos[n] < pos[p] else (p, n) for n in self.layers for p in self.partners[n]}
         return sorted(out, key=lambda e: (pos[e[0]], pos[e[1]]))
 
+    def sequence(self) -> list[tuple[str, str]]:
+        """Consecutive layers in run order: (previous, next)."""
+        return list(zip(self.order, self.order[1:], strict=False))
+
+    def transitions(self, policy: Any) -> int:
+        """How often the run switches between a float layer and an integer one (consecutive layers
+        in run order, one float and one not)."""
+        return sum((fuse_class(policy[a]) == "f") != (fuse_class(policy[b]) == "f") for a, b in self.sequence())
+
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "partners": {k: list(v) for k, v in self.partners.items()}}
+        return {"layers": list(self.layers), "partners": {k: list(v) for k, v in self.partners.items()},
+                "order": list(self.order)}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> SegmentPlan:
-        return SegmentPlan(d["layers"], d["partners"])
+        return SegmentPlan(d["layers"], d["partners"], d.get("order"))
 
 
 def quantized_copy(model: Any, policy: Any, calib: Sequence[Any]) -> Any:
@@ -81,7 +99,8 @@ def segment_plan(model: Any, calib: Sequence[Any]) -> SegmentPlan:
         if isinstance(m, _IntBase) and m.requant_for:
             partners[m.requant_for].insert(0, n)  # producer first
             partners[n].append(m.requant_for)
-    return SegmentPlan(names, partners)
+    order = [n for n in SegmentRunner(conv, names, None).names if n != "(pre)"]
+    return SegmentPlan(names, partners, order)
 
 
 class SegmentRunner:

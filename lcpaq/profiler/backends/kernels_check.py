@@ -189,7 +189,7 @@ class SegmentTable:
         return SegmentTable.from_dict(json.loads(Path(path).read_text()))
 
 
-CORRECTIONS = ("const", "scale", "split")
+CORRECTIONS = ("const", "trans", "scale", "split")
 
 
 
@@ -253,25 +253,49 @@ def _additive(unary: Mapping[str, Mapping[Any, float]], pairwise: Mapping[Any, M
     return f, i
 
 
-def _design(rows: Sequence[tuple[float, float]], variant: str) -> np.ndarray:
+_OFFSET = ("const", "trans")  # corrections fitted on whole - sum of segments (the units' scale fixed)
+
+
+def _design(rows: Sequence[tuple[float, float]], trans: Sequence[int], variant: str) -> np.ndarray:
     sf, si = (np.array(v, float) for v in zip(*rows, strict=True))
     one = np.ones_like(sf)
-    return {"const": np.c_[one], "scale": np.c_[one, sf + si], "split": np.c_[one, sf, si]}[variant]
+    return {"const": np.c_[one], "trans": np.c_[one, np.asarray(trans, float)], "scale": np.c_[one, sf + si],
+            "split": np.c_[one, sf, si]}[variant]
+
+
+def _with_transitions(pairwise: Mapping[tuple[str, str], Mapping[Any, float]], plan: SegmentPlan,
+                      candidates: Sequence[tuple[int, int]], tau: float) -> dict[tuple[str, str], dict[Any, float]]:
+    """``pairwise`` plus ``tau`` on every pair of consecutive layers (run order) of which exactly one
+    is float, merged into an existing term of the same two layers (either orientation)."""
+    out = {e: dict(t) for e, t in pairwise.items()}
+    cands = [_pair(c) for c in candidates]
+    for a, b in plan.sequence():
+        flip = (b, a) in out and (a, b) not in out
+        tab = out.setdefault((b, a) if flip else (a, b), {})
+        for ca in cands:
+            for cb in cands:
+                if (fuse_class(ca) == "f") != (fuse_class(cb) == "f"):
+                    k = (cb, ca) if flip else (ca, cb)
+                    tab[k] = tab.get(k, 0.0) + tau
+    return out
 
 
 def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]], *,
-                      correction: str = "const") -> Any:
+                      correction: str = "trans") -> Any:
     """LatencyModel = correction applied to the additive unit table.
 
     What the whole converted model runs beyond its segments (the model's and each block's module
     call, Python between them) is fitted on the whole rows: ``const`` (whole = c0 + sum of
-    segments), ``scale`` (c0 + b * sum) or ``split`` (c0 + b_fp32 * fp32 part + b_int * int part);
-    ``auto`` picks the smallest leave-one-out relative error. ``const`` is the default: what the
-    segments miss is the module structure (the model's and each block's call), a constant, and on
-    whole rows as noisy as this VM's (3-5 % rms at load 3-4) ``auto`` picked slopes that did worse
-    on held-out policies (mnist_resnet 1.6 % / 4.4 % median / max vs 0.7 % / 2.5 % for const; on
-    resnet18 the same 2.3 %; session 7 notes). Every term is per layer or per edge,
-    so the search sees the whole model. ``none``: the sum of the segments alone (c0 = 0, b = 1)."""
+    segments), ``trans`` (c0 + sum + tau * the number of float/integer switches between consecutive
+    layers in run order, :meth:`SegmentPlan.transitions`), ``scale`` (c0 + b * sum) or ``split``
+    (c0 + b_fp32 * fp32 part + b_int * int part); ``auto`` picks the smallest leave-one-out relative
+    error. ``trans`` is the default (session 8): a unit is the median of the profiled policies that
+    show its key, most of them mixed; in a run without switches (uniform W8A8) the integer segments
+    ran ~8 % below their units, so ``const`` fitted on uniform and mixed rows alike under-predicted
+    the mixed test policies of resnet18 by ~2 % (signed median). tau goes on the consecutive pairs
+    as pairwise terms. Slopes (``scale``/``split``) did worse held out on rows as noisy as this
+    VM's (session 7). Every term is per layer or per edge, so the search sees the whole model.
+    ``none``: the sum of the segments alone (c0 = 0, b = 1)."""
     from lcpaq.errors import ConfigError
     from lcpaq.latency import LatencyModel
     from lcpaq.policy import Policy
@@ -281,12 +305,13 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
     unary, pairwise = _projection(table, candidates)
     pols = [Policy({n: tuple(p) for n, p in r["policy"].items()}) for r in table.rows]
     parts = [_additive(unary, pairwise, p) for p in pols]
+    trans = [table.plan.transitions(p) for p in pols]
     y = drift_free_ms(table.rows, "whole_ms")
     s = np.array([a + b for a, b in parts])
 
     loo: dict[str, float] = {}
     for var in CORRECTIONS:
-        X = _design(parts, var)
+        X = _design(parts, trans, var)
         if len(y) <= X.shape[1] + 1:
             continue
         errs = []
@@ -296,7 +321,7 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
             errs.append((_apply(X[i:i + 1], s[i:i + 1], coef, var)[0] - y[i]) / y[i])
         loo[var] = float(np.sqrt(np.mean(np.square(errs))))
     var = correction if correction != "auto" else (min(loo, key=loo.__getitem__) if loo else "const")
-    X = _design(parts, "const" if var == "none" else var)
+    X = _design(parts, trans, "const" if var == "none" else var)
     coef = _fit(X, y, s, var) if len(y) and var != "none" else np.zeros(1)
     bf = bi = 1.0
     if len(y) and var == "scale":
@@ -305,6 +330,8 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
         bf, bi = float(coef[1]), float(coef[2])
     un = {n: {p: v * (bf if 32 in p else bi) for p, v in tab.items()} for n, tab in unary.items()}
     pw = {e: {k: v * bi for k, v in tab.items()} for e, tab in pairwise.items()}
+    if len(y) and var == "trans":
+        pw = _with_transitions(pw, table.plan, candidates, float(coef[1]))
     fit_rms = float(np.sqrt(np.mean(np.square((_apply(X, s, coef, var if var != "none" else "const") - y) / y)))) \
         if len(y) else float("nan")
     return LatencyModel(un, pw, float(coef[0]), meta={
@@ -316,11 +343,11 @@ def fit_segment_model(table: SegmentTable, candidates: Sequence[tuple[int, int]]
 def _fit(X: np.ndarray, y: np.ndarray, s: np.ndarray, var: str) -> np.ndarray:
     if var == "const":
         return np.array([float(np.mean(y - s))])
-    return np.linalg.lstsq(X, y, rcond=None)[0]
+    return np.linalg.lstsq(X, y - s if var in _OFFSET else y, rcond=None)[0]
 
 
 def _apply(X: np.ndarray, s: np.ndarray, coef: np.ndarray, var: str) -> np.ndarray:
-    return s + coef[0] if var == "const" else X @ coef
+    return s + X @ coef if var in _OFFSET else X @ coef
 
 
 @dataclass
@@ -377,8 +404,9 @@ def profile_segments(
     extra: int = 12,
     cover: int = 3,
     seed: int = 1000,
-    correction: str = "const",
+    correction: str = "trans",
     channels_last: bool = True,
+    settle: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[SegmentTable, Any]:
     """Time the segments of the designed policies (every key) plus ``extra`` random policies and the
@@ -389,7 +417,9 @@ def profile_segments(
 
     1 thread, the calling thread's CPU time by default (``settings``: the profile's). ``calib``:
     arrays or tensors for the activation ranges (random normal when None: kernel times do not
-    depend on the values). ``channels_last``: passed to :func:`lcpaq.kernels.convert`."""
+    depend on the values). ``channels_last``: passed to :func:`lcpaq.kernels.convert`. ``settle``:
+    untimed calls after each switch between the policy and the reference in the whole rows
+    (:func:`lcpaq.profiler.backends.ort.time_interleaved`)."""
     import torch
 
     from lcpaq.policy import Policy
@@ -418,11 +448,12 @@ def profile_segments(
         table = SegmentTable(plan, meta={
             "model": type(model).__name__, "input_shape": list(shape), "candidates": [list(c) for c in cands],
             "settings": dict(st.__dict__), "torch": torch.__version__, "isa": kernel_isa(),
-            "designed": n_design, "extra": extra, "cover": cover, "channels_last": channels_last, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "designed": n_design, "extra": extra, "cover": cover, "channels_last": channels_last,
+            "settle": settle, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         for i, pol in enumerate(pols):
             dep = deploy_policy(model, pol, shape, cal, plan.layers, channels_last=channels_last)
             segs = time_segments(dep.runner, st)
-            t = time_interleaved(ref.call, dep.call, st)
+            t = time_interleaved(ref.call, dep.call, st, settle=settle)
             table.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "whole_ms": t["ms"],
                                "wall_ms": t["wall_ms"], "ref_ms": t["ref_ms"], "rel": t["rel"],
                                "segments": {n: segs.get(n, 0.0) for n in plan.layers},
@@ -451,8 +482,8 @@ def random_policies(layers: Sequence[str], candidates: Sequence[tuple[int, int]]
 
 def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[Any], predict: Callable[[Any], float],
                    *, settings: MeasureSettings, ref_ms: float, rounds: int = 3, channels_last: bool = True,
-                   calib: Sequence[Any] | None = None, progress: Callable[[int, int], None] | None = None
-                   ) -> list[dict[str, Any]]:
+                   calib: Sequence[Any] | None = None, settle: int = 1,
+                   progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Measure each policy converted end to end, interleaved with uniform W8A8 in short chunks
     (:func:`lcpaq.profiler.backends.ort.time_interleaved`, ``rounds * repeat`` rounds), and compare
     with ``predict(policy)``. ``ref_ms``: the reference's time when the table was made.
@@ -460,7 +491,8 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
     drift since the table, exact to the moment); ``error_drift_pct`` rescales the prediction by the
     running median of 7 neighbouring policies' reference readings instead (session 7's first runs),
     ``error_row_pct`` by the policy's own reference reading, ``error_raw_pct`` not at all.
-    1 thread: thread CPU time (wall beside)."""
+    ``settle``: untimed calls after each switch (as the profile's whole rows). 1 thread: thread
+    CPU time (wall beside)."""
     import torch
 
     from lcpaq.policy import Policy
@@ -477,7 +509,7 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
         ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
         for i, pol in enumerate(policies):
             dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
-            t = time_interleaved(ref.call, dep.call, settings, rounds=rounds * settings.repeat)
+            t = time_interleaved(ref.call, dep.call, settings, rounds=rounds * settings.repeat, settle=settle)
             ms, wall, ref_now = t["ms"], t["wall_ms"], t["ref_ms"]
             pred, norm = float(predict(pol)), t["rel"] * ref_ms  # measured, at the table's reference time
             rows.append({"policy": {n: list(p) for n, p in pol.items()}, "predicted_ms": pred, "measured_ms": ms,
