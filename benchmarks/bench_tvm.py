@@ -220,7 +220,7 @@ def predict_bench(hw, model_name: str, table: Path, n_policies: int, kernels: in
     res["build"] = build
     deps = res.pop("deployments")
     out.update(res)
-    out.update(model=model_name, table=str(table), policies=n_policies, elementwise_trials=be.elementwise_trials,
+    out.update(model=model_name, table_path=str(table), policies=n_policies, elementwise_trials=be.elementwise_trials,
                tuned_tasks=getattr(be._tuner, "tasks_tuned", 0), tune_s=round(getattr(be._tuner, "tune_s", 0.0), 1))
     if kernels:
         x1 = np.random.default_rng(1).standard_normal((8, *shape[1:])).astype(np.float32)[:1]
