@@ -16,7 +16,8 @@ and each predictor variant:
 
 Test policies: seeds 0..19, each layer fp32 with p = 0.5 else w2a8/w4a8/w8a8 at random. Each is
 converted and timed end to end against uniform W8A8 (``--rounds`` x repeat interleaved chunks), 1 thread,
-the calling thread's CPU time (wall beside). Scoring: ``rel`` (primary, session 7) compares with
+the calling thread's CPU time (wall beside); ``--settle`` (default 2) untimed calls after each switch,
+in the profile's whole rows and in the test rows alike. Scoring: ``rel`` (primary, session 7) compares with
 the policy's measured ratio to the reference, interleaved in short chunks
 (``lcpaq.profiler.backends.ort.time_interleaved``), times the reference's time when the table was
 made; ``drift`` rescales the prediction by the reference's drift since the table was made (running
@@ -48,6 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CANDIDATES = ((2, 8), (4, 8), (8, 8), (32, 32))
 VARIANTS = ("segments", "segments-nchw", "table")
+
+
+def steady_malloc() -> bool:
+    """glibc's mmap/trim thresholds at 256 MiB (benchmarks/bench_kernels.py): freed memory stays in
+    the heap, so a call's output does not land on fresh pages whose faults depend on what ran before."""
+    from bench_kernels import steady_malloc as steady
+
+    return steady()
 
 
 def bench_lock():
@@ -101,7 +110,7 @@ def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
 
 
 def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0, tag: str = "",
-                cover: int = 3) -> dict:
+                cover: int = 3, settle: int = 2) -> dict:
     import torch
 
     from lcpaq.models import get_model
@@ -133,14 +142,14 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
             info["raw_predict"] = True
         else:
             table, lm = profile_segments(model, shape, CANDIDATES, settings=st, extra=extra, cover=cover,
-                                         channels_last=cl)
+                                         channels_last=cl, settle=settle)
             table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}{tag}.json")
             ref_ms = float(np.median([r["ref_ms"] for r in table.rows]))
             raw = None
             info = {"fit": dict(lm.meta), "profiled_policies": len(table.rows)}
         t_prof = time.perf_counter() - t0
         rows = check_policies(model, shape, tests, lm.predict, settings=st, ref_ms=ref_ms, rounds=rounds,
-                              channels_last=cl)
+                              channels_last=cl, settle=settle)
         load1 = os.getloadavg()
     if raw is not None:  # the uncalibrated per-layer table beside it
         for r, pol in zip(rows, tests, strict=True):
@@ -150,7 +159,7 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
             "drift": summarize(rows, "error_drift_pct"),
             "row_drift": summarize(rows, "error_row_pct"), "no_drift": summarize(rows, "error_raw_pct"), "load_start": load0, "load_end": load1,
             "profile_s": t_prof, "total_s": time.perf_counter() - t0, "settings": dataclasses.asdict(st),
-            "rounds": rounds, "measured_ms_range": [min(r["measured_ms"] for r in rows),
+            "rounds": rounds, "settle": settle, "measured_ms_range": [min(r["measured_ms"] for r in rows),
                                                      max(r["measured_ms"] for r in rows)], **info}
     if raw is not None:
         summ["raw_table"] = summarize(rows, "error_raw_table_pct")
@@ -197,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cover", type=int, default=3,
                     help="each segment key in at least this many designed policies (runs 1-4 of session 7: 1)")
     ap.add_argument("--repeat", type=int, default=0, help="samples per timing (default: 15 mnist_resnet, 11 resnet18)")
+    ap.add_argument("--settle", type=int, default=2,
+                    help="untimed calls after each switch between policy and reference in the whole rows "
+                         "(session 7: 1)")
+    ap.add_argument("--malloc", choices=("default", "steady"), default="default",
+                    help="steady: glibc keeps freed memory (mmap/trim thresholds 256 MiB), as bench_kernels.py")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--rescore", action="store_true", help="no timing: refit saved tables, re-score saved rows")
     args = ap.parse_args(argv)
@@ -206,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     problems += ["--policies and --rounds must be >= 1"] if args.policies < 1 or args.rounds < 1 else []
     problems += ["--repeat must be >= 0 (0: the model's default)"] if args.repeat < 0 else []
     problems += ["--cover must be >= 1"] if args.cover < 1 else []
+    problems += ["--settle must be >= 0"] if args.settle < 0 else []
     if problems:
         print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -214,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    malloc_steady = args.malloc == "steady" and steady_malloc()
+    print(f"malloc: {args.malloc} ({'set' if malloc_steady else 'glibc defaults'})", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = []
     for name in [m for m in args.models.split(",") if m]:
         for v in variants:
             print(f"{name} / {v} ...", flush=True)
-            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat, args.tag, args.cover)
+            res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat, args.tag, args.cover,
+                              args.settle)
+            res["summary"]["malloc"] = "steady" if malloc_steady else "default"
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]

@@ -201,3 +201,27 @@ def test_float_convs_run_channels_last_whatever_reaches_them():
     assert not y_old.is_contiguous(memory_format=torch.channels_last)
     assert y_new.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y_new, y_old)
+
+
+@needs_ext
+def test_check_rows_pass_settle_to_the_interleaved_timing_and_count_faults(monkeypatch):
+    """check_policies times each policy against the reference with ``settle`` untimed calls after
+    each switch (the profile's whole rows do the same) and reports the thread's page faults per call."""
+    seen = []
+
+    def fake(ref, pol, settings, **kw):
+        seen.append(kw)
+        ref(), pol()
+        return {"ms": 2.0, "ref_ms": 1.0, "rel": 2.0, "wall_ms": 2.0, "ref_wall_ms": 1.0}
+
+    monkeypatch.setattr(kc, "time_interleaved", fake)
+    m = _model()
+    pols = kc.random_policies(kc.segment_plan(m, _cal()).layers, CANDS, 2)
+    st = MeasureSettings(warmup=1, number=1, repeat=2)
+    rows = kc.check_policies(m, (1, 1, 28, 28), pols, lambda p: 1.1, settings=st, ref_ms=0.5, rounds=2, settle=3)
+    assert [kw["settle"] for kw in seen] == [3, 3] and all(kw["rounds"] == 4 for kw in seen)
+    assert all(r["faults_per_call"] >= 0 for r in rows)
+    assert rows[0]["error_pct"] == pytest.approx((1.1 - 2.0 * 0.5) / (2.0 * 0.5) * 100)
+    seen.clear()
+    kc.check_policies(m, (1, 1, 28, 28), pols[:1], lambda p: 1.0, settings=st, ref_ms=0.5)
+    assert seen[0]["settle"] == 2  # the default

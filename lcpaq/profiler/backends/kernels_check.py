@@ -71,6 +71,27 @@ def clock_overhead_ns(clock: Callable[[], int], n: int = 2000) -> float:
     return float(statistics.median(b - a for a, b in zip(ts, ts[1:], strict=False)))
 
 
+def _minor_faults() -> int:
+    """Minor page faults of the calling thread so far (0 where the OS does not count them per thread)."""
+    import resource
+
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return int(resource.getrusage(who).ru_minflt) if who is not None else 0
+
+
+def _interleaved(ref: Callable[[], Any], pol: Callable[[], Any], settings: MeasureSettings, **kw: Any
+                 ) -> dict[str, float]:
+    """:func:`time_interleaved` plus ``faults_per_call``: the thread's minor page faults over all its
+    calls (reference and policy), per call. A fresh output page costs a fault in the timed thread's
+    CPU time; how many there are depends on what the allocator gave back before (benchmarks/
+    bench_kernels.py, steady_malloc)."""
+    f0 = _minor_faults()
+    t = time_interleaved(ref, pol, settings, **kw)
+    rounds = kw.get("rounds") or 3 * settings.repeat
+    calls = 2 * (settings.warmup + rounds * (kw.get("settle", 1) + max(settings.number, 1)))
+    return {**t, "faults_per_call": (_minor_faults() - f0) / calls}
+
+
 def time_segments(runner: SegmentRunner, settings: MeasureSettings) -> dict[str, float]:
     """Median ms of every segment over ``settings.repeat * settings.number`` runs of the whole
     sequence (after ``settings.warmup``), one clock read subtracted; segments of the same name
@@ -406,7 +427,7 @@ def profile_segments(
     seed: int = 1000,
     correction: str = "trans",
     channels_last: bool = True,
-    settle: int = 1,
+    settle: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[SegmentTable, Any]:
     """Time the segments of the designed policies (every key) plus ``extra`` random policies and the
@@ -419,7 +440,9 @@ def profile_segments(
     arrays or tensors for the activation ranges (random normal when None: kernel times do not
     depend on the values). ``channels_last``: passed to :func:`lcpaq.kernels.convert`. ``settle``:
     untimed calls after each switch between the policy and the reference in the whole rows
-    (:func:`lcpaq.profiler.backends.ort.time_interleaved`)."""
+    (:func:`lcpaq.profiler.backends.ort.time_interleaved`): 2, because a converted resnet18 call
+    timed after one untimed call following the other model still ran ~2 % above its loop time
+    (session 8: resnet18 2.0 % / 3.2 % median / max with 2, 2.5 % / 4.8 % with 1, one run each)."""
     import torch
 
     from lcpaq.policy import Policy
@@ -453,9 +476,10 @@ def profile_segments(
         for i, pol in enumerate(pols):
             dep = deploy_policy(model, pol, shape, cal, plan.layers, channels_last=channels_last)
             segs = time_segments(dep.runner, st)
-            t = time_interleaved(ref.call, dep.call, st, settle=settle)
+            t = _interleaved(ref.call, dep.call, st, settle=settle)
             table.rows.append({"policy": {n: list(p) for n, p in pol.items()}, "whole_ms": t["ms"],
                                "wall_ms": t["wall_ms"], "ref_ms": t["ref_ms"], "rel": t["rel"],
+                               "faults_per_call": t["faults_per_call"],
                                "segments": {n: segs.get(n, 0.0) for n in plan.layers},
                                "pre_ms": segs.get("(pre)", 0.0), "designed": i < n_design})
             if progress:
@@ -482,7 +506,7 @@ def random_policies(layers: Sequence[str], candidates: Sequence[tuple[int, int]]
 
 def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[Any], predict: Callable[[Any], float],
                    *, settings: MeasureSettings, ref_ms: float, rounds: int = 3, channels_last: bool = True,
-                   calib: Sequence[Any] | None = None, settle: int = 1,
+                   calib: Sequence[Any] | None = None, settle: int = 2,
                    progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Measure each policy converted end to end, interleaved with uniform W8A8 in short chunks
     (:func:`lcpaq.profiler.backends.ort.time_interleaved`, ``rounds * repeat`` rounds), and compare
@@ -509,11 +533,12 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
         ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
         for i, pol in enumerate(policies):
             dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
-            t = time_interleaved(ref.call, dep.call, settings, rounds=rounds * settings.repeat, settle=settle)
+            t = _interleaved(ref.call, dep.call, settings, rounds=rounds * settings.repeat, settle=settle)
             ms, wall, ref_now = t["ms"], t["wall_ms"], t["ref_ms"]
             pred, norm = float(predict(pol)), t["rel"] * ref_ms  # measured, at the table's reference time
             rows.append({"policy": {n: list(p) for n, p in pol.items()}, "predicted_ms": pred, "measured_ms": ms,
                          "measured_wall_ms": wall, "ref_ms": ref_now, "rel": t["rel"],
+                         "faults_per_call": t["faults_per_call"],
                          "error_pct": (pred - norm) / norm * 100.0, "error_raw_pct": (pred - ms) / ms * 100.0,
                          "error_row_pct": (pred * ref_now / ref_ms - ms) / ms * 100.0,
                          "fp32_layers": sum(32 in tuple(p) for _, p in pol.items())})
