@@ -40,6 +40,47 @@ def test_key_follows_the_fusion_partner_only():
     assert plan.edges() == [("a", "b")]
 
 
+def test_prev_context_keys_a_layer_by_the_class_of_the_layer_run_before_it():
+    # run order s, a, b, c; a -> b fused
+    plan = kc.SegmentPlan(["s", "a", "b", "c"], {"a": ["b"], "b": ["a"]}, prev_context=True)
+    pol = Policy({"s": (32, 32), "a": (8, 8), "b": (4, 8), "c": (32, 32)})
+    assert plan.key(pol, "s") == "s|fp32"  # nothing runs before it
+    assert plan.key(pol, "a") == "a|w8a8|uf"  # partner b, then s (run before it)
+    assert plan.key(pol, "b") == "b|w4a8|u"  # run after its partner: the partner is the context
+    assert plan.key(pol, "c") == "c|fp32|u"  # a float layer: only the layer before it
+    assert plan.key(Policy({**dict(pol.items()), "b": (32, 32)}), "c") == "c|fp32|f"
+    assert plan.key(Policy({**dict(pol.items()), "s": (2, 8)}), "c") == "c|fp32|u"  # not before it
+    assert kc.SegmentPlan.from_dict(plan.to_dict()).key(pol, "c") == "c|fp32|u"
+    pols = kc.design_segment_policies(plan, CANDS, np.random.default_rng(0), cover=2)
+    from collections import Counter
+
+    seen = Counter(plan.key(p, n) for p in pols for n in plan.layers)
+    # s: 4; a: 3 int x 2 x 2 + fp32 x 2; b: 3 int x 2 + fp32 x 2; c: 3 int x 2 + fp32 x 2
+    assert len(seen) == 4 + 14 + 8 + 8 and min(seen.values()) >= 2
+
+    # units generated with a float layer costing 0.005 more after an integer one: recovered exactly
+    rng = np.random.default_rng(4)
+    base = {(n, c): 0.01 + 0.01 * rng.random() + (0.03 if 32 in c else 0.0) for n in plan.layers for c in CANDS}
+
+    def unit(q, n):
+        v = base[(n, tuple(q[n]))]
+        prev = {"a": "s", "b": "a", "c": "b"}.get(n)
+        if 32 in tuple(q[n]) and prev and 32 not in tuple(q[prev]):
+            v += 0.005
+        return v
+
+    t = kc.SegmentTable(plan)
+    for q in pols:
+        segs = {n: unit(q, n) for n in plan.layers}
+        t.rows.append({"policy": {n: list(b) for n, b in q.items()}, "segments": segs,
+                       "whole_ms": 0.02 + sum(segs.values()), "ref_ms": 1.0})
+    lm = kc.fit_segment_model(t, CANDS, correction="const")
+    for _ in range(20):
+        q = Policy({n: CANDS[int(rng.integers(4))] for n in plan.layers})
+        assert lm.predict(q) == pytest.approx(0.02 + sum(unit(q, n) for n in plan.layers), rel=1e-9)
+    assert lm.pairwise[("b", "c")][((8, 8), (32, 32))] == pytest.approx(0.005)  # on the b -> c pair
+
+
 def test_design_covers_every_key():
     plan = kc.SegmentPlan(["s", "a", "b", "c", "d"], {"a": ["b"], "b": ["a"], "c": ["d"], "d": ["c"]})
     pols = kc.design_segment_policies(plan, CANDS, np.random.default_rng(0))

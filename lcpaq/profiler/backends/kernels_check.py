@@ -131,8 +131,7 @@ def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, i
     left: dict[str, int] = {}
     for n in plan.layers:
         for c in cands:
-            ctxs = [()] if fuse_class(c) == "f" else product(sorted(by_class), repeat=len(plan.partners[n]))
-            for ctx in ctxs:
+            for ctx in product(sorted(by_class), repeat=len(plan.context(n, c))):
                 todo[segment_key(n, c, "".join(ctx))] = (n, c, ctx)
                 left[segment_key(n, c, "".join(ctx))] = max(int(cover), 1)
     out = []
@@ -144,7 +143,7 @@ def design_segment_policies(plan: SegmentPlan, candidates: Sequence[tuple[int, i
             n, c, ctx = items[int(k)]
             if n in fixed and fixed[n] != c:
                 continue
-            need = list(zip(plan.partners[n], ctx, strict=False))  # ctx is () for a float layer
+            need = list(zip(plan.context(n, c), ctx, strict=True))
             if any(p in fixed and fuse_class(fixed[p]) != cl for p, cl in need):
                 continue
             fixed[n] = c
@@ -216,9 +215,9 @@ CORRECTIONS = ("const", "trans", "scale", "split")
 
 def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
                 ) -> tuple[dict[str, dict[tuple[int, int], float]], dict[tuple[str, str], dict[Any, float]]]:
-    """Additive form of the unit table: per (layer, bits) a base cost (all partners float) plus one
-    term per partner and partner class, least squares over the keys seen (exact when each layer
-    has at most one partner, as in ResNets: conv1 -> conv2 of a block). Missing keys raise."""
+    """Additive form of the unit table: per (layer, bits) a base cost (all context layers float) plus
+    one pairwise term per context layer (fusion partner or previous layer) and its class, least
+    squares over the keys seen (exact with one context layer). Missing keys raise."""
     from lcpaq.errors import MissingLatencyError
 
     ms = table.unit_ms()
@@ -229,16 +228,17 @@ def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
     pos = {n: i for i, n in enumerate(plan.layers)}
     missing = []
     for n in plan.layers:
-        parts = plan.partners[n]
         for c in candidates:
             c = _pair(c)
-            if fuse_class(c) == "f":
+            parts = plan.context(n, c)
+            if not parts:
                 k = segment_key(n, c, "")
                 if k not in ms:
                     missing.append(k)
                 unary[n][c] = ms.get(k, 0.0)
                 continue
-            obs = {k.rsplit("|", 1)[1]: v for k, v in ms.items() if k.startswith(segment_key(n, c, ""))}
+            prefix = segment_key(n, c, "*")[:-1]
+            obs = {k[len(prefix):]: v for k, v in ms.items() if k.startswith(prefix)}
             if not obs:
                 missing.append(segment_key(n, c, "*"))
                 continue
@@ -254,7 +254,8 @@ def _projection(table: SegmentTable, candidates: Sequence[tuple[int, int]]
                     pc = _pair(pc)
                     if fuse_class(pc) == cl:
                         pair = (c, pc) if edge[0] == n else (pc, c)
-                        pairwise[edge][pair] = pairwise[edge].get(pair, 0.0) + float(v)
+                        tab = pairwise.setdefault(edge, {})
+                        tab[pair] = tab.get(pair, 0.0) + float(v)
     if missing:
         raise MissingLatencyError(
             f"segment table lacks {len(missing)} key(s), e.g. {', '.join(missing[:3])}; profile the model's "
