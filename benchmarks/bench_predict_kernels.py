@@ -114,8 +114,10 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
     import torch
 
     from lcpaq.models import get_model
+    from lcpaq.policy import Policy
     from lcpaq.profiler.backends.kernels_check import (
         check_policies,
+        deploy_policy,
         profile_segments,
         random_policies,
         summarize,
@@ -129,7 +131,10 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
     if repeat:
         st = dataclasses.replace(st, repeat=repeat)
     cl = variant == "segments"
-    tests = random_policies(quantizable_names(model), CANDIDATES, n_pol)
+    layers = quantizable_names(model)
+    tests = random_policies(layers, CANDIDATES, n_pol)
+    cal = [np.random.default_rng(1).standard_normal((4, *shape[1:])).astype(np.float32)]
+    ref = None  # one uniform-W8A8 deployment for the profile's and the test rows
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     info: dict = {}
@@ -141,15 +146,16 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
                                                 channels_last=False)
             info["raw_predict"] = True
         else:
-            table, lm = profile_segments(model, shape, CANDIDATES, settings=st, extra=extra, cover=cover,
-                                         channels_last=cl, settle=settle)
+            ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=cl)
+            table, lm = profile_segments(model, shape, CANDIDATES, settings=st, calib=cal, extra=extra, cover=cover,
+                                         channels_last=cl, settle=settle, reference=ref)
             table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}{tag}.json")
             ref_ms = float(np.median([r["ref_ms"] for r in table.rows]))
             raw = None
             info = {"fit": dict(lm.meta), "profiled_policies": len(table.rows)}
         t_prof = time.perf_counter() - t0
         rows = check_policies(model, shape, tests, lm.predict, settings=st, ref_ms=ref_ms, rounds=rounds,
-                              channels_last=cl, settle=settle)
+                              channels_last=cl, calib=cal, settle=settle, reference=ref)
         load1 = os.getloadavg()
     if raw is not None:  # the uncalibrated per-layer table beside it
         for r, pol in zip(rows, tests, strict=True):

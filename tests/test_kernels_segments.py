@@ -251,7 +251,7 @@ def test_check_rows_pass_settle_to_the_interleaved_timing_and_count_faults(monke
     seen = []
 
     def fake(ref, pol, settings, **kw):
-        seen.append(kw)
+        seen.append({**kw, "ref": ref})
         ref(), pol()
         return {"ms": 2.0, "ref_ms": 1.0, "rel": 2.0, "wall_ms": 2.0, "ref_wall_ms": 1.0}
 
@@ -266,3 +266,8 @@ def test_check_rows_pass_settle_to_the_interleaved_timing_and_count_faults(monke
     seen.clear()
     kc.check_policies(m, (1, 1, 28, 28), pols[:1], lambda p: 1.0, settings=st, ref_ms=0.5)
     assert seen[0]["settle"] == 2  # the default
+    layers = [n for n, _ in pols[0].items()]
+    ref = kc.deploy_policy(m, Policy.uniform(layers, 8, 8), (1, 1, 28, 28), _cal(), layers)
+    seen.clear()
+    kc.check_policies(m, (1, 1, 28, 28), pols[:1], lambda p: 1.0, settings=st, ref_ms=0.5, reference=ref)
+    assert seen[0]["ref"] is ref.call  # the given reference deployment, not a new one

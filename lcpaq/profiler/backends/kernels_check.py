@@ -429,6 +429,7 @@ def profile_segments(
     correction: str = "trans",
     channels_last: bool = True,
     settle: int = 2,
+    reference: Deployed | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[SegmentTable, Any]:
     """Time the segments of the designed policies (every key) plus ``extra`` random policies and the
@@ -443,7 +444,9 @@ def profile_segments(
     untimed calls after each switch between the policy and the reference in the whole rows
     (:func:`lcpaq.profiler.backends.ort.time_interleaved`): 2, because a converted resnet18 call
     timed after one untimed call following the other model still ran ~2 % above its loop time
-    (session 8: resnet18 2.0 % / 3.2 % median / max with 2, 2.5 % / 4.8 % with 1, one run each)."""
+    (session 8: resnet18 2.0 % / 3.2 % median / max with 2, 2.5 % / 4.8 % with 1, one run each).
+    ``reference``: the uniform-W8A8 deployment to time against (deployed here when None); the
+    benchmark passes the same one to :func:`check_policies`, so profile and test rows share it."""
     import torch
 
     from lcpaq.policy import Policy
@@ -467,8 +470,8 @@ def profile_segments(
             pols.append(Policy({n: (32, 32) if rng.random() < q or not ints else ints[int(rng.integers(len(ints)))]
                                 for n in plan.layers}))
         pols += [Policy.uniform(plan.layers, *c) for c in cands]
-        ref = deploy_policy(model, Policy.uniform(plan.layers, 8, 8), shape, cal, plan.layers,
-                            channels_last=channels_last)
+        ref = reference or deploy_policy(model, Policy.uniform(plan.layers, 8, 8), shape, cal, plan.layers,
+                                         channels_last=channels_last)
         table = SegmentTable(plan, meta={
             "model": type(model).__name__, "input_shape": list(shape), "candidates": [list(c) for c in cands],
             "settings": dict(st.__dict__), "torch": torch.__version__, "isa": kernel_isa(),
@@ -507,7 +510,7 @@ def random_policies(layers: Sequence[str], candidates: Sequence[tuple[int, int]]
 
 def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[Any], predict: Callable[[Any], float],
                    *, settings: MeasureSettings, ref_ms: float, rounds: int = 3, channels_last: bool = True,
-                   calib: Sequence[Any] | None = None, settle: int = 2,
+                   calib: Sequence[Any] | None = None, settle: int = 2, reference: Deployed | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Measure each policy converted end to end, interleaved with uniform W8A8 in short chunks
     (:func:`lcpaq.profiler.backends.ort.time_interleaved`, ``rounds * repeat`` rounds), and compare
@@ -516,8 +519,9 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
     drift since the table, exact to the moment); ``error_drift_pct`` rescales the prediction by the
     running median of 7 neighbouring policies' reference readings instead (session 7's first runs),
     ``error_row_pct`` by the policy's own reference reading, ``error_raw_pct`` not at all.
-    ``settle``: untimed calls after each switch (as the profile's whole rows). 1 thread: thread
-    CPU time (wall beside)."""
+    ``settle``: untimed calls after each switch (as the profile's whole rows); ``reference``: the
+    uniform-W8A8 deployment (the profile's, to share its instance; deployed here when None).
+    1 thread: thread CPU time (wall beside)."""
     import torch
 
     from lcpaq.policy import Policy
@@ -531,7 +535,8 @@ def check_policies(model: Any, input_shape: Sequence[int], policies: Sequence[An
     torch.set_num_threads(settings.threads)
     rows: list[dict[str, Any]] = []
     try:
-        ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=channels_last)
+        ref = reference or deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers,
+                                         channels_last=channels_last)
         for i, pol in enumerate(policies):
             dep = deploy_policy(model, pol, shape, cal, layers, channels_last=channels_last)
             t = _interleaved(ref.call, dep.call, settings, rounds=rounds * settings.repeat, settle=settle)
