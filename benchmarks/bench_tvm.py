@@ -215,8 +215,9 @@ def predict_bench(hw, model_name: str, table: Path, n_policies: int, kernels: in
         out["reprofile"] = profile_with_references(inventory(model_name), model, shape, hw, reprofile, deps=deps,
                                                    model_name=model_name, settings=st, log=say)
         table = reprofile
+    inter = {k: v for k, v in (("rounds", whole_rounds), ("calls", calls), ("settle", settle)) if v is not None}
     res = whole_vs_table(model, shape, hw, table, pols, settings=st, backend=be, model_name=model_name, deps=deps,
-                         rounds=whole_rounds, calls=calls, settle=settle, log=say)
+                         interleave=inter, log=say)
     res["build"] = build
     deps = res.pop("deployments")
     out.update(res)

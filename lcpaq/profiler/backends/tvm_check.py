@@ -192,17 +192,18 @@ def profile_with_references(inventory: Any, model: Any, input_shape: Sequence[in
 def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str | Path, policies: Mapping[Any, Policy],
                    *, settings: MeasureSettings | None = None, backend: Any = None, model_name: str = "",
                    calib: np.ndarray | None = None, deps: Mapping[Any, Any] | None = None,
-                   rounds: int | None = None, calls: int | None = None, settle: int = 1,
+                   interleave: Mapping[str, int] | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Per policy: measured (whole TVM build, ``rel`` to the W8A8 build) and predicted (``table``)
     ms and % errors (module doc).
 
     ``model``: a float nn.Module; ``policies``: id -> Policy over its quantizable layers; ``deps``:
-    builds already made (:func:`build_whole`, by the same ids and "fp32" / "w8a8"); ``rounds``,
-    ``calls``, ``settle``: ``time_interleaved``'s (default ``3 * repeat`` rounds of ``number`` calls
-    after 1 untimed call). Returns {"rows", "uniform", "primary", "table_refs", and per error column
-    its stats: "table" (where the table has references), "run", "raw", "wall", "calibrated"; build,
-    timing and load figures, "deployments"}.
+    builds already made (:func:`build_whole`, by the same ids and "fp32" / "w8a8"); ``interleave``:
+    ``time_interleaved``'s ``rounds``, ``calls``, ``settle`` (default ``3 * repeat`` rounds of
+    ``number`` calls after 1 untimed call; ``{"calls": 1, "settle": 0}``: call by call).
+    Returns {"rows", "uniform", "primary", "table_refs", and per error column its stats: "table"
+    (where the table has references), "run", "raw", "wall", "calibrated"; build, timing and load
+    figures, "deployments"}.
     """
     import torch
 
@@ -231,7 +232,7 @@ def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str |
     have.update(built)
     t_build = time.perf_counter() - t_start
     st = settings or DEFAULT_SETTINGS
-    inter = {"rounds": rounds, "calls": calls, "settle": settle}
+    inter = dict(interleave or {})
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -276,8 +277,9 @@ def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str |
            "wall": _stats(rows, "error_wall_pct"), "calibrated": _stats(rows, "error_calibrated_pct"),
            "references": {"start": ref_start, "end": ref_end, "run_w8a8_ms": ref_run, "rel_fp32": rel_fp32},
            "build": build, "build_s": round(t_build, 1), "timing_s": round(t_time, 1), "load_timing_start": load0,
-           "load_timing_end": load1, "interleave": {"rounds": rounds or 3 * st.repeat, "calls": calls or st.number,
-                                                     "settle": settle},
+           "load_timing_end": load1, "interleave": {"rounds": inter.get("rounds") or 3 * st.repeat,
+                                                     "calls": inter.get("calls") or st.number,
+                                                     "settle": inter.get("settle", 1)},
            "settings": {"warmup": st.warmup, "number": st.number, "repeat": st.repeat, "metric": st.metric},
            "deployments": have}
     if "w8a8" in table_refs:
