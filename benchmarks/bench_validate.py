@@ -44,7 +44,10 @@ def _stats(rows: list[dict], key: str) -> dict[str, float]:
             "signed_median": statistics.median(r[key] for r in rows)}
 
 
-def bench(model_name: str, whole: str, n_policies: int, hw_path: Path, rounds: int, tag: str) -> dict:
+def bench(model_name: str, whole: str, n_policies: int, hw_path: Path, rounds: int, tag: str,
+          number: int | None = None) -> dict:
+    import dataclasses
+
     import torch
 
     from lcpaq.deploy.qdq import export_policy, torch_to_onnx
@@ -56,13 +59,17 @@ def bench(model_name: str, whole: str, n_policies: int, hw_path: Path, rounds: i
 
     torch.set_num_threads(1)
     hw = load_profile(hw_path)
+    # the block units of a 0.1 ms model last ~10 us: 40 calls per sample, as lcpaq demo and
+    # bench_predict time them (with the profile's 5, mnist_resnet missed by up to 12 %)
+    number = number or (40 if model_name == "mnist_resnet" else hw.settings.number)
+    unit_settings = dataclasses.replace(hw.settings, number=number)
     model, shape = get_model(model_name).eval(), default_input_shape(model_name)
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     export = functools.partial(export_policy, float_onnx=torch_to_onnx(model, shape))
     t0 = time.perf_counter()
     with bench_lock():
         load0 = os.getloadavg()
-        table, lm = profile_blocks(model, shape, CANDS, settings=hw.settings, calib=[x], export=export, whole=whole,
+        table, lm = profile_blocks(model, shape, CANDS, settings=unit_settings, calib=[x], export=export, whole=whole,
                                    progress=lambda i, n: print(f"  profiled {i}/{n}", flush=True) if i % 40 == 0 else None)
         t_profile = time.perf_counter() - t0
         load1 = os.getloadavg()
@@ -85,7 +92,7 @@ def bench(model_name: str, whole: str, n_policies: int, hw_path: Path, rounds: i
                   f"drift-free {rep.error_drift_free_pct:+6.2f} %", flush=True)
         load2 = os.getloadavg()
     summ = {"model": model_name, "whole": whole, "policies": n_policies, "rounds": rounds, "profile": hw.name,
-            "metric": hw.settings.metric, "block_units": len(table.ms), "whole_rows": len(table.whole),
+            "metric": hw.settings.metric, "profile_number": number, "block_units": len(table.ms), "whole_rows": len(table.whole),
             "correction": lm.meta["correction_features"], "table_reference_ms": lm.meta["reference"]["ms"],
             "drift_free": _stats(rows, "error_drift_free_pct"), "raw": _stats(rows, "error_pct"),
             "profile_s": round(t_profile, 1), "wall_s": round(time.perf_counter() - t0, 1),
@@ -104,6 +111,8 @@ def main() -> int:
     ap.add_argument("--policies", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="validate's measurement rounds")
     ap.add_argument("--hw", default=str(ROOT / "hw_profiles" / "host-cpu-ort.toml"))
+    ap.add_argument("--number", type=int, default=None,
+                    help="calls per sample when profiling (default: 40 for mnist_resnet, else the profile's)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     from lcpaq.profiler.backends.ort import WHOLE_MODES
@@ -113,7 +122,7 @@ def main() -> int:
     if bad or args.policies < 1:
         print(f"error: --whole takes {', '.join(WHOLE_MODES)} (got {args.whole!r}); --policies >= 1", file=sys.stderr)
         return 2
-    out = [bench(m, w, args.policies, Path(args.hw), args.rounds, args.tag)
+    out = [bench(m, w, args.policies, Path(args.hw), args.rounds, args.tag, args.number)
            for m in args.models.split(",") for w in modes]
     print("\n model           whole   drift-free median  max    within±5%  | raw median  max    within  | load")
     for s in out:

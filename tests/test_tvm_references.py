@@ -52,6 +52,9 @@ def test_reference_rows_round_trip_and_leave_the_prediction_alone(tmp_path):
     checked_rows(t)  # the CLI's row checks (predict, validate, tables show) accept them
     after = latency_model(path, inv, pol_pairs)
     assert after.unary == before.unary and after.pairwise == before.pairwise
+    # ... but the model names the reference, so validate times against it and rescales (table time)
+    assert "reference" not in before.meta
+    assert after.meta["reference"] == {"bits": [8, 8], "ms": pytest.approx(8.5), "whole": "warm"}
     # a later measurement supersedes the earlier (rows are append-only); an error row is no reference
     record_references(path, reference_rows(_timed(7.0, 18.0), _timed(7.0, 18.0), model_name="tiny", versions={}))
     assert table_references(path)["w8a8"] == pytest.approx(7.0)

@@ -7,7 +7,6 @@ import os
 import socket
 
 import pytest
-
 from _tvm_util import conv_layer, linear_layer, require_tvm
 
 require_tvm()

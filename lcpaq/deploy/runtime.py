@@ -118,8 +118,9 @@ def deploy_tvm_onnx(onnx_bytes: bytes, x1: np.ndarray, hw: Any, *, backend: Any 
     QDQ conv/matmul are lowered to int8 compute (lcpaq.profiler.tvm_lower); the profile's
     ``[tvm] trials``/``work_dir`` say whether to tune and where the tuning database lives.
     ``backend``: a TvmBackend to reuse across models (its tuner, pools and loaded libraries).
-    ``timer`` is TVM's ``time_evaluator`` (wall); ``call`` runs one inference on the calling
-    thread (at 1 TVM thread the calling thread computes, so its CPU time can be taken around it).
+    On a board ``timer`` is TVM's ``time_evaluator`` (wall, timed there); locally there is none and
+    ``call`` (one inference on the calling thread: at 1 TVM thread the calling thread computes, so
+    its CPU time can be taken around it) is timed as on every other runtime.
     """
     import tvm
     from tvm import relax
@@ -170,7 +171,10 @@ def deploy_tvm_onnx(onnx_bytes: bytes, x1: np.ndarray, hw: Any, *, backend: Any 
     notes = [f"tvm kernel: {kernel}", f"tvm compile: {info}"]
     if be.rpc is not None:
         notes.append(f"remote board via tracker {be.rpc.host}:{be.rpc.port} key {be.rpc.key}")
-    return Deployment("tvm", run, lambda: vm["main"](arg, *weights), onnx_bytes, notes, None, timer)
+    # on the board, time_evaluator times there; locally `call` is timed like every other runtime
+    # (interleaved with the reference, the calling thread's CPU time at 1 thread)
+    return Deployment("tvm", run, lambda: vm["main"](arg, *weights), onnx_bytes, notes, None,
+                      timer if be.rpc is not None else None)
 
 
 def layer_names(model: Any) -> list[str]:

@@ -74,7 +74,19 @@ def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candid
             f"--model {inventory.model or 'MODEL'} --bits {','.join(bits) or 'w8a8'} --out {t.path}"
         )
     return LatencyModel(unary, pairwise, constant_ms=0.0,
-                        meta={"table": str(t.path), "overhead_ms": overhead, "profile": t.header.get("profile")})
+                        meta={"table": str(t.path), "overhead_ms": overhead, "profile": t.header.get("profile"),
+                              **_table_reference(t)})
+
+
+def _table_reference(t: LatencyTable) -> dict:
+    """``{"reference": {"bits", "ms", "whole"}}`` when the table holds a uniform-W8A8 whole-model row
+    (``__whole__|w8a8``, written beside a TVM profile by
+    :func:`lcpaq.profiler.backends.tvm_check.profile_with_references`): validate then times the policy
+    against that model and compares in the table's time. Empty otherwise."""
+    from lcpaq.profiler.backends.tvm_check import table_references
+
+    ms = table_references(t).get("w8a8")
+    return {"reference": {"bits": [8, 8], "ms": ms, "whole": "warm"}} if ms else {}
 
 
 def json_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair]) -> LatencyModel:
