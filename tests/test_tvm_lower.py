@@ -285,7 +285,7 @@ def test_fp32_unpack_is_one_vectorized_kernel_and_matches_ort(hw, act, in_class)
     text = low["main"].script()
     assert kinds == ["conv2d-fp32-nchwc"] and "R.permute_dims" not in text and "R.nn.relu" not in text
     (name,) = [gv.name_hint for gv in low.functions if gv.name_hint.startswith("unpack_nchwc8_float32_b")]
-    assert name.endswith("_r_1x2x%dx%d" % (hw, hw)) == act
+    assert name.endswith(f"_r_1x2x{hw}x{hw}") == act
     attrs = low[name].attrs
     # noalias matters beyond this kernel: with the key "tir.noalias" (not 0.27's "tirx.noalias") no
     # kernel of the module got its noalias compute function and the tuned conv beside it ran 2.3x slower
