@@ -248,13 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
             s = res["summary"]
+            first = len(lines)
             for key in ("rel", "drift", "row_drift", "no_drift", "raw_table"):
                 if key in s:
                     d = s[key]
                     lines.append(f" {name:13s} {v:14s} {key:9s} {d['median_abs_pct']:7.2f}% {d['max_abs_pct']:7.2f}% "
                                  f"{d['within_5']:3d}/{d['n']}  {d['median_signed_pct']:+7.2f}%  "
                                  f"{s['load_start'][0]:.2f}->{s['load_end'][0]:.2f}  {s['total_s']:.0f}s")
-            print(lines[-1], flush=True)
+            print("\n".join(lines[first:]), flush=True)
     print("\n model         variant        scoring   med|err|  max|err|  ±5%   med err   load(1m)   time")
     print("\n".join(lines))
     return 0
