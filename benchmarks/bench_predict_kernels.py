@@ -110,7 +110,7 @@ def table_model(model, name: str, shape, st, out: Path, channels_last: bool):
 
 
 def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, repeat: int = 0, tag: str = "",
-                cover: int = 3, settle: int = 2) -> dict:
+                cover: int = 3, settle: int = 2, shared_ref: bool = True) -> dict:
     import torch
 
     from lcpaq.models import get_model
@@ -149,6 +149,7 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
             ref = deploy_policy(model, Policy.uniform(layers, 8, 8), shape, cal, layers, channels_last=cl)
             table, lm = profile_segments(model, shape, CANDIDATES, settings=st, calib=cal, extra=extra, cover=cover,
                                          channels_last=cl, settle=settle, reference=ref)
+            ref = ref if shared_ref else None  # else check_policies converts its own (session 7)
             table.save(RESULTS / f"bench_predict_kernels_segments_{name}{'' if cl else '_nchw'}{tag}.json")
             ref_ms = float(np.median([r["ref_ms"] for r in table.rows]))
             raw = None
@@ -165,7 +166,7 @@ def run_variant(name: str, variant: str, n_pol: int, rounds: int, extra: int, re
             "drift": summarize(rows, "error_drift_pct"),
             "row_drift": summarize(rows, "error_row_pct"), "no_drift": summarize(rows, "error_raw_pct"), "load_start": load0, "load_end": load1,
             "profile_s": t_prof, "total_s": time.perf_counter() - t0, "settings": dataclasses.asdict(st),
-            "rounds": rounds, "settle": settle, "measured_ms_range": [min(r["measured_ms"] for r in rows),
+            "rounds": rounds, "settle": settle, "shared_reference": shared_ref, "measured_ms_range": [min(r["measured_ms"] for r in rows),
                                                      max(r["measured_ms"] for r in rows)], **info}
     if raw is not None:
         summ["raw_table"] = summarize(rows, "error_raw_table_pct")
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=int, default=2,
                     help="untimed calls after each switch between policy and reference in the whole rows "
                          "(session 7: 1)")
+    ap.add_argument("--reference", choices=("shared", "own"), default="shared",
+                    help="test rows against the profile's W8A8 deployment (shared) or a new conversion (own; session 7)")
     ap.add_argument("--malloc", choices=("default", "steady"), default="default",
                     help="steady: glibc keeps freed memory (mmap/trim thresholds 256 MiB), as bench_kernels.py")
     ap.add_argument("--tag", default="", help="suffix of the result files")
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             print(f"{name} / {v} ...", flush=True)
             res = run_variant(name, v, args.policies, args.rounds, args.extra, args.repeat, args.tag, args.cover,
-                              args.settle)
+                              args.settle, args.reference == "shared")
             res["summary"]["malloc"] = "steady" if malloc_steady else "default"
             path = RESULTS / f"bench_predict_kernels_{name}_{v}{args.tag}.json"
             path.write_text(json.dumps(res, indent=1, default=float) + "\n")
