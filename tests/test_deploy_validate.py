@@ -102,6 +102,28 @@ def test_validate_times_against_the_tables_reference_and_divides_the_drift_out(t
     assert "reference" not in cal.meta
 
 
+def test_cli_profile_references_make_validate_compare_in_the_tables_time(tmp_path, mixed_policy):
+    """`lcpaq profile --references` brackets the units with the uniform W8A8 / fp32 whole models;
+    the table then names W8A8 as its reference and validate times against it."""
+    from lcpaq.deploy.validate import validate
+    from lcpaq.profiler.backends.tvm_check import table_references
+    from lcpaq.profiler.predict import latency_model
+    from lcpaq.profiler.table import read_table
+
+    out = tmp_path / "t.jsonl"
+    assert main(["profile", "--hw", str(HW), "--model", "mnist_resnet", "--bits", "w8a8,fp32", "--out", str(out),
+                 "--references"]) == 0
+    refs = table_references(out)
+    assert set(refs) == {"w8a8", "fp32"} and 0 < refs["w8a8"] < 10 * refs["fp32"]
+    assert read_table(out).get("__whole__|w8a8")["kernel"] == "ort:whole-model"
+    m = get_model("mnist_resnet")
+    lm = latency_model(out, trace(m, (1, 1, 28, 28), name="mnist_resnet"), [(8, 8), (32, 32)])
+    assert lm.meta["reference"]["ms"] == pytest.approx(refs["w8a8"])
+    rep = validate("mnist_resnet", mixed_policy[0], HW, lm, rounds=1, per_layer=False)
+    assert rep.reference == "w8a8" and rep.table_reference_ms == pytest.approx(refs["w8a8"])
+    assert np.isfinite(rep.error_drift_free_pct)
+
+
 def test_cli_validate_bad_whole_mode_exit_2(table, mixed_policy, tmp_path, capsys):
     _, path = mixed_policy
     rc = main(["validate", "--model", "mnist_resnet", "--policy", str(path), "--hw", str(HW), "--table", str(table),

@@ -23,6 +23,9 @@ def profile(
     repair: bool = typer.Option(False, help="drop a torn trailing line left by an interrupted run"),
     fresh: bool = typer.Option(False, help="start the table again; an existing one is kept under a "
                                            "dated name (compare them with `lcpaq tables diff`)"),
+    references: bool = typer.Option(False, help="also time the uniform W8A8 and fp32 whole models before and "
+                                    "after the units (rows __whole__|w8a8, __whole__|fp32): validate then also "
+                                    "reports the error in the table's time, the drift since profiling divided out"),
 ) -> None:
     """Measure every layer of MODEL at every candidate on the device into a latency table.
 
@@ -56,9 +59,21 @@ def profile(
     with Progress(TextColumn("profiling {task.fields[layer]}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=make_console(stderr=True)) as prog:
         task = prog.add_task("p", total=None, layer="")
-        try:
+
+        def units() -> None:
             run_profile(inv, prof, path, candidates=cands, repair=repair,
                         progress=lambda d, t, name: prog.update(task, completed=d, total=t, layer=name))
+
+        try:
+            if references:
+                from lcpaq.models import default_input_shape, get_model
+                from lcpaq.profiler.references import profile_and_references, reference_deployments
+
+                prog.update(task, layer="whole-model references (uniform W8A8, fp32)")
+                deps = reference_deployments(get_model(model), default_input_shape(model), prof)
+                ref = profile_and_references(units, deps, prof, path, model_name=model)
+            else:
+                units()
         except KeyboardInterrupt:
             prog.stop()
             rows = len(read_table(path)) if path.exists() else 0
@@ -71,6 +86,10 @@ def profile(
                       f"{t.header.get('date')}); pass --fresh to measure again")
     else:
         console.print(f"wrote {path} ({len(t) - before} new rows, {len(t)} in all)")
+    if references:
+        a, b = ref["start"], ref["end"]
+        console.print(f"whole-model references: W8A8 {a['w8a8']:.4g} -> {b['w8a8']:.4g} ms, fp32 {a['fp32']:.4g} -> "
+                      f"{b['fp32']:.4g} ms (before -> after the units)")
 
 
 def not_a_table(path: Path) -> None:

@@ -133,7 +133,8 @@ def time_references(deps: Mapping[Any, Any], settings: MeasureSettings = DEFAULT
 
 
 def reference_rows(start: Mapping[str, float], end: Mapping[str, float], *, model_name: str,
-                   versions: Mapping[str, str], settings: MeasureSettings = DEFAULT_SETTINGS) -> list[dict[str, Any]]:
+                   versions: Mapping[str, str], settings: MeasureSettings = DEFAULT_SETTINGS,
+                   kernel: str = "tvm:whole-model") -> list[dict[str, Any]]:
     """Table rows for the whole-model references timed at the start and the end of a profile (module
     doc): ``median_ms`` = their mean, ``p10_ms`` / ``p90_ms`` = the lower / higher of the two."""
     rows = []
@@ -144,7 +145,7 @@ def reference_rows(start: Mapping[str, float], end: Mapping[str, float], *, mode
             "w_bits": pair[0], "a_bits": pair[1], "unit_class": "fp32" if pair == (32, 32) else "int8",
             "in_class": "fp32", "median_ms": (a + b) / 2, "p10_ms": min(a, b), "p90_ms": max(a, b), "n": 2,
             "wall_median_ms": (float(start[f"{name}_wall"]) + float(end[f"{name}_wall"])) / 2,
-            "kernel": "tvm:whole-model", "error": None, "runtime": dict(versions),
+            "kernel": kernel, "error": None, "runtime": dict(versions),
             "model": model_name, "start_ms": a, "end_ms": b,
             "timing": {"method": "time_interleaved(w8a8, fp32)", "warmup": settings.warmup,
                        "number": settings.number, "repeat": settings.repeat, "metric": settings.metric},
