@@ -162,6 +162,17 @@ def test_profile_typos_are_refused_naming_the_field(tmp_path, mutate, needle):
         load_profile(p)
 
 
+def test_tvm_profile_keys_are_the_ones_the_backend_reads():
+    """The typo check accepts exactly the `[tvm]` keys TvmBackend reads (declared once, beside them)."""
+    import re
+
+    from lcpaq.profiler.backends.tvm import PROFILE_KEYS
+    from lcpaq.profiler.hwprofile import KNOWN_KEYS
+
+    read = set(re.findall(r'tvm_cfg\.get\("(\w+)"', (ROOT / "lcpaq" / "profiler" / "backends" / "tvm.py").read_text()))
+    assert read and read == set(PROFILE_KEYS) and KNOWN_KEYS["tvm"] == PROFILE_KEYS
+
+
 def test_every_shipped_profile_still_loads():
     from lcpaq.profiler.hwprofile import load_profile
 

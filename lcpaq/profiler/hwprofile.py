@@ -20,6 +20,9 @@ import tomllib
 from lcpaq.errors import ProfileError
 from lcpaq.policy import BitPair, PolicyError, parse_bits
 from lcpaq.profiler.backend import MeasureSettings
+from lcpaq.profiler.backends.tvm import (
+    PROFILE_KEYS as TVM_KEYS,  # imports no TVM: that waits for a backend
+)
 
 BACKENDS = ("ort", "tvm", "lcpaq-kernels", "fake")
 METRICS = ("thread_cpu", "wall")
@@ -67,15 +70,14 @@ def _get(d: Mapping[str, Any], key: str, typ: type | tuple, where: str, default:
 
 
 # Every table and key a profile may hold: anything else is a typo (``reapeat = 3``, ``[mesure]``)
-# that would silently leave a default in place. A new option of a backend is added here too.
+# that would silently leave a default in place. The TVM backend declares its own keys.
 KNOWN_KEYS: dict[str, tuple[str, ...]] = {
     "device": ("name", "version", "description"),
     "backend": ("name", "target", "threads", "execution_provider"),
     "candidates": ("bits",),
     "measure": ("warmup", "number", "repeat", "min_repeat_ms", "timeout_s", "metric"),
     "rpc": ("host", "port", "key"),
-    "tvm": ("trials", "elementwise_trials", "work_dir", "int8_intrin", "fp32_layout", "epilogue",
-            "fp32_epilogue", "unit_form", "flush_weights"),
+    "tvm": TVM_KEYS,
 }
 
 

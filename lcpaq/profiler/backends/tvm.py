@@ -41,6 +41,11 @@ import numpy as np
 from lcpaq.errors import BackendUnavailableError, ProfileError
 from lcpaq.profiler.backend import Measurement, MeasureSettings, Unit, register_backend
 
+# Every `[tvm]` key of a device profile this backend reads (``tvm_cfg.get``): the profile loader
+# refuses any other (a typo would silently leave a default in place). A new option goes here.
+PROFILE_KEYS = ("trials", "elementwise_trials", "work_dir", "int8_intrin", "fp32_layout", "epilogue",
+                "fp32_epilogue", "unit_form", "flush_weights")
+
 HOST_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 # bytes TVM's timer writes before each sample to evict the whole cache hierarchy (>= 2x this host's
 # 32 MiB L3): only for image-fed units in the context form, whose input is cold in a whole model
