@@ -139,8 +139,9 @@ def stage_profile_blocks(fp32: Any, hw: Any, st: DemoSettings, out: Path, prog: 
 
 def stage_profile_segments(fp32: Any, hw: Any, st: DemoSettings, out: Path, prog: Any) -> tuple[Any, Any]:
     """lcpaq kernels: time the segments of the converted model (each layer's module call with its
-    quantize, kernel, epilogue, unfolded BN/ReLU/add, keyed by its fusion partners' class) inside
-    whole runs of designed + random policies, and those policies whole (A B against uniform W8A8);
+    quantize, kernel, epilogue, unfolded BN/ReLU/add, keyed by its fusion partners' class and the class
+    of the layer run before it) inside whole runs of designed + random policies, and those policies
+    whole (A B against uniform W8A8);
     fit the additive model + correction (:func:`lcpaq.profiler.backends.kernels_check.profile_segments`).
     Returns (model, uncorrected sum of segments); the table goes to ``out/latency_segments.json``.
     Session 7: 20 random mixed policies of the embedded model within ~1-2 % median (notes/deploy.md);
@@ -435,9 +436,9 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
                       "run: ref rows are in its training rows, mixed is out of sample); raw table ms = the same model")
     elif s["backend"] == "lcpaq-kernels":
         console.print("predicted = segment units of the converted model (timed in sequence, keyed by the fusion "
-                      "partners' class) + a correction fitted on whole-model times of the profiled policies, uniform "
-                      "ones included (ref rows: in its training rows; mixed: out of sample); raw table ms = the sum "
-                      "of the segments without the correction")
+                      "partners' class and the class of the layer run before) + a correction fitted on whole-model "
+                      "times of the profiled policies, uniform ones included (ref rows: in its training rows; mixed: "
+                      "out of sample); raw table ms = the sum of the segments without the correction")
     else:
         console.print("predicted = table calibrated to fp32/W8A8 whole-model references measured earlier in this run "
                       "(ref rows: re-measured references; mixed: out of sample); raw table ms = uncalibrated sum of "

@@ -138,7 +138,8 @@ def block_latency_model(path: str | Path, inventory: Inventory, candidates: Sequ
 def segment_latency_model(path: str | Path, inventory: Inventory, candidates: Sequence[BitPair], *,
                           doc: dict | None = None) -> LatencyModel:
     """The kernels segment table at ``path`` as a LatencyModel for ``inventory``: the additive
-    unit table with the default (``const``) correction, the model ``lcpaq demo`` predicts with."""
+    unit table with the default (``trans``: a constant plus a cost per float/integer switch between
+    consecutive layers) correction, the model ``lcpaq demo`` predicts with."""
     from lcpaq.profiler.backends.kernels_check import SegmentTable, fit_segment_model
 
     st = SegmentTable.from_dict(doc) if doc is not None else SegmentTable.load(path)
