@@ -35,6 +35,14 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert val["measured_table_ms"] == pytest.approx(val["relative"] * val["table_reference_ms"])
     for r in s["rows"]:
         assert np.isfinite(r["error_drift_free_pct"])
+    # the report's table predicts a policy that uses fewer candidates than it was profiled at
+    from lcpaq.models import get_model
+    from lcpaq.policy import Policy as _Policy
+    from lcpaq.quant import quantizable_names
+
+    w8 = _Policy.uniform(quantizable_names(get_model("mnist_resnet")), 8, 8).save(tmp_path / "w8.json")
+    table_file = out / table
+    assert main(["predict", "--table", str(table_file), "--model", "mnist_resnet", "--policy", str(w8)]) == 0
     if kernels:  # segment units: every key of the embedded model timed, the model additive (the ILP sees it all)
         from lcpaq.latency import LatencyModel
         from lcpaq.policy import Policy

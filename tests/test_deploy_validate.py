@@ -94,7 +94,8 @@ def test_validate_times_against_the_tables_reference_and_divides_the_drift_out(t
     assert rep.measured_table_ms == pytest.approx(rep.relative * then)
     assert rep.error_drift_free_pct == pytest.approx((rep.predicted_ms / rep.measured_table_ms - 1) * 100)
     assert any("table was made" in n for n in rep.notes)
-    assert validate("mnist_resnet", w8, HW, lm_ref, rounds=1, whole="warm").whole_mode == "warm"
+    warm = validate("mnist_resnet", w8, HW, lm_ref, rounds=1, whole="warm")
+    assert warm.whole_mode == "warm" and any("two latency definitions" in n for n in warm.notes)
     with pytest.raises(ConfigError, match="stream"):
         validate("mnist_resnet", w8, HW, lm_ref, rounds=1, whole="cold")
     # calibrated to references measured now: nothing left to rescale, so no table reference

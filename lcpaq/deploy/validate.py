@@ -231,6 +231,9 @@ def validate(
     notes = list(dep.notes)
     if threads > 1:
         notes.append("threads > 1: wall time is the primary metric")
+    if table_ref and whole != table_ref.get("whole", "warm"):
+        notes.append(f"timed {whole} against a table whose whole rows were timed {table_ref.get('whole', 'warm')}: "
+                     f"the error in the table's time compares two latency definitions")
     if table_ref:
         notes.append(f"reference {ref_label}: {ref_ms:.4g} ms now, {table_ref_ms:.4g} ms when the table was made "
                      f"({100 * (ref_ms / table_ref_ms - 1):+.1f} %); measured in the table's time "

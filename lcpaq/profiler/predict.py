@@ -144,7 +144,10 @@ def segment_latency_model(path: str | Path, inventory: Inventory, candidates: Se
 
     st = SegmentTable.from_dict(doc) if doc is not None else SegmentTable.load(path)
     _same_layers("segment", Path(path), inventory, st.plan.layers)
-    lm = with_segment_reference(fit_segment_model(st, list(candidates)), st)
+    # the correction is fitted on the table's rows, whose policies use every candidate it was profiled
+    # at, whatever subset the caller asks for (validate asks for the policy's own pairs)
+    cands = list(dict.fromkeys([*(tuple(c) for c in st.meta.get("candidates", [])), *(tuple(c) for c in candidates)]))
+    lm = with_segment_reference(fit_segment_model(st, cands), st)
     return LatencyModel(lm.unary, lm.pairwise, lm.constant_ms, meta={**lm.meta, "table": str(path)}, groups=lm.groups)
 
 
