@@ -107,8 +107,8 @@ def test_cli_profile_references_make_validate_compare_in_the_tables_time(tmp_pat
     """`lcpaq profile --references` brackets the units with the uniform W8A8 / fp32 whole models;
     the table then names W8A8 as its reference and validate times against it."""
     from lcpaq.deploy.validate import validate
-    from lcpaq.profiler.backends.tvm_check import table_references
     from lcpaq.profiler.predict import latency_model
+    from lcpaq.profiler.references import table_references
     from lcpaq.profiler.table import read_table
 
     out = tmp_path / "t.jsonl"

@@ -74,14 +74,13 @@ class ValidationReport:
         return plot_validation([self], path)
 
 
-def _timed_rounds(dep: Any, ref: Any, settings: Any, rounds: int, whole: str) -> list[dict[str, float]]:
+def _timed_rounds(dep: Any, ref: Any, settings: Any, rounds: int, chunk: dict[str, int]) -> list[dict[str, float]]:
     """Per round: the policy (``dep``) timed against the reference (``ref``), {ms, wall_ms, ref_ms,
     ref_wall_ms, rel}. Interleaved in chunks (``time_interleaved``, ``repeat`` chunks per round,
-    ``whole`` mode) where both are timed through ``call``; a runtime's own timer (TVM's
-    time_evaluator, wall) times whole loops, reference then policy."""
-    from lcpaq.profiler.backends.ort import time_interleaved, whole_mode_kwargs
+    ``chunk``: the whole mode's keywords) where both are timed through ``call``; a runtime's own
+    timer (TVM's time_evaluator on a board, wall) times whole loops, reference then policy."""
+    from lcpaq.profiler.backends.ort import time_interleaved
 
-    chunk = whole_mode_kwargs(whole)
     out = []
     for _ in range(rounds):
         if dep.timer is None and ref.timer is None:
@@ -189,7 +188,7 @@ def validate(
     whole = whole or str(table_ref.get("whole", "warm"))
     from lcpaq.profiler.backends.ort import whole_mode_kwargs
 
-    whole_mode_kwargs(whole)  # an unknown mode fails before anything is deployed
+    chunk = whole_mode_kwargs(whole)  # an unknown mode fails before anything is deployed
 
     dep = deploy(fq, hw.backend, input_shape, threads=threads, calib_inputs=calib, hw=hw)
     if table_ref:
@@ -207,7 +206,7 @@ def validate(
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        timed = _timed_rounds(dep, ref, settings, rounds, whole)
+        timed = _timed_rounds(dep, ref, settings, rounds, chunk)
     finally:
         torch.set_num_threads(old)
     med = [t["ms"] for t in timed]

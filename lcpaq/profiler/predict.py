@@ -80,10 +80,10 @@ def latency_model(table: str | Path | LatencyTable, inventory: Inventory, candid
 
 def _table_reference(t: LatencyTable) -> dict:
     """``{"reference": {"bits", "ms", "whole"}}`` when the table holds a uniform-W8A8 whole-model row
-    (``__whole__|w8a8``, written beside a TVM profile by
-    :func:`lcpaq.profiler.backends.tvm_check.profile_with_references`): validate then times the policy
+    (``__whole__|w8a8``, written by ``lcpaq profile --references``,
+    :func:`lcpaq.profiler.references.profile_and_references`): validate then times the policy
     against that model and compares in the table's time. Empty otherwise."""
-    from lcpaq.profiler.backends.tvm_check import table_references
+    from lcpaq.profiler.references import table_references
 
     ms = table_references(t).get("w8a8")
     return {"reference": {"bits": [8, 8], "ms": ms, "whole": "warm"}} if ms else {}

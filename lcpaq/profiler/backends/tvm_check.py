@@ -44,27 +44,17 @@ import numpy as np
 
 from lcpaq.policy import Policy
 from lcpaq.profiler.backend import MeasureSettings, Unit
-
-REFERENCES = {"fp32": (32, 32), "w8a8": (8, 8)}
-WHOLE_KEY = "__whole__"  # reference rows: "__whole__|w8a8", "__whole__|fp32"
-DEFAULT_SETTINGS = MeasureSettings(warmup=3, number=3, repeat=5, threads=1, metric="thread_cpu")
-
-
-def reference_key(name: str) -> str:
-    return f"{WHOLE_KEY}|{name}"
-
-
-def table_references(table: Any) -> dict[str, float]:
-    """{"w8a8": ms, "fp32": ms} from a table's whole-model reference rows ({} for a table without)."""
-    from lcpaq.profiler.table import LatencyTable, read_table
-
-    t = table if isinstance(table, LatencyTable) else read_table(table)
-    out = {}
-    for name in REFERENCES:
-        row = t.get(reference_key(name))
-        if row and not row.get("error") and row.get("median_ms"):
-            out[name] = float(row["median_ms"])
-    return out
+from lcpaq.profiler.references import (  # the reference rows are any backend's; TVM tables made them first
+    DEFAULT_SETTINGS,
+    REFERENCES,
+    WHOLE_KEY,
+    profile_and_references,
+    record_references,
+    reference_key,
+    reference_rows,
+    table_references,
+    time_references,
+)
 
 
 def _stats(rows: Sequence[Mapping[str, Any]], col: str) -> dict[str, float]:
@@ -114,80 +104,20 @@ def reference_builds(model: Any, input_shape: Sequence[int], hw: Any, **kw: Any)
     return build_whole(model, input_shape, hw, {k: Policy.uniform(names, *p) for k, p in REFERENCES.items()}, **kw)
 
 
-def time_references(deps: Mapping[Any, Any], settings: MeasureSettings = DEFAULT_SETTINGS,
-                    **interleave: Any) -> dict[str, float]:
-    """The uniform fp32 build timed against the W8A8 one (``time_interleaved``, 1 thread):
-    {"w8a8", "fp32", "w8a8_wall", "fp32_wall" (ms), "rel_fp32" (fp32 / W8A8, median per round)}."""
-    import torch
-
-    from lcpaq.profiler.backends.ort import time_interleaved
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = time_interleaved(deps["w8a8"].call, deps["fp32"].call, settings, **interleave)
-    finally:
-        torch.set_num_threads(old)
-    return {"w8a8": t["ref_ms"], "fp32": t["ms"], "w8a8_wall": t["ref_wall_ms"], "fp32_wall": t["wall_ms"],
-            "rel_fp32": t["rel"], "load": os.getloadavg()[0]}
-
-
-def reference_rows(start: Mapping[str, float], end: Mapping[str, float], *, model_name: str,
-                   versions: Mapping[str, str], settings: MeasureSettings = DEFAULT_SETTINGS,
-                   kernel: str = "tvm:whole-model") -> list[dict[str, Any]]:
-    """Table rows for the whole-model references timed at the start and the end of a profile (module
-    doc): ``median_ms`` = their mean, ``p10_ms`` / ``p90_ms`` = the lower / higher of the two."""
-    rows = []
-    for name, pair in REFERENCES.items():
-        a, b = float(start[name]), float(end[name])
-        rows.append({
-            "key": reference_key(name), "workload": f"{WHOLE_KEY}:{model_name}", "layer_example": None,
-            "w_bits": pair[0], "a_bits": pair[1], "unit_class": "fp32" if pair == (32, 32) else "int8",
-            "in_class": "fp32", "median_ms": (a + b) / 2, "p10_ms": min(a, b), "p90_ms": max(a, b), "n": 2,
-            "wall_median_ms": (float(start[f"{name}_wall"]) + float(end[f"{name}_wall"])) / 2,
-            "kernel": kernel, "error": None, "runtime": dict(versions),
-            "model": model_name, "start_ms": a, "end_ms": b,
-            "timing": {"method": "time_interleaved(w8a8, fp32)", "warmup": settings.warmup,
-                       "number": settings.number, "repeat": settings.repeat, "metric": settings.metric},
-        })
-    return rows
-
-
-def record_references(table: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Append reference rows to an existing table (its own header: never a setup change)."""
-    from lcpaq.profiler.table import TableWriter, read_table
-
-    with TableWriter(table, read_table(table).header) as tw:
-        for r in rows:
-            tw.append(r)
-
-
 def profile_with_references(inventory: Any, model: Any, input_shape: Sequence[int], hw: Any, out: str | Path, *,
                             deps: Mapping[Any, Any] | None = None, model_name: str = "",
                             settings: MeasureSettings = DEFAULT_SETTINGS, log: Callable[[str], None] | None = None,
                             **kw: Any) -> dict[str, Any]:
     """``lcpaq.profiler.run.profile`` into ``out`` bracketed by the whole-model references (timed
-    just before and just after, appended as ``__whole__`` rows). ``deps``: the reference builds
-    when already built (else built here; ``kw`` goes to :func:`build_whole`)."""
+    just before and just after, appended as ``__whole__`` rows;
+    :func:`lcpaq.profiler.references.profile_and_references`). ``deps``: the reference builds when
+    already built (else built here; ``kw`` goes to :func:`build_whole`)."""
     from lcpaq.profiler.run import profile
-    from lcpaq.profiler.table import read_table
 
-    say = log or (lambda _s: None)
     if deps is None or not all(k in deps for k in REFERENCES):
         deps, _ = reference_builds(model, input_shape, hw, log=log, **kw)
-    start = time_references(deps, settings)
-    say(f"references before profiling: W8A8 {start['w8a8']:.3f} ms, fp32 {start['fp32']:.3f} ms, "
-        f"load {start['load']:.2f}")
-    t0 = time.perf_counter()
-    profile(inventory, hw, out)
-    t_profile = time.perf_counter() - t0
-    end = time_references(deps, settings)
-    say(f"profiled {out} in {t_profile:.1f} s; references after: W8A8 {end['w8a8']:.3f} ms, "
-        f"fp32 {end['fp32']:.3f} ms, load {end['load']:.2f}")
-    rows = reference_rows(start, end, model_name=model_name, versions=read_table(out).header.get("versions", {}),
-                          settings=settings)
-    record_references(out, rows)
-    return {"start": start, "end": end, "profile_s": round(t_profile, 1), "table": str(out)}
+    return profile_and_references(lambda: profile(inventory, hw, out), deps, hw, out, model_name=model_name,
+                                  settings=settings, log=log)
 
 
 def whole_vs_table(model: Any, input_shape: Sequence[int], hw: Any, table: str | Path, policies: Mapping[Any, Policy],
